@@ -1,0 +1,279 @@
+"""Known datasets: name → modality, task, files and checksums, download address, license, citation.
+
+Entries come from package data: ``data/medmnist_catalog.json`` (the 18 MedMNIST v2 subsets)
+and one YAML file per modality family in ``data/catalog/`` (a new modality adds its own file).
+Bundled copies are found under the data root (``MEDDX_DATA``, then ``../shared/data`` from the
+working directory or the repository, then ``~/.cache/meddx/data``); nothing is downloaded unless
+the user asks (:func:`download`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.request
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from meddx.errors import ConfigError, DataError
+from meddx.registry import suggest
+from meddx.tasks import TaskSpec
+
+__all__ = [
+    "DatasetEntry",
+    "catalog",
+    "get_entry",
+    "data_roots",
+    "resolve",
+    "is_available",
+    "download",
+    "cache_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+# MedMNIST binary subsets: which class is "disease" (named explicitly, never assumed to be 1).
+_MEDMNIST_POSITIVE = {
+    "breastmnist": "malignant",
+    "pneumoniamnist": "pneumonia",
+    "nodulemnist3d": "malignant",
+    "adrenalmnist3d": "hyperplasia",
+    "vesselmnist3d": "aneurysm",
+    "synapsemnist3d": "excitatory synapse",
+}
+_MEDMNIST_TASKS = {
+    "multi-class": "multiclass",
+    "binary-class": "binary",
+    "multi-label, binary-class": "multilabel",
+    "ordinal-regression": "ordinal",
+}
+
+
+class DatasetEntry(BaseModel):
+    """One known dataset.
+
+    Args:
+        name: catalog key.
+        title: human name.
+        modality: registry key of the modality that reads it.
+        task: the label space.
+        files: relative paths under the data root (may contain ``{size}`` / ``{suffix}``)
+            mapped to ``{"md5": …}`` or ``{"sha256": …}`` (empty dict: not checked).
+        urls: download address per file (same keys as ``files``), for users who are online.
+        sizes: input sizes available (images).
+        options: passed to the modality loader.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    title: str
+    modality: str
+    task: TaskSpec
+    description: str = ""
+    license: str = "unknown"
+    citation: str = ""
+    homepage: str = ""
+    files: dict[str, dict[str, str]] = Field(default_factory=dict)
+    urls: dict[str, str] = Field(default_factory=dict)
+    sizes: list[int] = Field(default_factory=list)
+    default_size: int | None = None
+    splits: dict[str, int] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def file_keys(self, size: int | None = None) -> list[str]:
+        """Relative paths for ``size`` (MedMNIST keeps one file per size)."""
+        size = size or self.default_size
+        suffix = "" if size in (None, 28) else f"_{size}"
+        return [k.format(size=size, suffix=suffix) for k in self.files]
+
+
+def _medmnist_entries() -> dict[str, DatasetEntry]:
+    raw = json.loads(resources.files("meddx.data").joinpath("medmnist_catalog.json").read_text())
+    out = {}
+    for name, info in raw.items():
+        kind = _MEDMNIST_TASKS[info["task"]]
+        labels = info["label"]
+        class_names = [labels[str(i)] for i in range(len(labels))]
+        is3d = name.endswith("3d")
+        sizes = [28, 64] if is3d else [28, 64, 128, 224]
+        md5 = {str(s): info["MD5" if s == 28 else f"MD5_{s}"] for s in sizes}
+        urls = {str(s): info["url" if s == 28 else f"url_{s}"] for s in sizes}
+        out[name] = DatasetEntry(
+            name=name,
+            title=f"MedMNIST v2 {name}",
+            modality="image",
+            task=TaskSpec(
+                kind=kind,
+                class_names=class_names,
+                positive_class=_MEDMNIST_POSITIVE.get(name),
+            ),
+            description=f"{'3D' if is3d else '2D'} {info['n_channels']}-channel, "
+            f"{info['n_samples']['train']}/{info['n_samples']['val']}/{info['n_samples']['test']}"
+            " train/val/test",
+            license=info.get("license", "CC BY 4.0"),
+            citation="Yang et al., MedMNIST v2, Scientific Data 10:41 (2023)",
+            homepage="https://medmnist.com",
+            files={"medmnist/" + name + "{suffix}.npz": {f"md5_{k}": v for k, v in md5.items()}},
+            urls=urls,
+            sizes=sizes,
+            default_size=28,
+            splits=info["n_samples"],
+            options={
+                "format": "medmnist",
+                "spatial_dims": 3 if is3d else 2,
+                "channels": info["n_channels"],
+            },
+        )
+    return out
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, DatasetEntry]:
+    """All known datasets, by name."""
+    entries = _medmnist_entries()
+    folder = resources.files("meddx.data").joinpath("catalog")
+    for item in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not item.name.endswith((".yaml", ".yml")):
+            continue
+        for name, raw in (yaml.safe_load(item.read_text()) or {}).items():
+            if name in entries:
+                raise ConfigError(f"dataset '{name}' is defined twice", path=item.name)
+            try:
+                entries[name] = DatasetEntry.model_validate({"name": name, **raw})
+            except ValueError as e:
+                raise ConfigError(f"bad catalog entry '{name}': {e}", path=item.name) from e
+    return entries
+
+
+def get_entry(name: str) -> DatasetEntry:
+    """The catalog entry for ``name``; unknown names get a suggestion."""
+    entries = catalog()
+    key = name.lower()
+    if key not in entries:
+        raise ConfigError(
+            f"unknown dataset '{name}'" + suggest(key, list(entries)),
+            hint="run `meddx datasets` to list them",
+        )
+    return entries[key]
+
+
+def cache_dir() -> Path:
+    """Writable cache (``MEDDX_CACHE`` or ``~/.cache/meddx``); bundled data is never written."""
+    root = Path(os.environ.get("MEDDX_CACHE", Path.home() / ".cache" / "meddx"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def data_roots() -> list[Path]:
+    """Folders searched for bundled data, in order."""
+    roots: list[Path] = []
+    env = os.environ.get("MEDDX_DATA")
+    if env:
+        roots.append(Path(env))
+    roots.append(Path.cwd() / ".." / "shared" / "data")
+    repo = Path(__file__).resolve().parents[2]
+    roots.append(repo / ".." / "shared" / "data")
+    roots.append(Path(os.environ.get("MEDDX_CACHE", Path.home() / ".cache" / "meddx")) / "data")
+    seen, unique = set(), []
+    for r in roots:
+        key = str(r.resolve()) if r.exists() else str(r)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r.resolve() if r.exists() else r)
+    return unique
+
+
+def _find(rel: str) -> Path | None:
+    for root in data_roots():
+        p = root / rel
+        if p.exists():
+            return p
+    return None
+
+
+def is_available(entry: DatasetEntry | str, size: int | None = None) -> bool:
+    """Whether every file of the dataset is found offline."""
+    entry = get_entry(entry) if isinstance(entry, str) else entry
+    return all(_find(k) is not None for k in entry.file_keys(size))
+
+
+def resolve(entry: DatasetEntry | str, size: int | None = None) -> list[Path]:
+    """Paths of the dataset's files, found under the data roots.
+
+    Raises:
+        DataError: a file is missing; the message says where meddx looked and how to get it.
+    """
+    entry = get_entry(entry) if isinstance(entry, str) else entry
+    if size is not None and entry.sizes and size not in entry.sizes:
+        raise ConfigError(
+            f"dataset '{entry.name}' has no size {size}; available: {entry.sizes}",
+        )
+    paths = []
+    for rel in entry.file_keys(size):
+        found = _find(rel)
+        if found is None:
+            where = ", ".join(str(r) for r in data_roots())
+            how = (
+                f"run `meddx datasets --download {entry.name}"
+                + (f" --size {size}" if size else "")
+                + "` (needs internet)"
+                if entry.urls
+                else f"get it from {entry.homepage or 'the source named in the catalog'}"
+            )
+            raise DataError(
+                f"dataset '{entry.name}' is not available offline: {rel} not found",
+                hint=f"looked in {where}; set MEDDX_DATA to its folder or {how}",
+            )
+        paths.append(found)
+    return paths
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(name: str, size: int | None = None, *, progress: bool = True) -> Path:
+    """Download a dataset file into the cache and check its MD5 (MedMNIST).
+
+    Only called when the user asks (``meddx datasets --download``); needs internet.
+    """
+    entry = get_entry(name)
+    size = size or entry.default_size
+    url = entry.urls.get(str(size))
+    if not url:
+        raise ConfigError(f"dataset '{name}' has no download address for size {size}")
+    rel = entry.file_keys(size)[0]
+    target = cache_dir() / "data" / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    expected = next(iter(entry.files.values())).get(f"md5_{size}", "")
+    tmp = target.with_suffix(target.suffix + ".part")
+    logger.info("downloading %s → %s", url, target)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            from tqdm import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"download of '{name}' failed: {e}", hint="check the internet connection") from e
+    if expected and _digest(tmp, "md5") != expected:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"download of '{name}' is corrupt (MD5 mismatch)", hint="try again")
+    tmp.replace(target)
+    return target

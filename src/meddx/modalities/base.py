@@ -1,0 +1,287 @@
+"""The modality contract and the data containers every modality fills.
+
+A modality knows how to read its sources into a :class:`DataBundle` (train / val / calib /
+test :class:`Split` objects plus the :class:`TaskSpec`), how to turn one stored item or one
+user input into a model input tensor, which network suits it, how to explain a prediction,
+and how to express a prediction in FHIR. The trainer, the predictor, the CLI and the service
+only ever talk to this contract.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch.utils.data import Dataset
+
+from meddx.errors import ConfigError, DataError
+
+__all__ = [
+    "Split",
+    "DataBundle",
+    "Sample",
+    "Modality",
+    "SplitDataset",
+    "carve_split",
+    "SPLIT_NAMES",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "calib", "test")
+
+
+@dataclass
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        name: ``train``, ``val``, ``calib`` or ``test`` (or another named evaluation split).
+        inputs: indexable items the modality turns into tensors (an array (N, …), a list of
+            paths, SMILES strings …).
+        targets: encoded targets (see :meth:`TaskSpec.encode`), aligned with ``inputs``.
+        ids: one identifier per sample (file name, record name), never PHI.
+        patient_ids: patient identifier per sample where known (splits are by patient then).
+        metadata: one row per sample (sex, age, site …) for subgroup analysis, or None.
+    """
+
+    name: str
+    inputs: Any
+    targets: np.ndarray
+    ids: list[str]
+    patient_ids: list[str] | None = None
+    metadata: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.targets) != n or len(self.inputs) != n:
+            raise DataError(
+                f"split '{self.name}' is inconsistent: {len(self.inputs)} inputs, "
+                f"{len(self.targets)} targets, {n} ids"
+            )
+        if self.metadata is not None and len(self.metadata) != n:
+            raise DataError(f"split '{self.name}': metadata rows do not match samples")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> Split:
+        """The samples at ``index`` as a new split."""
+        idx = np.asarray(index, dtype=int)
+        if isinstance(self.inputs, np.ndarray | torch.Tensor):
+            inputs = self.inputs[idx]
+        else:
+            inputs = [self.inputs[i] for i in idx]
+        return Split(
+            name=name or self.name,
+            inputs=inputs,
+            targets=np.asarray(self.targets)[idx],
+            ids=[self.ids[i] for i in idx],
+            patient_ids=[self.patient_ids[i] for i in idx] if self.patient_ids else None,
+            metadata=self.metadata.iloc[idx].reset_index(drop=True)
+            if self.metadata is not None
+            else None,
+        )
+
+
+@dataclass
+class DataBundle:
+    """A dataset read and split, ready for training and evaluation.
+
+    Attributes:
+        dataset: catalog name or path.
+        modality: registry key of the modality that read it.
+        task: the label space.
+        splits: ``{"train", "val", "calib", "test"}`` → :class:`Split` (test may be absent).
+        input_spec: what the network expects and how inputs are preprocessed; stored in the
+            model card as ``preprocessing`` and used again at prediction time.
+        info: provenance for the report and card (source, license, citation, notes).
+    """
+
+    dataset: str
+    modality: str
+    task: Any
+    splits: dict[str, Split]
+    input_spec: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(
+                f"dataset '{self.dataset}' has no split '{name}'",
+                hint=f"available splits: {', '.join(self.splits)}",
+            )
+        return self.splits[name]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per split and class, and whether splits are by patient."""
+        out: dict[str, Any] = {"splits": {}, "patient_level_split": False}
+        for name, s in self.splits.items():
+            entry: dict[str, Any] = {"n": len(s)}
+            if self.task.kind in ("binary", "multiclass", "ordinal"):
+                idx = self.task.target_index(s.targets)
+                counts = np.bincount(idx, minlength=self.task.num_classes)
+                entry["classes"] = dict(zip(self.task.class_names, counts.tolist(), strict=True))
+            elif self.task.kind == "multilabel":
+                t = np.asarray(s.targets, dtype=float)
+                entry["positives"] = dict(
+                    zip(self.task.class_names, np.nansum(t, axis=0).astype(int).tolist(), strict=True)
+                )
+            out["splits"][name] = entry
+            if s.patient_ids:
+                out["patient_level_split"] = True
+        return out
+
+
+@dataclass
+class Sample:
+    """One model input read from a user's source (file, array, string, FHIR resource)."""
+
+    id: str
+    tensor: torch.Tensor | Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class SplitDataset(Dataset):
+    """Torch dataset over a split: ``modality.item_tensor`` then the transform."""
+
+    def __init__(
+        self,
+        modality: Modality,
+        split: Split,
+        input_spec: dict[str, Any],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.modality = modality
+        self.split = split
+        self.input_spec = input_spec
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        x = self.modality.item_tensor(self.split.inputs[i], self.input_spec)
+        if self.transform is not None:
+            x = self.transform(x)
+        y = self.split.targets[i]
+        return x, torch.as_tensor(np.asarray(y))
+
+
+class Modality(ABC):
+    """What every modality provides. Subclasses register one line in ``modalities/__init__``.
+
+    Class attributes:
+        name: registry key.
+        Options: pydantic model of the modality's ``data.options`` (extra keys are errors).
+    """
+
+    name: ClassVar[str]
+
+    class Options(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def parse_options(self, options: dict[str, Any]) -> BaseModel:
+        try:
+            return self.Options.model_validate(options)
+        except ValueError as e:
+            raise ConfigError(f"invalid data.options for modality '{self.name}': {e}") from e
+
+    # ---------------------------------------------------------------- reading
+    @abstractmethod
+    def load(self, data: Any, entry: Any | None, task: Any | None, seed: int) -> DataBundle:
+        """Read a dataset (``data`` is a :class:`meddx.config.DataConfig`; ``entry`` its catalog
+        entry or None for a user path) into a :class:`DataBundle` with train/val/calib/test."""
+
+    @abstractmethod
+    def read(self, source: Any, input_spec: dict[str, Any]) -> Sample:
+        """Read one user input (path, bytes with a name, array, tensor, string, FHIR resource)
+        and preprocess it exactly as training did (``input_spec`` from the model card).
+
+        Raises:
+            DataError: unreadable input. InputMismatchError: input that does not fit the model.
+        """
+
+    @abstractmethod
+    def item_tensor(self, item: Any, input_spec: dict[str, Any]) -> Any:
+        """One stored split item → the model input (tensor, or what ``collate`` takes)."""
+
+    def transforms(self, train: bool, input_spec: dict[str, Any], augment: Any) -> Callable | None:
+        """Augmentations for training (``train=True``); None for evaluation."""
+        return None
+
+    def collate(self, batch: list[tuple[Any, Any]]) -> tuple[Any, torch.Tensor]:
+        """Batch items; the default stacks tensors."""
+        xs, ys = zip(*batch, strict=True)
+        return torch.stack(list(xs)), torch.stack(list(ys))
+
+    # ------------------------------------------------------------------ models
+    @abstractmethod
+    def default_network(self, task: Any, input_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Registry name and options of the network to use when the config names none."""
+
+    def network_spec(self, input_spec: dict[str, Any]) -> dict[str, Any]:
+        """Arguments every network builder receives: ``spatial_dims``, ``in_channels``, ``size``."""
+        return {
+            "spatial_dims": input_spec.get("spatial_dims", 2),
+            "in_channels": input_spec.get("channels", 1),
+            "size": input_spec.get("size"),
+        }
+
+    # ------------------------------------------------------------ explanation
+    def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any) -> Any:
+        """An object with ``explain(tensor, class_index) -> np.ndarray`` (same grid as input)."""
+        raise ConfigError(f"modality '{self.name}' has no explainer yet")
+
+    # ------------------------------------------------------------------- FHIR
+    def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:
+        """A FHIR R4 resource (as a dict) describing ``prediction``."""
+        raise ConfigError(f"modality '{self.name}' has no FHIR mapping yet")
+
+
+def carve_split(
+    split: Split,
+    fraction: float,
+    seed: int,
+    stratify: np.ndarray | None,
+    name: str,
+    rest_name: str | None = None,
+) -> tuple[Split, Split]:
+    """Carve ``fraction`` of ``split`` into a new split called ``name``.
+
+    Stratified by ``stratify`` (class index per sample) and grouped by patient when the split
+    has patient ids, so no patient lands on both sides. Deterministic for a given ``seed``.
+
+    Returns:
+        (rest, carved)
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    n = len(split)
+    if not 0 < fraction < 1:
+        raise ConfigError(f"split fraction must be in (0, 1), got {fraction}")
+    if n < 4:
+        raise DataError(f"split '{split.name}' has only {n} samples; too few to carve '{name}'")
+    idx = np.arange(n)
+    if split.patient_ids:
+        groups = np.asarray(split.patient_ids)
+        k = max(2, round(1 / fraction))
+        y = stratify if stratify is not None else np.zeros(n, dtype=int)
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        rest, carved = next(iter(folds.split(idx, y, groups)))
+    else:
+        strat = stratify
+        if strat is not None:
+            counts = np.bincount(np.asarray(strat, dtype=int))
+            if (counts[counts > 0] < 2).any():
+                strat = None  # a class with one sample cannot be stratified
+        rest, carved = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    rest, carved = np.sort(rest), np.sort(carved)
+    return split.subset(rest, rest_name or split.name), split.subset(carved, name)

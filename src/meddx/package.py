@@ -1,0 +1,249 @@
+"""ModelPackage: the unit of deployment.
+
+A package is a folder::
+
+    weights.safetensors   fp32 weights (never a pickle)
+    card.json             what the model is, was trained on, and how it performs (ModelCard)
+    manifest.json         sha256 of every other file, the card included
+    model.onnx            optional, written by ``meddx export``
+    model.int8.onnx       optional statically quantised variant
+
+Loading checks every sha256 in the manifest; a changed, missing or unlisted weights file is a
+:class:`~meddx.errors.ModelError` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file, save_file
+
+from meddx.errors import ModelError
+from meddx.tasks import TaskSpec
+
+__all__ = [
+    "ModelCard",
+    "OperatingPoint",
+    "Calibration",
+    "Conformal",
+    "ModelPackage",
+    "save_package",
+    "load_package",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "weights.safetensors"
+CARD = "card.json"
+MANIFEST = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OperatingPoint(_Strict):
+    """A decision threshold on the (calibrated) probability of ``positive_class``."""
+
+    method: str  # "sensitivity" | "specificity" | "youden"
+    threshold: float
+    positive_class: str
+    target: float | None = None
+    fitted_on: str = "calib"
+    calib_sensitivity: float | None = None
+    calib_specificity: float | None = None
+
+
+class Calibration(_Strict):
+    """Temperature scaling of the logits, fitted on the calibration split."""
+
+    method: str = "temperature"
+    temperature: float = 1.0
+    fitted_on: str = "calib"
+    ece_before: float | None = None
+    ece_after: float | None = None
+    brier_before: float | None = None
+    brier_after: float | None = None
+
+
+class Conformal(_Strict):
+    """Split-conformal prediction sets fitted on the calibration split.
+
+    ``threshold`` is q̂ (one value; multilabel: one per label). LAC includes class k when
+    ``1 - p_k <= q̂``; APS includes classes in descending probability until their mass reaches q̂.
+    """
+
+    method: str = "lac"
+    alpha: float = 0.1
+    threshold: float | list[float]
+    fitted_on: str = "calib"
+    n_calib: int | None = None
+
+
+class ModelCard(_Strict):
+    """Everything a user, reviewer or service needs to know about a packaged model."""
+
+    schema_version: int = 1
+    name: str
+    version: str = "1.0.0"
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    meddx_version: str = ""
+    modality: str
+    task: TaskSpec
+    network: dict[str, Any]
+    preprocessing: dict[str, Any]
+    calibration: Calibration | None = None
+    operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+    default_operating_point: str | None = None
+    conformal: Conformal | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training_data: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    intended_use: str = "Research on medical deep learning; not for diagnosis."
+    research_only: bool = True
+    license: str = "unknown"
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        if self.default_operating_point is None:
+            return None
+        return self.operating_points.get(self.default_operating_point)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelPackage:
+    """A loaded, verified package: the card, the fp32 state dict and the folder.
+
+    Use :func:`load_package` to read one and :func:`save_package` to write one.
+    """
+
+    def __init__(self, path: Path, card: ModelCard, state_dict: dict[str, torch.Tensor],
+                 manifest: dict[str, str]) -> None:
+        self.path = path
+        self.card = card
+        self.state_dict = state_dict
+        self.manifest = manifest
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the weights: identifies exactly which model answered."""
+        return self.manifest[WEIGHTS]
+
+    @property
+    def onnx_path(self) -> Path | None:
+        p = self.path / "model.onnx"
+        return p if "model.onnx" in self.manifest and p.exists() else None
+
+    def build_model(self) -> torch.nn.Module:
+        """The network with the package's weights, in eval mode, fp32."""
+        from meddx.models import build_network
+        from meddx.modalities import get_modality
+
+        modality = get_modality(self.card.modality)
+        spec = modality.network_spec(self.card.preprocessing)
+        model = build_network(
+            self.card.network["name"],
+            num_outputs=self.card.task.num_outputs,
+            spec=spec,
+            options=self.card.network.get("options", {}),
+        )
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as e:
+            raise ModelError(
+                "weights do not fit the network named in the card", path=str(self.path)
+            ) from e
+        return model.eval()
+
+    def update_card(self, **fields: Any) -> None:
+        """Change card fields and rewrite the card and manifest."""
+        data = self.card.model_dump(mode="json")
+        data.update({k: v for k, v in fields.items()})
+        self.card = ModelCard.model_validate(data)
+        _write_card_and_manifest(self.path, self.card)
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
+    def add_file(self, name: str) -> None:
+        """Record an extra file (e.g. ``model.onnx``) written into the package folder."""
+        _write_card_and_manifest(self.path, self.card)
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
+
+def _write_card_and_manifest(path: Path, card: ModelCard) -> None:
+    (path / CARD).write_text(json.dumps(card.model_dump(mode="json"), indent=2))
+    files = sorted(
+        p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    )
+    manifest = {name: sha256_file(path / name) for name in files}
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path / MANIFEST)
+
+
+def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> ModelPackage:
+    """Write weights (fp32 safetensors), the card and the manifest into ``path``."""
+    from meddx import __version__
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    if not card.meddx_version:
+        card = card.model_copy(update={"meddx_version": __version__})
+    _write_card_and_manifest(out, card)
+    return load_package(out)
+
+
+def load_package(path: str | Path) -> ModelPackage:
+    """Read and verify a package folder. Never unpickles anything.
+
+    Raises:
+        ModelError: folder, card, manifest or weights missing; a sha256 that does not match.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelError(f"no model package at {root}", path=str(root),
+                         hint="train one with `meddx train` or give the package folder")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelError("package has no manifest.json", path=str(root))
+    try:
+        manifest: dict[str, str] = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError("manifest.json is not valid JSON", path=str(manifest_path)) from e
+    for required in (WEIGHTS, CARD):
+        if required not in manifest:
+            raise ModelError(f"manifest does not list {required}", path=str(root))
+    for name, digest in manifest.items():
+        f = root / name
+        if not f.is_file():
+            raise ModelError(f"package file {name} is missing", path=str(f))
+        if sha256_file(f) != digest:
+            raise ModelError(
+                f"package file {name} was changed (sha256 mismatch)",
+                path=str(f),
+                hint="re-export the package or restore the original file",
+            )
+    try:
+        card = ModelCard.model_validate_json((root / CARD).read_text())
+    except ValidationError as e:
+        raise ModelError(f"card.json is invalid: {e}", path=str(root / CARD)) from e
+    state = load_file(str(root / WEIGHTS))
+    return ModelPackage(root, card, state, manifest)
