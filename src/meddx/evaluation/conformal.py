@@ -2,8 +2,10 @@
 
 LAC (least ambiguous classifier, Sadinle et al. 2019): score ``1 - p_y``; the set holds every
 class with ``1 - p_k <= q̂``. APS (adaptive prediction sets, Romano et al. 2020, non-randomised):
-score = probability mass of the classes ranked at or above the true class; the set takes
-classes in descending order while the mass above them is below q̂. q̂ is the
+score = probability mass of the classes ranked strictly above the true class (Romano's
+randomised score with U = 0); the set takes classes in descending order while the mass above
+them is at most q̂. Score and set use the same rule, so coverage is 1-α, not the ~0.99 of
+mixing an inclusive score with an exclusive set; the top class is always in the set. q̂ is the
 ``ceil((n+1)(1-α))/n`` empirical quantile of the calibration scores, which guarantees coverage
 ≥ 1-α on exchangeable data. Multilabel tasks get one binary conformal problem per label.
 """
@@ -31,8 +33,8 @@ def _scores(method: str, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     p_true = probs[np.arange(len(y)), y]
     if method == "lac":
         return 1.0 - p_true
-    # APS: mass of classes with probability ≥ the true class's (ties count as above)
-    return np.where(probs >= p_true[:, None], probs, 0.0).sum(axis=1)
+    # APS (U = 0): mass of the classes more probable than the true class
+    return np.where(probs > p_true[:, None], probs, 0.0).sum(axis=1)
 
 
 def prediction_sets(probs: np.ndarray, method: str, threshold: float) -> np.ndarray:
@@ -43,7 +45,7 @@ def prediction_sets(probs: np.ndarray, method: str, threshold: float) -> np.ndar
     order = np.argsort(-probs, axis=1)
     sorted_p = np.take_along_axis(probs, order, axis=1)
     mass_above = np.cumsum(sorted_p, axis=1) - sorted_p
-    keep_sorted = mass_above < threshold - 1e-12
+    keep_sorted = mass_above <= threshold + 1e-12
     keep_sorted[:, 0] = True  # never an empty set under APS
     out = np.zeros_like(keep_sorted)
     np.put_along_axis(out, order, keep_sorted, axis=1)
