@@ -152,8 +152,8 @@ class ModelPackage:
 
     def build_model(self) -> torch.nn.Module:
         """The network with the package's weights, in eval mode, fp32."""
-        from meddx.models import build_network
         from meddx.modalities import get_modality
+        from meddx.models import build_network
 
         modality = get_modality(self.card.modality)
         spec = modality.network_spec(self.card.preprocessing)

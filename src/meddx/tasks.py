@@ -56,11 +56,10 @@ class TaskSpec(BaseModel):
             raise ValueError(f"a binary task needs exactly 2 class names, got {n}")
         if self.kind in ("multiclass", "ordinal") and n < 2:
             raise ValueError(f"a {self.kind} task needs at least 2 classes")
-        if self.kind == "binary":
-            if self.positive_class is None:
-                raise ValueError(
-                    "a binary task must name its positive class explicitly (positive_class)"
-                )
+        if self.kind == "binary" and self.positive_class is None:
+            raise ValueError(
+                "a binary task must name its positive class explicitly (positive_class)"
+            )
         if self.positive_class is not None and self.positive_class not in self.class_names:
             raise ValueError(
                 f"positive_class {self.positive_class!r} is not one of {self.class_names}"

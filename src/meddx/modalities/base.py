@@ -217,6 +217,10 @@ class Modality(ABC):
         """Augmentations for training (``train=True``); None for evaluation."""
         return None
 
+    def batch_transforms(self, input_spec: dict[str, Any], augment: Any) -> Callable | None:
+        """Augmentations applied to a whole training batch at once (fast on CPU); None for none."""
+        return None
+
     def collate(self, batch: list[tuple[Any, Any]]) -> tuple[Any, torch.Tensor]:
         """Batch items; the default stacks tensors."""
         xs, ys = zip(*batch, strict=True)

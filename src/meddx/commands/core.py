@@ -1,0 +1,265 @@
+"""Core commands: datasets, models, train, predict."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meddx.errors import ConfigError, MeddxError
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii",
+                  ".nii.gz", ".npy", ".hea", ".mat", ".csv", ".json", ".txt", ".fa", ".fasta")
+
+
+def datasets(
+    download: str | None = typer.Option(None, "--download", help="Download this dataset into "
+                                        "~/.cache/meddx (needs internet; MD5-checked)."),
+    size: int | None = typer.Option(None, "--size", help="Image size to download (28/64/128/224)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List known datasets: modality, task, license, and whether they are available offline."""
+    from meddx.catalog import catalog, is_available
+    from meddx.catalog import download as fetch
+
+    if download:
+        path = fetch(download, size)
+        console.print(f"downloaded to {path}")
+        return
+    rows = []
+    for name, e in sorted(catalog().items()):
+        rows.append({"name": name, "modality": e.modality, "task": e.task.describe(),
+                     "offline": is_available(e), "license": e.license, "sizes": e.sizes})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="meddx datasets", show_lines=False)
+    for col in ("name", "modality", "task", "offline", "license"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["modality"], r["task"][:60],
+                      "[green]yes[/]" if r["offline"] else "[dim]no[/]", r["license"])
+    console.print(table)
+    console.print("[dim]offline = found under MEDDX_DATA or ../shared/data; "
+                  "others: `meddx datasets --download NAME` where an address is known[/]")
+
+
+def models() -> None:
+    """List the registered networks and the modality each serves."""
+    from meddx.models import MODELS
+
+    table = Table(title="meddx models")
+    table.add_column("name")
+    table.add_column("modality")
+    table.add_column("description", overflow="fold")
+    for name in MODELS.names():
+        try:
+            fn = MODELS.get(name)
+        except ConfigError as e:
+            table.add_row(name, "?", f"[dim]unavailable: {e.message}[/]")
+            continue
+        doc = (fn.__doc__ or "").strip().splitlines()
+        table.add_row(name, getattr(fn, "modality", "?"), doc[0] if doc else "")
+    console.print(table)
+
+
+def train(
+    config: Path | None = typer.Argument(None, help="Experiment YAML (see configs/)."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Catalog dataset name."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<name>)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Network (see `meddx models`)."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs."),
+    batch_size: int | None = typer.Option(None, help="Batch size."),
+    lr: float | None = typer.Option(None, help="Learning rate."),
+    size: int | None = typer.Option(None, help="Image size (MedMNIST: 28/64/128/224)."),
+    split: str | None = typer.Option(None, help="Split scheme where the data has none "
+                                     "(random, scaffold)."),
+    seed: int | None = typer.Option(None, help="Random seed."),
+    limit: int | None = typer.Option(None, help="At most this many samples per split."),
+    threads: int | None = typer.Option(None, help="CPU threads."),
+    devices: int | None = typer.Option(None, help="Processes/GPUs (with --strategy ddp)."),
+    strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
+    init_weights: Path | None = typer.Option(None, help="Start from these .safetensors weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Train a model and write a verified package to OUT/model.
+
+    Examples:\n
+      meddx train --dataset breastmnist --out runs/breast\n
+      meddx train configs/retinamnist.yaml --epochs 50
+    """
+    from meddx.config import ExperimentConfig, load_config
+    from meddx.training import train as run_training
+
+    if config is None and dataset is None:
+        raise ConfigError("give a config file or --dataset", hint="see `meddx datasets`")
+    if config is not None:
+        cfg = load_config(config)
+    else:
+        cfg = ExperimentConfig(name=dataset or "experiment")
+    cfg = cfg.updated(**{
+        "data.dataset": dataset, "model.name": model, "train.epochs": epochs,
+        "train.batch_size": batch_size, "train.lr": lr, "data.size": size, "data.split": split,
+        "seed": seed, "data.limit": limit, "train.threads": threads, "train.devices": devices,
+        "train.strategy": strategy, "model.init_weights": str(init_weights) if init_weights else None,
+    })
+    if dataset and config is None:
+        cfg = cfg.updated(name=dataset)
+    package = run_training(cfg, out=out, resume=resume, progress=not no_progress)
+    if package is None:  # non-zero DDP rank
+        return
+    t = package.card.training
+    console.print(f"[bold green]trained[/] {package.card.name}: best val "
+                  f"{t.get('selection_metric')} = {t.get('best_score', float('nan')):.4f} at epoch "
+                  f"{t.get('best_epoch')}, {t.get('wall_time_s')} s")
+    if package.card.calibration:
+        console.print(f"calibrated on calib: temperature {package.card.calibration.temperature:.3f}")
+    console.print(f"package: {package.path}")
+
+
+def _expand(inputs: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file()
+                           and f.name.lower().endswith(INPUT_SUFFIXES) and f.suffix != ".mat")
+            out.extend(files)
+        else:
+            out.append(p)
+    return out
+
+
+def predict(
+    model: Path = typer.Argument(..., help="Model package folder."),
+    inputs: list[str] = typer.Argument(None, help="Files or folders (images, DICOM, NIfTI, "
+                                       ".npy, WFDB .hea, FHIR JSON …)."),
+    smiles: list[str] = typer.Option(None, "--smiles", help="A SMILES string (repeatable)."),
+    sequence: list[str] = typer.Option(None, "--sequence", help="A DNA sequence (repeatable)."),
+    variant: str | None = typer.Option(None, "--variant", help="Variant effect: FILE.fa:POS:REF>ALT."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    sort: str | None = typer.Option(None, "--sort", help="'risk': rank by the positive class "
+                                    "probability (worklist triage)."),
+    backend: str = typer.Option("auto", help="auto, torch or onnx."),
+    batch_size: int = typer.Option(64, help="Inputs per batch."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the output to this file."),
+) -> None:
+    """Predict with a package: probabilities, calibrated risk, decision and conformal set.
+
+    Examples:\n
+      meddx predict runs/breast/model scan1.png scan2.dcm\n
+      meddx predict runs/breast/model studies/ --sort risk --format csv
+    """
+    from meddx.inference import load_model
+
+    if fmt not in ("table", "csv", "json"):
+        raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
+    predictor = load_model(model, backend=backend)
+    if variant:
+        from meddx.modalities.sequence import variant_effect
+
+        typer.echo(json.dumps(variant_effect(predictor, variant), indent=2))
+        return
+    sources: list[Any] = [*(smiles or []), *(sequence or [])]
+    paths = _expand(inputs or [])
+    if not sources and not paths:
+        raise ConfigError("nothing to predict: give files, a folder, --smiles or --sequence")
+    preds, failures = _run(predictor, sources, paths, batch_size)
+    if sort == "risk":
+        preds.sort(key=lambda p: -(p.risk if p.risk is not None else max(p.probabilities.values())))
+    elif sort is not None:
+        raise ConfigError(f"unknown sort '{sort}'; use 'risk'")
+    text = _render(preds, failures, fmt)
+    if out:
+        out.write_text(text)
+        console.print(f"wrote {len(preds)} predictions to {out}")
+    elif fmt == "table":
+        _print_table(preds, failures)
+    else:
+        typer.echo(text)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
+         ) -> tuple[list[Any], list[dict[str, str]]]:
+    from rich.progress import track
+
+    samples, failures = [], []
+    items = [(s, s if len(str(s)) < 40 else str(s)[:37] + "…") for s in sources]
+    items += [(p, p.name) for p in paths]
+    for src, name in track(items, description="reading", console=Console(stderr=True),
+                           disable=len(items) < 20):
+        try:
+            sample = predictor.read(str(src) if isinstance(src, Path) else src)
+            sample.id = sample.id or name
+            samples.append(sample)
+        except MeddxError as e:
+            failures.append({"id": name, "error": str(e)})
+    preds = []
+    for start in range(0, len(samples), batch_size):
+        preds += predictor.predict_samples(samples[start : start + batch_size])
+    return preds, failures
+
+
+def _row(p: Any) -> dict[str, Any]:
+    d = p.to_dict()
+    probs = d["calibrated"] or d["probabilities"]
+    row = {"id": d["id"], "label": d["label"]}
+    row.update({f"p[{k}]": round(v, 4) for k, v in probs.items()})
+    row["decision"] = d["decision"]
+    row["set"] = "|".join(d["prediction_set"]) if d["prediction_set"] else None
+    row["refer"] = d["refer"]
+    row["review"] = d["review"]
+    return row
+
+
+def _render(preds: list[Any], failures: list[dict[str, str]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps({"predictions": [p.to_dict() for p in preds], "errors": failures},
+                          indent=2)
+    rows = [_row(p) for p in preds]
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _print_table(preds: list[Any], failures: list[dict[str, str]]) -> None:
+    if preds:
+        rows = [_row(p) for p in preds]
+        calibrated = preds[0].calibrated is not None
+        table = Table(title=f"{preds[0].model.get('name')} — "
+                      + ("calibrated probabilities" if calibrated else "probabilities"))
+        for col in rows[0]:
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(*["" if v is None else str(v) for v in r.values()])
+        console.print(table)
+    for f in failures:
+        Console(stderr=True).print(f"[red]failed[/] {f['id']}: {f['error']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the core commands to ``app``."""
+    app.command("datasets")(datasets)
+    app.command("models")(models)
+    app.command("train")(train)
+    app.command("predict")(predict)
+
+

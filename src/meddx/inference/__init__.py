@@ -1,0 +1,240 @@
+"""Prediction from a ModelPackage: read → preprocess → network → calibrate → decide → set.
+
+``load_model(path)`` verifies the package and returns a :class:`Predictor`. The torch backend
+runs the fp32 weights (bf16 autocast where the CPU has AMX); when the package holds
+``model.onnx`` and onnxruntime is installed, the ONNX backend is used instead. Grad-CAM always
+uses the fp32 torch weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meddx.errors import ConfigError, DataError, MeddxError
+from meddx.evaluation.calibration import apply_temperature
+from meddx.evaluation.conformal import prediction_sets
+from meddx.inference.prediction import Prediction
+from meddx.modalities import Sample, get_modality
+from meddx.package import ModelPackage, load_package
+
+__all__ = ["Predictor", "Prediction", "load_model", "amx_available"]
+
+logger = logging.getLogger(__name__)
+
+
+def amx_available() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def load_model(path: str | Path, backend: str = "auto", threads: int | None = None) -> Predictor:
+    """Load and verify a package (sha256, no pickle) and return its Predictor.
+
+    Args:
+        path: the package folder (``runs/x/model``).
+        backend: "auto" (ONNX when present, else torch), "torch", or "onnx".
+        threads: intra-op threads (default: torch's).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    return Predictor(load_package(path), backend=backend)
+
+
+class Predictor:
+    """Runs one package on user inputs.
+
+    Attributes:
+        package, card, task, modality, model (fp32 torch module), backend ("torch" | "onnx").
+    """
+
+    def __init__(self, package: ModelPackage, backend: str = "auto", bf16: bool | None = None):
+        self.package = package
+        self.card = package.card
+        self.task = package.card.task
+        self.modality = get_modality(package.card.modality)
+        self.model = package.build_model()
+        self.bf16 = amx_available() if bf16 is None else bf16
+        self._onnx = None
+        if backend not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"unknown backend '{backend}'; choose auto, torch or onnx")
+        if backend in ("auto", "onnx") and package.onnx_path is not None:
+            try:
+                from meddx.inference.onnx import OnnxBackend
+
+                self._onnx = OnnxBackend(package)
+            except ImportError as e:
+                if backend == "onnx":
+                    raise ConfigError("the onnx backend needs onnxruntime: pip install 'meddx[serve]'") from e
+        elif backend == "onnx":
+            raise ConfigError("package has no model.onnx", hint="run `meddx export MODEL --onnx`")
+        self.backend = "onnx" if self._onnx is not None else "torch"
+
+    # ----------------------------------------------------------------- logits
+    @torch.inference_mode()
+    def logits(self, batch: Any) -> np.ndarray:
+        """Raw network outputs for a model-ready batch (tensor, or a modality's batch object)."""
+        if self._onnx is not None and isinstance(batch, torch.Tensor | np.ndarray):
+            return self._onnx.logits(np.asarray(batch, dtype=np.float32))
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(batch)
+        return out.float().numpy()
+
+    def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and raw probabilities for every sample of a :class:`Split`."""
+        from torch.utils.data import DataLoader
+
+        from meddx.modalities.base import SplitDataset
+
+        ds = SplitDataset(self.modality, split, self.card.preprocessing, transform=None)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=self.modality.collate)
+        outs = []
+        it: Iterable = loader
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(loader, desc=f"predict {split.name}", unit="batch")
+        for x, _ in it:
+            outs.append(self.logits(x))
+        z = np.concatenate(outs) if outs else np.zeros((0, self.task.num_outputs), np.float32)
+        return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+
+    # ---------------------------------------------------------------- predict
+    def read(self, source: Any) -> Sample:
+        """Read and preprocess one input as training did."""
+        return self.modality.read(source, self.card.preprocessing)
+
+    def predict(self, inputs: Sequence[Any] | Any, explain: bool = False,
+                batch_size: int = 64, ids: Sequence[str] | None = None) -> list[Prediction]:
+        """Predict for paths, arrays, tensors, strings or FHIR resources.
+
+        Raises:
+            DataError / InputMismatchError: an input cannot be read or does not fit the model.
+        """
+        if isinstance(inputs, str | Path | np.ndarray | torch.Tensor | dict) or not isinstance(inputs, Sequence):
+            inputs = [inputs]
+        samples = []
+        for i, src in enumerate(inputs):
+            s = self.read(src)
+            if ids is not None:
+                s.id = ids[i]
+            elif not s.id:
+                s.id = str(i)
+            samples.append(s)
+        return self.predict_samples(samples, explain=explain, batch_size=batch_size)
+
+    def predict_samples(self, samples: list[Sample], explain: bool = False,
+                        batch_size: int = 64) -> list[Prediction]:
+        """Predict for already-read samples (windows aggregated when the modality has them)."""
+        logits = self._sample_logits(samples, batch_size)
+        preds = self.finalize(logits, [s.id for s in samples])
+        for p, s in zip(preds, samples, strict=True):
+            notes = {k: v for k, v in s.meta.items() if k in ("hours_used", "ignored", "windows", "note")}
+            p.notes.update(notes)
+        if explain:
+            self._explain(samples, preds)
+        return preds
+
+    def _sample_logits(self, samples: list[Sample], batch_size: int) -> np.ndarray:
+        aggregate = getattr(self.modality, "aggregate_logits", None)
+        if any(s.meta.get("windows") for s in samples) and aggregate is not None:
+            return np.stack([aggregate(self.logits(s.tensor)) for s in samples])
+        outs = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            items = [(s.tensor, torch.zeros(())) for s in chunk]
+            try:
+                x, _ = self.modality.collate(items)
+            except RuntimeError as e:
+                raise DataError("inputs in one batch have different shapes after preprocessing",
+                                hint="check the inputs against the model's expected size") from e
+            outs.append(self.logits(x))
+        return np.concatenate(outs)
+
+    def finalize(self, logits: np.ndarray, ids: Sequence[str]) -> list[Prediction]:
+        """Turn logits into Predictions: probabilities, calibration, decision, conformal set."""
+        task, card = self.task, self.card
+        probs = task.probabilities(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
+        cal = None
+        if card.calibration is not None:
+            cal = apply_temperature(task, logits, card.calibration.temperature)
+        basis = cal if cal is not None else probs
+        sets = None
+        if card.conformal is not None and task.kind != "regression":
+            if task.kind == "multilabel":
+                q = np.asarray(card.conformal.threshold, dtype=float)
+                both = np.stack([1 - basis, basis], axis=2)
+                sets = np.stack([prediction_sets(both[:, j], card.conformal.method, q[j])
+                                 for j in range(basis.shape[1])], axis=1)
+            else:
+                sets = prediction_sets(basis, card.conformal.method, float(card.conformal.threshold))
+        model_info = {"name": card.name, "version": card.version, "sha256": self.package.sha256}
+        if task.positive_class:
+            model_info["positive_class"] = task.positive_class
+        return [self._one(i, ids[i], probs[i], None if cal is None else cal[i],
+                          None if sets is None else sets[i], model_info)
+                for i in range(len(ids))]
+
+    def _one(self, i: int, sid: str, p: np.ndarray, c: np.ndarray | None, s: np.ndarray | None,
+             model_info: dict[str, str]) -> Prediction:
+        task, card = self.task, self.card
+        names = task.class_names
+        basis = c if c is not None else p
+        pred = Prediction(
+            id=str(sid),
+            probabilities={n: float(v) for n, v in zip(names, p, strict=True)},
+            label=names[int(np.argmax(p))],
+            calibrated=None if c is None else {n: float(v) for n, v in zip(names, c, strict=True)},
+            model=dict(model_info),
+        )
+        if task.kind == "regression":
+            pred.label = float(p[0])
+            return pred
+        if task.kind == "multilabel":
+            pred.label = [n for n, v in zip(names, p, strict=True) if v >= 0.5]
+            if s is not None:
+                pred.label_sets = {
+                    n: [lab for lab, keep in zip(("absent", "present"), s[j], strict=True) if keep]
+                    for j, n in enumerate(names)
+                }
+                pred.refer = any(len(v) != 1 for v in pred.label_sets.values())
+            return pred
+        op = card.operating_point
+        if op is not None and op.positive_class in names:
+            k = names.index(op.positive_class)
+            positive = bool(basis[k] >= op.threshold)
+            pred.decision = op.positive_class if positive else f"not {op.positive_class}"
+            pred.operating_point = card.default_operating_point
+            pred.threshold = op.threshold
+        if s is not None:
+            pred.prediction_set = [n for n, keep in zip(names, s, strict=True) if keep]
+            pred.refer = len(pred.prediction_set) != 1
+            if pred.decision is not None and op is not None and len(pred.prediction_set) == 1:
+                only = pred.prediction_set[0]
+                said_positive = pred.decision == op.positive_class
+                pred.review = said_positive != (only == op.positive_class)
+        return pred
+
+    def _explain(self, samples: list[Sample], preds: list[Prediction]) -> None:
+        try:
+            explainer = self.modality.explainer(self.model, self.card.preprocessing)
+        except MeddxError as e:
+            logger.warning("no explanation: %s", e)
+            return
+        names = self.task.class_names
+        for s, p in zip(samples, preds, strict=True):
+            target = p.decision if isinstance(p.decision, str) and p.decision in names else p.label
+            index = names.index(target) if isinstance(target, str) and target in names else 0
+            p.explanation = explainer.explain(s, index)

@@ -1,0 +1,285 @@
+"""Training: config → data bundle → network → Lightning fit → ModelPackage (+ post-hoc fits).
+
+``train(config, out)`` is the single entry point used by ``meddx train`` and the Python API.
+A run folder holds ``config.yaml``, ``splits.json`` (sample ids per split), ``checkpoints/``
+(``best.ckpt``, ``last.ckpt`` for ``--resume``), ``logs/`` (CSV metrics) and ``model/``
+(the package).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meddx.catalog import get_entry
+from meddx.config import ExperimentConfig, dump_config, load_config
+from meddx.errors import ConfigError
+from meddx.modalities import DataBundle, get_modality
+from meddx.package import ModelCard, ModelPackage, save_package
+
+__all__ = ["train", "load_bundle", "as_config", "build_model_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def as_config(config: ExperimentConfig | str | Path | dict) -> ExperimentConfig:
+    """Accept a config object, a YAML path, or a dict."""
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, dict):
+        from meddx.config import parse_config
+
+        return parse_config(config)
+    return load_config(config)
+
+
+def load_bundle(config: ExperimentConfig | str | Path | dict) -> DataBundle:
+    """Read and split the config's dataset with its modality (calib carved from train)."""
+    cfg = as_config(config)
+    entry = get_entry(cfg.data.dataset) if cfg.data.dataset else None
+    modality_name = cfg.data.modality or (entry.modality if entry else None)
+    if modality_name is None:
+        raise ConfigError("set data.dataset (a catalog name) or data.modality with data.path")
+    if entry is None and not cfg.data.path:
+        raise ConfigError("set data.dataset or data.path")
+    modality = get_modality(modality_name)
+    task = cfg.task or (entry.task if entry else None)
+    bundle = modality.load(cfg.data, entry, task, cfg.seed)
+    for name in ("train", "val"):
+        if name not in bundle.splits or len(bundle.splits[name]) == 0:
+            raise ConfigError(f"dataset has no samples in split '{name}'")
+    return bundle
+
+
+def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn.Module, str, dict]:
+    """The configured (or the modality's default) network for this bundle."""
+    from meddx.models import build_network
+
+    modality = get_modality(bundle.modality)
+    name, options = cfg.model.name, dict(cfg.model.options)
+    if name is None:
+        name, default_options = modality.default_network(bundle.task, bundle.input_spec)
+        options = {**default_options, **options}
+    spec = modality.network_spec(bundle.input_spec)
+    model = build_network(name, num_outputs=bundle.task.num_outputs, spec=spec, options=options)
+    if cfg.model.init_weights:
+        _load_init_weights(model, Path(cfg.model.init_weights))
+    return model, name, options
+
+
+def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ConfigError(f"init weights must be an existing .safetensors file: {path}")
+    incoming = load_file(str(path))
+    own = model.state_dict()
+    matched = {k: v for k, v in incoming.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    skipped = sorted(set(incoming) - set(matched))
+    missing = sorted(set(own) - set(matched))
+    logger.info("init weights: loaded %d tensors, skipped %d (shape/name mismatch), %d left "
+                "at random init", len(matched), len(skipped), len(missing))
+    if skipped:
+        logger.info("skipped: %s", ", ".join(skipped[:20]) + (" …" if len(skipped) > 20 else ""))
+
+
+def _loaders(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[Any, Any]:
+    from torch.utils.data import DataLoader
+
+    from meddx.modalities.base import SplitDataset
+
+    modality = get_modality(bundle.modality)
+    tr = SplitDataset(modality, bundle.splits["train"], bundle.input_spec,
+                      modality.transforms(True, bundle.input_spec, cfg.train.augment))
+    va = SplitDataset(modality, bundle.splits["val"], bundle.input_spec, None)
+    g = torch.Generator().manual_seed(cfg.seed)
+    common = {"collate_fn": modality.collate, "num_workers": cfg.train.num_workers,
+              "persistent_workers": cfg.train.num_workers > 0}
+    train_loader = DataLoader(tr, batch_size=cfg.train.batch_size, shuffle=True,
+                              drop_last=len(tr) > cfg.train.batch_size, generator=g, **common)
+    val_loader = DataLoader(va, batch_size=max(cfg.train.batch_size, 256), **common)
+    return train_loader, val_loader
+
+
+def _trainer(cfg: ExperimentConfig, run: Path, progress: bool) -> Any:
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor=cfg.train.monitor,
+                        mode="max", save_last=True, save_top_k=1, save_weights_only=False),
+    ]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=cfg.train.monitor, mode="max",
+                                       patience=cfg.train.early_stopping_patience))
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    loggers: list[Any] = [CSVLogger(run, name="logs", version="")]
+    try:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            loggers.append(MLFlowLogger(experiment_name=cfg.name))
+    except ImportError:
+        pass
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = cfg.train.precision
+    if accelerator == "gpu" and precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        precision = "16-mixed"
+    return L.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy if cfg.train.devices > 1 else "auto",
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=False,
+        max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+
+
+def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None = None,
+          resume: bool = False, progress: bool = True, post_hoc: bool = True) -> ModelPackage:
+    """Train the configured model and write the run folder; returns the ModelPackage.
+
+    Args:
+        config: config object, YAML path or dict.
+        out: run folder (default ``runs/<config name>``).
+        resume: continue from ``<out>/checkpoints/last.ckpt`` (loaded with ``weights_only=True``).
+        progress: show progress bars.
+        post_hoc: fit calibration, operating points and conformal sets on ``calib`` afterwards.
+    """
+    import lightning as L
+
+    from meddx.training.module import MeddxModule
+
+    cfg = as_config(config)
+    run = Path(out or Path("runs") / cfg.name)
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    bundle = load_bundle(cfg)
+    dump_config(cfg, run / "config.yaml")
+    _save_splits(bundle, run / "splits.json")
+    model, net_name, net_options = build_model_for(cfg, bundle)
+    conv = any(isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d) for m in model.modules())
+    channels_last = cfg.train.channels_last and conv and bundle.input_spec.get("spatial_dims") in (2, 3)
+    if channels_last:
+        fmt = torch.channels_last if bundle.input_spec.get("spatial_dims") == 2 else torch.channels_last_3d
+        model = model.to(memory_format=fmt)
+    weights = None
+    if cfg.train.class_weighting:
+        weights = bundle.task.class_weights(bundle.splits["train"].targets)
+    modality = get_modality(bundle.modality)
+    module = MeddxModule(model, bundle.task, cfg.train, weights, channels_last=channels_last,
+                         batch_augment=modality.batch_transforms(bundle.input_spec, cfg.train.augment))
+    train_loader, val_loader = _loaders(cfg, bundle)
+    trainer = _trainer(cfg, run, progress)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if resume and not ckpt.is_file():
+        raise ConfigError(f"nothing to resume: {ckpt} does not exist")
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if resume else None,
+                weights_only=True if resume else None)
+    wall = time.perf_counter() - start
+    if trainer.global_rank != 0:
+        return None  # type: ignore[return-value]
+    best = _restore_best(module, run)
+    package = save_package(run / "model", module.model.to(memory_format=torch.contiguous_format),
+                           _card(cfg, bundle, net_name, net_options, trainer, best, wall))
+    logger.info("saved model package to %s", package.path)
+    if post_hoc:
+        package = _post_hoc(package, bundle, cfg)
+    return package
+
+
+def _restore_best(module: Any, run: Path) -> dict[str, Any]:
+    best = run / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        return {}
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    for cb_key, cb_state in state.get("callbacks", {}).items():
+        if cb_key.startswith("ModelCheckpoint"):
+            score = cb_state.get("best_model_score")
+            return {"best_score": None if score is None else float(score),
+                    "best_epoch": int(state.get("epoch", -1))}
+    return {"best_epoch": int(state.get("epoch", -1))}
+
+
+def _card(cfg: ExperimentConfig, bundle: DataBundle, net_name: str, net_options: dict,
+          trainer: Any, best: dict[str, Any], wall: float) -> ModelCard:
+    info = bundle.info
+    summary = bundle.summary()
+    return ModelCard(
+        name=cfg.name,
+        modality=bundle.modality,
+        task=bundle.task,
+        network={"name": net_name, "options": net_options},
+        preprocessing=bundle.input_spec,
+        training_data={"dataset": bundle.dataset, **{k: v for k, v in info.items() if _jsonable(v)},
+                       **summary},
+        training={
+            "config": cfg.model_dump(mode="json"),
+            "epochs_run": int(trainer.current_epoch),
+            "selection_metric": cfg.train.monitor,
+            "selected_on": "val",
+            **best,
+            "wall_time_s": round(wall, 1),
+            "threads": torch.get_num_threads(),
+            "precision": cfg.train.precision,
+            "seed": cfg.seed,
+        },
+        intended_use=cfg.intended_use or "Research on medical deep learning; not for diagnosis.",
+        research_only=cfg.research_only,
+        license=str(info.get("license", "unknown")),
+    )
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _save_splits(bundle: DataBundle, path: Path) -> None:
+    out = {}
+    for name, s in bundle.splits.items():
+        out[name] = {"ids": s.ids}
+        if s.patient_ids:
+            # patient ids are hashed: the run folder must not carry identifiers
+            import hashlib
+
+            out[name]["patients_sha256"] = sorted(
+                {hashlib.sha256(p.encode()).hexdigest()[:16] for p in s.patient_ids})
+    path.write_text(json.dumps(out))
+
+
+def _post_hoc(package: ModelPackage, bundle: DataBundle, cfg: ExperimentConfig) -> ModelPackage:
+    """Fit temperature, operating points and conformal sets on ``calib`` (never val or test)."""
+    try:
+        from meddx.evaluation.evaluator import fit_post_hoc
+    except ImportError:
+        logger.warning("evaluation module not available: package left uncalibrated")
+        return package
+    if "calib" not in bundle.splits or len(bundle.splits["calib"]) == 0:
+        logger.warning("no calibration split: package left uncalibrated")
+        return package
+    fit_post_hoc(package, bundle, cfg.evaluation)
+    return package
