@@ -1,0 +1,147 @@
+"""Splitting datasets that ship without a fixed split (sequences, molecules).
+
+* :func:`random_split` — stratified random train / val / test indices.
+* :func:`kfold_split` — the test fold of a stratified k-fold partition (cross-validation of small
+  sets such as the 106 E. coli promoters).
+* :func:`scaffold_groups` / :func:`scaffold_split` — DeepChem's deterministic Bemis–Murcko
+  scaffold split: molecules are grouped by scaffold, the largest groups fill train, the next
+  ones val, the rest test, so no scaffold lands on two sides (Chemprop's own scaffold split
+  shuffles the groups; this one does not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from meddx.errors import ConfigError, DataError
+
+__all__ = [
+    "random_split",
+    "kfold_split",
+    "scaffold_of",
+    "scaffold_groups",
+    "scaffold_split",
+    "limit_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _usable_strata(strat: np.ndarray | None, n_parts: int) -> np.ndarray | None:
+    if strat is None:
+        return None
+    counts = np.bincount(np.asarray(strat, dtype=int))
+    # every present class needs a member on each side; otherwise fall back to plain random
+    return None if (counts[counts > 0] < n_parts).any() else strat
+
+
+def random_split(n: int, strat: np.ndarray | None, val_fraction: float, test_fraction: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified random split of ``n`` samples into sorted train / val / test indices.
+
+    Args:
+        n: number of samples.
+        strat: class index per sample (None: not stratified, e.g. multilabel).
+        val_fraction / test_fraction: shares of the whole set (test may be 0).
+        seed: random state.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if val_fraction <= 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"val_fraction ({val_fraction}) must be > 0 and val + test ({test_fraction}) < 1")
+    idx = np.arange(n)
+    rest, test = idx, np.array([], dtype=int)
+    if test_fraction > 0:
+        s = _usable_strata(strat, 3)
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                      stratify=s)
+    s = _usable_strata(None if strat is None else np.asarray(strat)[rest], 2)
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                  random_state=seed, stratify=s)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def kfold_split(n: int, strat: np.ndarray | None, folds: int, fold: int, val_fraction: float,
+                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold ``fold`` of a stratified ``folds``-fold partition as test; val carved from the rest.
+
+    The partition depends only on ``seed`` (fixed across folds), so looping ``fold`` over
+    ``range(folds)`` tests every sample exactly once.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+    if folds < 2 or not 0 <= fold < folds:
+        raise ConfigError(f"cross-validation needs folds >= 2 and 0 <= fold < folds; got "
+                          f"folds={folds}, fold={fold}")
+    idx = np.arange(n)
+    s = _usable_strata(strat, folds)
+    splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if s is not None
+                else KFold(folds, shuffle=True, random_state=seed))
+    rest, test = list(splitter.split(idx, s if s is not None else None))[fold]
+    s2 = _usable_strata(None if strat is None else np.asarray(strat)[rest], 2)
+    train, val = train_test_split(rest, test_size=val_fraction, random_state=seed, stratify=s2)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def scaffold_of(mol: object, include_chirality: bool = False) -> str:
+    """Bemis–Murcko scaffold SMILES of an RDKit molecule ('' for acyclic molecules)."""
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=include_chirality)
+
+
+def scaffold_groups(scaffolds: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by scaffold, largest group first (ties: DeepChem's order).
+
+    DeepChem sorts ``(len(group), group[0])`` in reverse, so among equal sizes the group whose
+    first member comes later in the file goes first; we keep that for comparability.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(scaffolds):
+        groups.setdefault(s, []).append(i)
+    return sorted(groups.values(), key=lambda g: (len(g), g[0]), reverse=True)
+
+
+def scaffold_split(scaffolds: Sequence[str], fractions: Sequence[float]
+                   ) -> list[np.ndarray]:
+    """Deterministic scaffold split into ``len(fractions)`` parts (DeepChem's ScaffoldSplitter).
+
+    Groups are taken largest first; each goes to the first part whose cumulative cut-off it
+    does not overflow, else to the last part (exactly DeepChem's rule, so a small group may
+    still join train after a larger one overflowed it). Deterministic: no seed.
+
+    Args:
+        scaffolds: one scaffold string per sample.
+        fractions: shares per part, summing to 1 (e.g. ``[0.8, 0.1, 0.1]``).
+
+    Returns:
+        Sorted index arrays, one per part.
+    """
+    if abs(sum(fractions) - 1) > 1e-6 or any(f < 0 for f in fractions):
+        raise ConfigError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    n = len(scaffolds)
+    if n == 0:
+        raise DataError("cannot split an empty dataset")
+    cutoffs = np.cumsum(fractions)[:-1] * n
+    parts: list[list[int]] = [[] for _ in fractions]
+    for group in scaffold_groups(scaffolds):
+        target, before = len(parts) - 1, 0
+        for k, cut in enumerate(cutoffs):
+            before += len(parts[k])
+            if before + len(group) <= cut:
+                target = k
+                break
+        parts[target].extend(group)
+    return [np.sort(np.asarray(p, dtype=int)) for p in parts]
+
+
+def limit_indices(idx: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``idx``, drawn at random (sorted), for quick runs."""
+    if not limit or len(idx) <= limit:
+        return idx
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(idx, size=limit, replace=False))
