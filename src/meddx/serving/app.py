@@ -1,0 +1,130 @@
+"""The app factory: ``create_app(packages, settings) -> FastAPI``.
+
+Layers, outermost first: the body cap (413 before anything is read or spooled), the
+concurrency/timeout limits (429/503 with ``Retry-After``), then FastAPI with one exception
+handler mapping the :mod:`meddx.errors` tree to status codes with ``{error, message, hint}``
+(authentication failures are a bare 401 that never says which check failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from meddx import __version__
+from meddx.errors import AuthError, MeddxError, OverloadedError
+from meddx.serving.audit import AuditLog, default_audit_path
+from meddx.serving.auth import Authenticator
+from meddx.serving.cds import FeedbackStore
+from meddx.serving.deps import State
+from meddx.serving.engine import ModelHub
+from meddx.serving.heatmaps import HeatmapStore
+from meddx.serving.limits import BodyLimitMiddleware, LimitsMiddleware
+from meddx.serving.routers import cds_hooks, fhir, health, predict, ui
+from meddx.serving.settings import ServeSettings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+_PUBLIC_5XX = {503, 412}
+
+
+def _error_response(exc: MeddxError) -> JSONResponse:
+    if isinstance(exc, AuthError):
+        return JSONResponse({"error": "unauthorized", "message": "authentication required",
+                             "hint": None}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    status = int(getattr(exc, "status_code", 500))
+    body = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    if status >= 500 and status not in _PUBLIC_5XX:
+        logger.error("internal error: %s", exc)
+        body = {"error": type(exc).__name__, "message": "internal error in the service",
+                "hint": "the operator's log has the details"}
+    headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MeddxError)
+    async def meddx_error(request: Request, exc: MeddxError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": "InternalError", "message": "internal error in the service",
+                             "hint": "the operator's log has the details"}, status_code=500)
+
+
+def _lifespan(st: State):  # noqa: ANN202
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if st.settings.warmup:
+            threading.Thread(target=st.hub.warmup, name="meddx-warmup", daemon=True).start()
+        else:
+            for m in st.hub.models.values():
+                m.ready = True
+        if st.settings.insecure_no_auth:
+            logger.warning("!!! meddx serves WITHOUT AUTHENTICATION (--insecure-no-auth); "
+                           "loopback only, for local demos — never expose this service !!!")
+        yield
+        st.audit.close()
+        st.heatmaps.close()
+
+    return lifespan
+
+
+def create_app(packages: list[Any], settings: ServeSettings | None = None,
+               authenticator: Authenticator | None = None) -> FastAPI:
+    """Build the service for ``packages`` (folders or Predictors).
+
+    Args:
+        packages: model package folders (``runs/x/model``) or loaded Predictors.
+        settings: limits, trust and paths (defaults: loopback, 20 MB body cap …).
+        authenticator: a prepared :class:`Authenticator` (tests inject clocks/fetchers).
+
+    Raises:
+        ConfigError: duplicate model names, research-only model without ``research_use``,
+            or no way to authenticate (no API keys, no issuers, not ``insecure_no_auth``).
+    """
+    from meddx.errors import ConfigError
+
+    settings = settings or ServeSettings()
+    if not (settings.api_keys or settings.issuers or settings.insecure_no_auth):
+        raise ConfigError("the service would accept no caller",
+                          hint="give --api-key-file and/or --cds-jwks (or --insecure-no-auth "
+                               "for a loopback demo)")
+    hub = ModelHub(list(packages), settings)
+    audit_path = settings.audit_log or default_audit_path()
+    st = State(
+        settings=settings, hub=hub, auth=authenticator or Authenticator(settings),
+        audit=AuditLog(audit_path, fsync=settings.audit_fsync),
+        heatmaps=HeatmapStore(settings.heatmap_dir, settings.link_secret, settings.heatmap_ttl_s),
+        feedback=FeedbackStore(settings.feedback_log
+                               or Path(audit_path).with_name("cds-feedback.jsonl")),
+    )
+    app = FastAPI(title="meddx clinical service", version=__version__,
+                  description="REST, FHIR R4 and CDS Hooks 2.0 for meddx model packages.",
+                  lifespan=_lifespan(st))
+    app.state.meddx = st
+    _install_handlers(app)
+    for r in (predict.router, fhir.router, cds_hooks.router, health.router, ui.router):
+        app.include_router(r)
+    static = resources.files("meddx.serving").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.add_middleware(LimitsMiddleware, max_in_flight=settings.max_in_flight,
+                       workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
+                       request_timeout_s=settings.request_timeout_s,
+                       retry_after_s=settings.retry_after_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

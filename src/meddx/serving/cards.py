@@ -1,0 +1,183 @@
+"""CDS Hooks cards from model answers.
+
+* indicator: ``critical`` when the operating point says positive and the calibrated risk is at
+  least ``critical_risk``; ``warning`` when it says positive below that, or when the conformal set
+  is not a single class (refer) or disagrees with the decision (review); ``info`` otherwise. An
+  uncertain answer is never shown as ``info``.
+* summary (< 140 characters), Markdown detail (probabilities, decision and threshold, the
+  conformal set and its coverage, the operating point's sensitivity and specificity, intended use,
+  the data used), source label with the model version, a link to the heat map page, suggestions
+  where meaningful (an expert review request; recording a RiskAssessment for risk models).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from meddx.serving.fhir import MEDDX_SYSTEM, RESEARCH_NOTICE, risk_assessment, validate
+
+__all__ = ["build_card", "indicator", "summary_line", "OVERRIDE_REASONS"]
+
+logger = logging.getLogger(__name__)
+
+OVERRIDE_REASONS = [
+    {"code": "disagree", "system": f"{MEDDX_SYSTEM}/override-reason",
+     "display": "Disagree with the finding"},
+    {"code": "input-unsuitable", "system": f"{MEDDX_SYSTEM}/override-reason",
+     "display": "Input unsuitable (quality, wrong view or patient)"},
+    {"code": "already-addressed", "system": f"{MEDDX_SYSTEM}/override-reason",
+     "display": "Already known or addressed"},
+]
+
+
+def _risk(pred: Any) -> float | None:
+    pos = pred.model.get("positive_class")
+    probs = pred.calibrated or pred.probabilities
+    return float(probs[pos]) if pos and pos in probs else None
+
+
+def _positive(pred: Any) -> bool | None:
+    pos = pred.model.get("positive_class")
+    if isinstance(pred.decision, str) and pos:
+        return pred.decision == pos
+    return None
+
+
+def indicator(pred: Any, critical_risk: float) -> str:
+    """``info`` | ``warning`` | ``critical`` from the decision, calibrated risk and set."""
+    positive = _positive(pred)
+    risk = _risk(pred)
+    if positive:
+        return "critical" if risk is not None and risk >= critical_risk else "warning"
+    if pred.refer or pred.review:
+        return "warning"
+    if positive is None and risk is not None and risk >= 0.5:
+        return "warning"  # no operating point: never reassure on a high raw risk
+    return "info"
+
+
+def summary_line(pred: Any, card: Any) -> str:
+    """At most 139 characters."""
+    risk = _risk(pred)
+    pos = pred.model.get("positive_class")
+    if isinstance(pred.decision, str) and risk is not None:
+        text = f"{card.name}: {pred.decision} ({pos} {risk:.0%})"
+    elif isinstance(pred.label, str):
+        probs = pred.calibrated or pred.probabilities
+        text = f"{card.name}: most probable {pred.label} ({probs.get(pred.label, 0):.0%})"
+    else:
+        text = f"{card.name}: {pred.label}"
+    if pred.refer:
+        text += " - uncertain, refer for review"
+    elif pred.review:
+        text += " - flagged for review"
+    return text if len(text) < 140 else text[:136] + "..."
+
+
+def _metric_line(card: Any) -> str | None:
+    test = card.metrics.get("test") if isinstance(card.metrics, dict) else None
+    auroc = test.get("auroc") if isinstance(test, dict) else None
+    if isinstance(auroc, dict) and "value" in auroc:
+        ci = auroc.get("ci") or [auroc.get("ci_low"), auroc.get("ci_high")]
+        if ci and None not in ci:
+            return f"Test AUROC {auroc['value']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        return f"Test AUROC {auroc['value']:.3f}"
+    return None
+
+
+def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str]) -> str:
+    """The card's Markdown detail."""
+    lines = [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if research else []
+    probs = pred.calibrated or pred.probabilities
+    kind = "Calibrated probability" if pred.calibrated else "Probability (uncalibrated)"
+    lines += [f"| Class | {kind} |", "|---|---|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in probs.items()]
+    lines.append("")
+    if isinstance(pred.decision, str):
+        op = card.operating_point
+        lines.append(f"Decision **{pred.decision}** at operating point `{pred.operating_point}` "
+                     f"(threshold {pred.threshold:.3f}).")
+        if op is not None and op.calib_sensitivity is not None:
+            lines.append(f"At this threshold on the calibration split: sensitivity "
+                         f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}.")
+    if pred.prediction_set is not None and card.conformal is not None:
+        cover = 1 - card.conformal.alpha
+        lines.append(f"{cover:.0%} conformal prediction set: "
+                     "{" + ", ".join(pred.prediction_set) + "}.")
+    if pred.refer:
+        lines.append("The set is not a single class: **refer for expert review**.")
+    if pred.review:
+        lines.append("Decision and prediction set disagree: **flagged for review**.")
+    metric = _metric_line(card)
+    if metric:
+        lines.append(metric + ".")
+    for key, value in (pred.notes or {}).items():
+        lines.append(f"{key.replace('_', ' ').capitalize()}: {value}.")
+    lines += notes
+    lines += ["", f"Intended use: {card.intended_use}"]
+    return "\n".join(lines)
+
+
+def _review_suggestion(pred: Any, card: Any, subject: str | None) -> dict[str, Any] | None:
+    if not (_positive(pred) or pred.refer or pred.review) or not subject:
+        return None
+    request = {
+        "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
+        "subject": {"reference": subject},
+        "code": {"text": f"Expert review of the image assessed by meddx {card.name}"},
+        "reasonCode": [{"text": summary_line(pred, card)}],
+    }
+    validate(request)
+    return {"label": "Request expert review of this image", "uuid": _uuid(),
+            "isRecommended": False,
+            "actions": [{"type": "create", "description": "Draft a review request",
+                         "resource": request}]}
+
+
+def _risk_suggestion(pred: Any, card: Any, subject: str | None, basis: list[str],
+                     research: bool) -> dict[str, Any] | None:
+    if not subject or not card.task.positive_class:
+        return None
+    ra = risk_assessment(pred, card, subject=subject, basis=basis, research_only=research)
+    return {"label": "Record this risk assessment in the chart", "uuid": _uuid(),
+            "isRecommended": False,
+            "actions": [{"type": "create", "description": "Create a RiskAssessment",
+                         "resource": ra}]}
+
+
+def _uuid() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None,
+               subject: str | None, notes: list[str], basis: list[str],
+               risk_card: bool) -> dict[str, Any]:
+    """One CDS Hooks card for one Prediction of ``served`` (a :class:`ServedModel`)."""
+    card, research = served.card, served.research_only
+    label = f"meddx {card.name} v{card.version}"
+    if research:
+        label += f" ({RESEARCH_NOTICE})"
+    out: dict[str, Any] = {
+        "uuid": _uuid(),
+        "summary": summary_line(pred, card),
+        "indicator": indicator(pred, critical_risk),
+        "detail": detail_markdown(pred, card, research, notes),
+        "source": {"label": label,
+                   "topic": {"system": f"{MEDDX_SYSTEM}/model", "code": card.name,
+                             "display": f"meddx {card.name}"}},
+        "overrideReasons": OVERRIDE_REASONS,
+    }
+    if link:
+        out["links"] = [{"label": "Open the image with its heat map", "url": link,
+                         "type": "absolute"}]
+    suggestions = [s for s in (
+        _risk_suggestion(pred, card, subject, basis, research) if risk_card else None,
+        None if risk_card else _review_suggestion(pred, card, subject),
+    ) if s is not None]
+    if suggestions:
+        out["suggestions"] = suggestions
+        out["selectionBehavior"] = "at-most-one"
+    return out

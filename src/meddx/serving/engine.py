@@ -1,0 +1,222 @@
+"""The models a service holds, and one call that turns uploads into answers.
+
+:class:`ModelHub` loads each package once (sha256-verified), refuses research-only packages
+unless the service runs with ``research_use``, warms each model up, and looks models up by name
+(unknown names get a 404 with a did-you-mean). :meth:`ServedModel.answer` checks every upload
+before decoding it (content type, pixel count), runs the Predictor, and renders Grad-CAM
+overlays with the fp32 torch weights when asked.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddx.errors import ConfigError, MeddxError, NotFoundError
+from meddx.registry import suggest
+from meddx.serving.audit import sha256_bytes
+from meddx.serving.inputs import Upload, check_upload
+from meddx.serving.settings import ServeSettings
+
+__all__ = ["Answer", "ServedModel", "ModelHub"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """One input's answer: the Prediction, the input's sha256, and rendered PNGs."""
+
+    prediction: Any
+    input_sha256: str
+    overlay_png: bytes | None = None
+    image_png: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _preview_png(tensor: Any) -> bytes | None:
+    """The model's view of a 2D input as a PNG (what the heat map is drawn over)."""
+    from PIL import Image
+
+    x = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+    if x.ndim not in (2, 3):
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    im = Image.fromarray((x * 255).astype(np.uint8))
+    scale = max(1, 224 // max(1, min(im.size)))
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ServedModel:
+    """A loaded Predictor with its serving metadata.
+
+    Attributes:
+        name: the card's name (the URL segment).
+        predictor: the :class:`meddx.inference.Predictor`.
+        research_only: the card's flag (then every answer carries the notice).
+    """
+
+    def __init__(self, predictor: Any, settings: ServeSettings) -> None:
+        self.predictor = predictor
+        self.card = predictor.card
+        self.name = self.card.name
+        self.settings = settings
+        self.research_only = bool(self.card.research_only)
+        self.modality = self.card.modality
+        self.ready = False
+        self._explainer: Any = None
+        self._explain_lock = threading.Lock()
+
+    @property
+    def info(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.card.version,
+                "sha256": self.predictor.package.sha256, "backend": self.predictor.backend}
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` lists: the card, minus training internals."""
+        card = self.card.model_dump(mode="json")
+        card.pop("training", None)
+        return {**self.info, "modality": self.modality, "research_only": self.research_only,
+                "intended_use": self.card.intended_use, "license": self.card.license,
+                "card": card}
+
+    def warmup(self) -> None:
+        """Run the network once on the builder's example input (first calls are slow)."""
+        from meddx.models import MODELS
+
+        try:
+            builder = MODELS.get(self.card.network["name"])
+            spec = self.predictor.modality.network_spec(self.card.preprocessing)
+            x = builder.example_input(spec, 1)
+            self.predictor.logits(x)
+        except Exception as e:  # noqa: BLE001 — warm-up is best effort, the model still serves
+            logger.warning("warm-up of %s skipped: %s", self.name, e)
+        self.ready = True
+
+    # ------------------------------------------------------------------ answer
+    def read(self, uploads: list[Upload]) -> list[Any]:
+        """Check and decode uploads into Samples (content type, pixel cap, modality reader)."""
+        accepted = getattr(self.predictor.modality, "upload_content_types", None)
+        for u in uploads:
+            check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
+        group = getattr(self.predictor.modality, "group_uploads", None)
+        if group is not None:  # e.g. WFDB: a header and its signal file are one input
+            sources = group([{"name": u.name, "data": u.data, "content_type": u.content_type}
+                             for u in uploads])
+        else:
+            sources = [{"name": u.name, "data": u.data} for u in uploads]
+        return [self.predictor.read(s) for s in sources]
+
+    def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
+        """Predict for uploads; with ``explain`` add the Grad-CAM overlay of each input."""
+        samples = self.read(uploads)
+        digests = [sha256_bytes(u.data) for u in uploads]
+        if len(digests) != len(samples):  # grouped uploads: one digest of all parts
+            digests = [sha256_bytes(b"".join(u.data for u in uploads))] * len(samples)
+        return self.answer_samples(samples, digests, explain)
+
+    def answer_sources(self, sources: list[Any], digests: list[str],
+                       explain: bool = False) -> list[Answer]:
+        """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
+        samples = [self.predictor.read(s) for s in sources]
+        return self.answer_samples(samples, digests, explain)
+
+    def answer_samples(self, samples: list[Any], digests: list[str],
+                       explain: bool) -> list[Answer]:
+        for i, s in enumerate(samples):
+            s.id = str(i)  # never echo file names (they may name a patient)
+        preds = self.predictor.predict_samples(samples, explain=False)
+        answers = [Answer(p, d) for p, d in zip(preds, digests, strict=True)]
+        if explain:
+            self._explain(samples, answers)
+        return answers
+
+    def _explain(self, samples: list[Any], answers: list[Answer]) -> None:
+        from meddx.explain.gradcam import overlay_png
+
+        names = self.predictor.task.class_names
+        with self._explain_lock:  # Grad-CAM hooks one network copy: one at a time
+            if self._explainer is None:
+                self._explainer = self.predictor.modality.explainer(
+                    self.predictor.model, self.card.preprocessing, task=self.predictor.task,
+                    network=self.card.network.get("name"))
+            for s, a in zip(samples, answers, strict=True):
+                p = a.prediction
+                target = self.card.task.positive_class or p.label
+                if isinstance(p.decision, str) and p.decision in names:
+                    target = p.decision
+                index = names.index(target) if target in names else None
+                p.explanation = self._explainer.explain(s, index)
+                a.overlay_png = overlay_png(s.tensor, p.explanation)
+                a.image_png = _preview_png(s.tensor)
+                a.extra["explained_class"] = None if index is None else names[index]
+
+
+class ModelHub:
+    """All models of one service, by name.
+
+    Args:
+        packages: package folders, or ready Predictors.
+        settings: service settings (``research_use``, ``backend``, ``threads``).
+
+    Raises:
+        ConfigError: two packages share a name, or a research-only package without
+            ``research_use``.
+    """
+
+    def __init__(self, packages: list[Any], settings: ServeSettings) -> None:
+        from meddx.inference import load_model
+
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        for item in packages:
+            predictor = item
+            if isinstance(item, str | Path):
+                predictor = load_model(item, backend=settings.backend, threads=settings.threads)
+            served = ServedModel(predictor, settings)
+            if served.name in self.models:
+                raise ConfigError(f"two packages are named '{served.name}'",
+                                  hint="rename one (its card's name) before serving both")
+            if served.research_only and not settings.research_use:
+                raise ConfigError(
+                    f"model '{served.name}' is for research only",
+                    hint="start the service with --research-use to serve it; every answer will "
+                         "then say 'research use only — not for diagnosis'")
+            self.models[served.name] = served
+            logger.info("serving %s %s (%s backend)", served.name, served.card.version,
+                        predictor.backend)
+
+    def get(self, name: str) -> ServedModel:
+        """The model called ``name`` (404 with a suggestion otherwise)."""
+        if name not in self.models:
+            raise NotFoundError(f"unknown model '{name}'" + suggest(name, list(self.models)),
+                                hint="GET /v1/models lists the models served")
+        return self.models[name]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and all(m.ready for m in self.models.values())
+
+    @property
+    def any_research_only(self) -> bool:
+        return any(m.research_only for m in self.models.values())
+
+    def warmup(self) -> None:
+        for m in self.models.values():
+            try:
+                m.warmup()
+            except MeddxError as e:
+                logger.warning("warm-up failed for %s: %s", m.name, e)

@@ -1,0 +1,200 @@
+"""ASGI limits that protect the service before any route code runs.
+
+* :class:`BodyLimitMiddleware` — a request whose ``Content-Length`` exceeds the cap is answered
+  ``413`` before one byte of its body is read; a body without a length (chunked) is read into
+  memory only up to the cap. Routes (and Starlette's multipart parser, which spools uploads to
+  temporary files) only ever see bodies within the cap.
+* :class:`LimitsMiddleware` — at most ``max_in_flight`` requests are admitted (running or
+  waiting); beyond that the answer is ``429`` with ``Retry-After``. At most ``workers`` run at
+  once; one that waits longer than ``queue_timeout_s`` gets ``503`` with ``Retry-After``; one that
+  runs longer than ``request_timeout_s`` gets ``503`` and its work keeps its slot until it ends,
+  so the bound on work in progress stays true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["BodyLimitMiddleware", "LimitsMiddleware", "json_response"]
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def json_response(send: Send, status: int, error: str, message: str,
+                        hint: str | None = None, headers: dict[str, str] | None = None) -> None:
+    """Send a complete JSON error response ``{error, message, hint}`` on a raw ASGI channel."""
+    body = json.dumps({"error": error, "message": message, "hint": hint}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return v
+    return None
+
+
+class BodyLimitMiddleware:
+    """Reject request bodies over ``max_bytes`` before anything is spooled.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: the cap on the request body, in bytes.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await json_response(send, 400, "BadRequest", "invalid Content-Length header")
+                return
+            if length > self.max_bytes:
+                await self._too_large(send, length)
+                return
+        body, total, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._too_large(send, None)
+                return
+            body.append(chunk)
+            more = message.get("more_body", False)
+        await self.app(scope, _replay(b"".join(body), receive), send)
+
+    async def _too_large(self, send: Send, length: int | None) -> None:
+        logger.info("request body over the cap rejected (%s bytes declared)", length)
+        await json_response(
+            send, 413, "PayloadTooLargeError",
+            f"request body is larger than the limit of {self.max_bytes} bytes",
+            hint="send a smaller file, or ask the operator to raise --max-body-mb",
+            headers={"connection": "close"},
+        )
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def inner() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return inner
+
+
+class LimitsMiddleware:
+    """Bounded admission, bounded concurrency and a per-request timeout.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_in_flight: requests admitted at once (running + waiting); more get 429.
+        workers: requests running at once.
+        queue_timeout_s: longest wait for a worker before 503.
+        request_timeout_s: longest run before 503.
+        retry_after_s: value of the ``Retry-After`` header.
+        exempt: path prefixes not limited (health probes, static files).
+    """
+
+    def __init__(self, app: ASGIApp, *, max_in_flight: int, workers: int,
+                 queue_timeout_s: float, request_timeout_s: float, retry_after_s: int = 1,
+                 exempt: tuple[str, ...] = ("/health", "/static")) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.workers = workers
+        self.queue_timeout_s = queue_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.retry_after = {"retry-after": str(retry_after_s)}
+        self.exempt = exempt
+        self.in_flight = 0
+        self._sem: asyncio.Semaphore | None = None
+
+    def _exempt(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        return path == "/" or path.startswith(self.exempt)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._exempt(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await json_response(send, 429, "OverloadedError",
+                                "too many requests in progress; retry shortly",
+                                headers=self.retry_after)
+            return
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.workers)
+        self.in_flight += 1
+        try:
+            await asyncio.wait_for(self._sem.acquire(), timeout=self.queue_timeout_s)
+        except TimeoutError:
+            self.in_flight -= 1
+            await json_response(send, 503, "OverloadedError",
+                                "the service is busy; retry shortly", headers=self.retry_after)
+            return
+        await self._run(scope, receive, send)
+
+    def _release(self, task: asyncio.Task) -> None:
+        self.in_flight -= 1
+        if self._sem is not None:
+            self._sem.release()
+
+    @staticmethod
+    def _log_late_failure(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("request failed after its 503 was sent", exc_info=task.exception())
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = {"started": False, "abandoned": False}
+
+        async def guarded_send(message: Message) -> None:
+            if state["abandoned"]:
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
+        task.add_done_callback(self._release)
+        done, _ = await asyncio.wait({task}, timeout=self.request_timeout_s)
+        if done:
+            task.result()  # re-raise a failure for the server to log
+            return
+        if state["started"]:  # too late to answer differently; let it finish
+            await task
+            return
+        state["abandoned"] = True
+        task.add_done_callback(self._log_late_failure)
+        logger.warning("request to %s exceeded %.1f s; answered 503",
+                       scope.get("path"), self.request_timeout_s)
+        await json_response(send, 503, "OverloadedError",
+                            f"the request took longer than {self.request_timeout_s:g} s",
+                            hint="retry later or send fewer inputs per request",
+                            headers=self.retry_after)

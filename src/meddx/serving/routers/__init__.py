@@ -1,0 +1,1 @@
+"""FastAPI routers, one per concern: predict, fhir, cds_hooks, health, ui."""

@@ -1,0 +1,168 @@
+"""Settings of the clinical service (pydantic, frozen, ``extra="forbid"``).
+
+Every limit the service enforces lives here with its default, so that ``meddx serve`` flags,
+a YAML file and tests all configure the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from meddx.errors import ConfigError
+
+__all__ = ["IssuerTrust", "ServeSettings", "load_api_keys", "load_trust", "LOOPBACK_HOSTS"]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+SAFE_ALGS = ("ES384", "RS384", "ES256", "RS256")
+
+
+class IssuerTrust(BaseModel):
+    """One allow-listed token issuer (an EHR, or a client of the REST API).
+
+    Args:
+        iss: the exact ``iss`` claim.
+        jwks: the issuer's public keys as a JWKS (``{"keys": [...]}``), or
+        jwks_file: a local file holding that JWKS.
+        jku_allow: URLs the issuer may name in a token's ``jku`` header; keys are then
+            fetched from there (cached). A ``jku`` not in this list is rejected unfetched.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iss: str
+    jwks: dict[str, Any] | None = None
+    jwks_file: Path | None = None
+    jku_allow: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _keys_present(self) -> IssuerTrust:
+        if self.jwks is None and self.jwks_file is None and not self.jku_allow:
+            raise ValueError(f"issuer {self.iss!r} needs jwks, jwks_file or jku_allow")
+        return self
+
+
+class ServeSettings(BaseModel):
+    """How the service runs, whom it trusts and which limits it enforces."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = Field(
+        None, description="external base URL; JWT `aud` must equal the URL of the endpoint called"
+    )
+    # --- trust
+    issuers: tuple[IssuerTrust, ...] = ()
+    api_keys: dict[str, str] = Field(default_factory=dict, description="key id → sha256 hex")
+    insecure_no_auth: bool = False
+    algorithms: tuple[str, ...] = SAFE_ALGS
+    iat_window_s: int = Field(300, gt=0, description="oldest accepted `iat`, seconds")
+    clock_skew_s: int = Field(30, ge=0)
+    replay_cache_size: int = Field(100_000, gt=0)
+    jku_timeout_s: float = 3.0
+    jku_cache_s: int = 600
+    # --- models and use
+    research_use: bool = False
+    backend: str = "auto"
+    warmup: bool = True
+    # --- limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_batch: int = Field(32, gt=0)
+    max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
+    workers: int = Field(2, gt=0, description="requests computing at once")
+    queue_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    retry_after_s: int = 1
+    threads: int | None = Field(None, description="torch intra-op threads per worker")
+    # --- audit, heat maps, CDS
+    audit_log: Path | None = None
+    audit_fsync: bool = False
+    heatmap_dir: Path | None = None
+    heatmap_ttl_s: int = Field(24 * 3600, gt=0)
+    link_secret: str = Field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    feedback_log: Path | None = None
+    critical_risk: float = Field(0.8, gt=0, le=1)
+    fhir_server_allow: tuple[str, ...] = ()
+    fhir_timeout_s: float = 3.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _safe_algs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if a not in SAFE_ALGS]
+        if bad:
+            raise ValueError(f"algorithms {bad} are not allowed; choose from {SAFE_ALGS}")
+        return v
+
+    @model_validator(mode="after")
+    def _no_auth_only_on_loopback(self) -> ServeSettings:
+        if self.insecure_no_auth and self.host not in LOOPBACK_HOSTS:
+            raise ValueError("--insecure-no-auth binds to loopback only (127.0.0.1)")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL (``public_url`` or ``http://host:port``)."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    def url_for(self, path: str) -> str:
+        """Absolute public URL of ``path`` (the exact JWT audience for that endpoint)."""
+        return self.base_url + "/" + path.lstrip("/")
+
+
+def load_api_keys(path: str | Path) -> dict[str, str]:
+    """Read an API key file ``{"keys": [{"id": …, "sha256": …}]}`` → ``{id: sha256}``.
+
+    Only hashes are stored; ``meddx keys api-key`` writes them.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        keys = {str(k["id"]): str(k["sha256"]).lower() for k in data["keys"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError("cannot read the API key file", path=str(p),
+                          hint='expected {"keys": [{"id": …, "sha256": …}]}') from e
+    for kid, digest in keys.items():
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(f"API key {kid!r} is not a sha256 hex digest", path=str(p))
+    return keys
+
+
+def load_trust(path: str | Path, issuer: str | None = None) -> list[IssuerTrust]:
+    """Read a trust file: either ``{"issuers": [IssuerTrust, …]}`` or a plain JWKS.
+
+    A plain JWKS needs ``issuer`` (``meddx serve --cds-issuer``) to say whose keys they are.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("cannot read the JWKS / trust file", path=str(p)) from e
+    if isinstance(data, dict) and "issuers" in data:
+        try:
+            return [IssuerTrust.model_validate(x) for x in data["issuers"]]
+        except ValueError as e:
+            raise ConfigError(f"invalid trust file: {e}", path=str(p)) from e
+    if isinstance(data, dict) and isinstance(data.get("keys"), list):
+        if not issuer:
+            raise ConfigError("a plain JWKS file needs the issuer it belongs to", path=str(p),
+                              hint="add --cds-issuer https://ehr.example.org")
+        return [IssuerTrust(iss=issuer, jwks=data)]
+    raise ConfigError("file is neither a JWKS nor a trust file", path=str(p))
