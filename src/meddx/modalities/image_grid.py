@@ -22,7 +22,7 @@ from meddx.errors import ConfigError, DataError, InputMismatchError
 if TYPE_CHECKING:
     from meddx.modalities.image_io import ImageData
 
-__all__ = ["to_model_grid", "NORMALIZATIONS", "WINDOW_PRESETS", "RESIZE_MODES"]
+__all__ = ["to_model_grid", "check_input", "NORMALIZATIONS", "WINDOW_PRESETS", "RESIZE_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,38 @@ def to_model_grid(
     grid = _grid_shape(size, spatial_dims)
     out = _resize(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), grid, resize)
     return out.contiguous()
+
+
+def check_input(image: ImageData, input_spec: dict[str, Any], *, name: str | None = None,
+                min_edge: int = 8) -> None:
+    """Refuse inputs that differ from what the model was trained on (service input checks).
+
+    Checks, each an :class:`InputMismatchError` with the reason: DICOM Modality against
+    ``input_spec["dicom_modality"]``; dimensionality and channels (as :func:`to_model_grid`);
+    an image smaller than ``min_edge`` pixels on a side; a blank (constant) image; and the
+    source's integer range against ``input_spec["value_range"]`` when both are known (e.g. a
+    16-bit CT slice sent to a model trained on 8-bit ultrasound PNGs).
+    """
+    label = name or image.meta.get("name")
+    expected, got = input_spec.get("dicom_modality"), image.meta.get("modality")
+    if expected and got and str(got).upper() != str(expected).upper():
+        raise InputMismatchError(f"DICOM Modality is {got}; the model was trained on {expected}",
+                                 path=label, hint=f"send a {expected} image")
+    arr = _match_dims(image.array, image.spatial_dims, int(input_spec["spatial_dims"]), label)
+    _match_channels(arr, int(input_spec["channels"]), label)
+    if min(image.spatial_shape) < min_edge:
+        raise InputMismatchError(
+            f"image is only {'×'.join(map(str, image.spatial_shape))} pixels", path=label,
+            hint=f"send an image at least {min_edge} pixels on each side")
+    if float(image.array.max()) == float(image.array.min()):
+        raise InputMismatchError("image is blank (every pixel has the same value)", path=label)
+    trained, have = input_spec.get("value_range"), image.meta.get("value_range")
+    if trained is not None and have is not None and [float(v) for v in trained] != [
+            float(v) for v in have]:
+        raise InputMismatchError(
+            f"image values span {have[0]:g}..{have[1]:g}; the model was trained on images "
+            f"spanning {trained[0]:g}..{trained[1]:g}",
+            path=label, hint="send the same kind of image (bit depth, rescale) as in training")
 
 
 def _match_dims(arr: np.ndarray, have: int, want: int, label: str | None) -> np.ndarray:

@@ -31,7 +31,12 @@ import numpy as np
 
 from meddx.errors import DataError, PayloadTooLargeError
 from meddx.modalities.image_dicom import read_dicom
-from meddx.modalities.image_grid import NORMALIZATIONS, WINDOW_PRESETS, to_model_grid
+from meddx.modalities.image_grid import (
+    NORMALIZATIONS,
+    WINDOW_PRESETS,
+    check_input,
+    to_model_grid,
+)
 
 __all__ = [
     "ImageData",
@@ -39,6 +44,7 @@ __all__ = [
     "detect_format",
     "image_from_array",
     "to_model_grid",
+    "check_input",
     "SUPPORTED_FORMATS",
     "NORMALIZATIONS",
     "WINDOW_PRESETS",
@@ -248,8 +254,9 @@ def _read_pillow(src: str | bytes, label: str, head: bytes, fmt: str, max_pixels
                 oriented = ImageOps.exif_transpose(im)
                 arr, value_range, mode = _pillow_array(oriented, label, notes)
         except Image.DecompressionBombError as e:
-            raise PayloadTooLargeError(str(e), path=label,
-                                       hint="downsample the image before sending it") from e
+            raise PayloadTooLargeError(
+                f"{fmt.upper()} header declares too many pixels ({e})", path=label,
+                hint="downsample the image before sending it") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
                 EOFError, IndexError) as e:
             raise DataError(
