@@ -80,9 +80,8 @@ class ThresholdSelector:
         self.calib_sensitivity_ = float(pred[y == 1].mean())
         self.calib_specificity_ = float((~pred[y == 0]).mean())
         self.n_calib_ = int(len(y))
-        if self.n_calib_ < 100 or n_pos < 20:
-            logger.warning("operating point fitted on %d cases (%d positive): expect it to move "
-                           "at test", self.n_calib_, n_pos)
+        logger.debug("%s: threshold %.4f on %d cases (%d positive)", self.name, self.threshold_,
+                     self.n_calib_, n_pos)
         return self
 
     @property

@@ -139,13 +139,14 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
 
 def _qwk(W: np.ndarray, t: np.ndarray, pred: np.ndarray, K: int) -> np.ndarray:
     cells = np.eye(K * K)[t * K + pred]  # (N, K*K) one-hot of the confusion cell
-    O = (W @ cells).reshape(-1, K, K)
-    total = O.sum(axis=(1, 2), keepdims=True)
-    E = O.sum(axis=2, keepdims=True) * O.sum(axis=1, keepdims=True) / np.where(total > 0, total, 1)
+    observed = (W @ cells).reshape(-1, K, K)
+    total = observed.sum(axis=(1, 2), keepdims=True)
+    expected = (observed.sum(axis=2, keepdims=True) * observed.sum(axis=1, keepdims=True)
+                / np.where(total > 0, total, 1))
     i, j = np.indices((K, K))
     w = (i - j) ** 2
-    num = (w * O).sum(axis=(1, 2))
-    den = (w * E).sum(axis=(1, 2))
+    num = (w * observed).sum(axis=(1, 2))
+    den = (w * expected).sum(axis=(1, 2))
     return 1.0 - _div(num, den)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ def _as_batch(tensor: Any, spatial_dims: int | None = None) -> torch.Tensor:
     if x.ndim != dims + 2 or x.shape[0] != 1:
         raise DataError(f"Grad-CAM takes one image (C, *spatial), got shape {tuple(x.shape)}")
     return x.contiguous()
+
+
+def _spatial_dims(net: torch.nn.Module) -> int | None:
+    """2 or 3 from the network's first convolution (None if it has none)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d | torch.nn.Conv1d):
+            return {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}[type(m)]
+    return None
 
 
 def _block_outputs(net: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
@@ -185,37 +194,49 @@ class ImageExplainer:
             p.requires_grad_(True)
         self._scores = _ClassScores(net, task)
         self._cam: Any = None
+        self.input_spec.setdefault("spatial_dims", _spatial_dims(net))
 
     def _setup(self, x: torch.Tensor) -> None:
         from monai.visualize import GradCAM, GradCAMpp
 
         net = self._scores.net
-        names = {n for n, _ in net.named_modules()}
+        names = [n for n, _ in net.named_modules()]
         if self.layer is None:
             spec = {"spatial_dims": x.ndim - 2, "in_channels": x.shape[1],
                     "size": int(x.shape[-1])}
             self.layer = default_layer(net, x, _builder_layer(self.network, spec))
         elif self.layer not in names:
             raise ConfigError(f"network has no layer '{self.layer}'",
-                              hint="layers: " + ", ".join(n for n in names if n.count(".") < 1 and n))
+                              hint="top-level layers: " + ", ".join(n for n in names if n and "." not in n))
         cls = GradCAMpp if self.method == "gradcampp" else GradCAM
-        self._cam = cls(nn_module=self._scores, target_layers=f"net.{self.layer}")
+        # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map; keep
+        # the raw map and scale it to 0..1 ourselves
+        self._cam = cls(nn_module=self._scores, target_layers=f"net.{self.layer}",
+                        postprocessing=_identity)
 
     def explain(self, sample: Any, class_index: int | None = None) -> np.ndarray:
         """The heat map of ``sample`` (a Sample, tensor or array) for ``class_index``."""
         x = _as_batch(sample, self.input_spec.get("spatial_dims"))
+        return self.explain_batch(x, class_index)[0]
+
+    def explain_batch(self, x: torch.Tensor, class_index: int | None = None) -> np.ndarray:
+        """Maps (B, *spatial) for a batch (B, C, *spatial), all for one class (None: each
+        image's top class)."""
+        x = torch.as_tensor(x).float().contiguous()
         if self._cam is None:
-            self._setup(x)
+            self._setup(x[:1])
         with torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast("cpu", enabled=False):
             if class_index is None:
                 with torch.no_grad():
-                    class_index = int(self._scores(x).argmax(dim=1)[0])
-            cam = self._cam(x, class_idx=int(class_index))
-        out = cam.detach().float().numpy()[0, 0]
-        out = np.nan_to_num(out, nan=0.0)
-        lo, hi = float(out.min()), float(out.max())
-        return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
+                    top = self._scores(x).argmax(dim=1)
+                return np.concatenate([self.explain_batch(x[i:i + 1], int(top[i]))
+                                       for i in range(len(x))])
+            with warnings.catch_warnings():
+                # a first-layer target has no input gradient; torch warns, the map is right
+                warnings.filterwarnings("ignore", message="Full backward hook")
+                cam = self._cam(x, class_idx=int(class_index))
+        return np.stack([_unit(m) for m in cam.detach().float().numpy()[:, 0]])
 
     def plot(self, sample: Any, attribution: np.ndarray, path: str | Path) -> Path:
         """Write the overlay PNG of ``sample`` with ``attribution`` to ``path``."""
@@ -224,6 +245,16 @@ class ImageExplainer:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(overlay_png(x, attribution))
         return out
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    m = np.nan_to_num(m, nan=0.0)
+    lo, hi = float(m.min()), float(m.max())
+    return ((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)).astype(np.float32)
 
 
 def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
@@ -250,7 +281,9 @@ def _blend(image: np.ndarray, cam: np.ndarray, cmap: str, alpha: float) -> np.nd
     heat = matplotlib.colormaps[cmap](np.clip(np.nan_to_num(cam), 0, 1))[..., :3]
     if heat.shape[:2] != base.shape[:2]:
         raise DataError(f"map {cam.shape} does not fit image {base.shape[:2]}")
-    return (1 - alpha) * base + alpha * heat
+    # weight the colour by the map, so regions the model ignored show the plain image
+    w = alpha * np.clip(np.nan_to_num(cam), 0, 1)[..., None] ** 0.5
+    return (1 - w) * base + w * heat
 
 
 def overlay_png(image: Any, cam: np.ndarray, cmap: str = "jet", alpha: float = 0.45,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, DataError
-from meddx.explain.scoring import class_score
+from meddx.explain.scoring import class_score, top_class
 
 __all__ = ["AtomExplainer", "atom_masking", "fingerprint_atom_weights", "draw_atom_contributions"]
 
@@ -78,7 +78,7 @@ def fingerprint_atom_weights(model: torch.nn.Module, mol: Any, class_index: int,
 
 
 class AtomExplainer:
-    """``explain(sample, class_index) -> contributions (n_atoms,)``; ``render`` draws them.
+    """``explain(sample, class_index) -> contributions (n_atoms,)``; ``plot`` draws them.
 
     Args:
         model: the fp32 network.
@@ -86,17 +86,20 @@ class AtomExplainer:
         task: optional :class:`~meddx.tasks.TaskSpec` (wins over the spec's task fields).
     """
 
-    def __init__(self, model: torch.nn.Module, input_spec: dict[str, Any],
-                 task: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, input_spec: dict[str, Any] | None = None, *,
+                 task: Any = None, **_: Any) -> None:
         self.model = model
-        self.input_spec = input_spec
+        self.input_spec = dict(input_spec or {})
         self.task = task
         self.score_: float | None = None
 
-    def explain(self, sample: Any, class_index: int) -> np.ndarray:
-        """Per-atom contributions (atom order of the input SMILES)."""
+    def explain(self, sample: Any, class_index: int | None = None) -> np.ndarray:
+        """Per-atom contributions (atom order of the input SMILES) for ``class_index``
+        (None: the predicted class) of a Sample from ``modality.read`` or a SMILES string."""
         from chemprop.data import MolGraph
 
+        if class_index is None:
+            class_index = self._top_class(sample)
         if self.input_spec.get("featurizer", "graph") == "ecfp":
             mol = _mol_of(sample)
             self.score_, w = fingerprint_atom_weights(self.model, mol, class_index,
@@ -108,8 +111,23 @@ class AtomExplainer:
         self.score_, w = atom_masking(self.model, graph, class_index, self.input_spec, self.task)
         return w
 
-    def render(self, sample: Any, attribution: np.ndarray, path: str | Path,
-               class_name: str | None = None) -> Path:
+    def _top_class(self, sample: Any) -> int:
+        from meddx.modalities.molecule_io import featurize
+
+        smiles = sample if isinstance(sample, str) else sample.meta["smiles"]
+        x = featurize(smiles, self.input_spec)
+        if isinstance(x, torch.Tensor):
+            batch = x.unsqueeze(0)
+        else:
+            from chemprop.data import BatchMolGraph
+
+            batch = BatchMolGraph([x])
+        self.model.eval()
+        with torch.no_grad():
+            return top_class(self.model(batch), self.input_spec, self.task)
+
+    def plot(self, sample: Any, attribution: np.ndarray, path: str | Path,
+             class_name: str | None = None) -> Path:
         """Draw ``attribution`` on the molecule of ``sample`` (PNG)."""
         legend = f"{class_name}: p = {self.score_:.3f}" if class_name and self.score_ is not None \
             else (class_name or "")

@@ -13,7 +13,7 @@ import torch
 
 from meddx.errors import ConfigError
 
-__all__ = ["class_score"]
+__all__ = ["class_score", "top_class"]
 
 
 def class_score(logits: torch.Tensor, class_index: int, input_spec: dict[str, Any],
@@ -39,3 +39,15 @@ def class_score(logits: torch.Tensor, class_index: int, input_spec: dict[str, An
     if kind == "ordinal":
         raise ConfigError("explaining an ordinal model needs its TaskSpec (task=…)")
     return torch.softmax(logits, dim=1)[:, class_index]
+
+
+def top_class(logits: torch.Tensor, input_spec: dict[str, Any], task: Any | None = None) -> int:
+    """Index (``class_names`` order) of the most probable class of the first row."""
+    logits = logits.float()
+    if task is not None:
+        return int(task.probabilities(logits)[0].argmax())
+    if logits.shape[1] == 1:
+        positive = input_spec.get("positive_index")
+        positive = 1 if positive is None else int(positive)
+        return positive if float(torch.sigmoid(logits[0, 0])) >= 0.5 else 1 - positive
+    return int(logits[0].argmax())

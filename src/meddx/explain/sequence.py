@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, InputMismatchError
-from meddx.explain.scoring import class_score
+from meddx.explain.scoring import class_score, top_class
 
 __all__ = ["ISMExplainer", "ISMResult", "in_silico_mutagenesis", "plot_ism"]
 
@@ -84,7 +84,7 @@ def in_silico_mutagenesis(model: torch.nn.Module, x: torch.Tensor, class_index: 
 
 
 class ISMExplainer:
-    """``explain(sample, class_index) -> Δ (4, L)``; ``render`` writes the logo figure.
+    """``explain(sample, class_index) -> Δ (4, L)``; ``plot`` writes the logo figure.
 
     Args:
         model: the fp32 network (eval mode is set here).
@@ -93,36 +93,43 @@ class ISMExplainer:
         batch_size: variants per forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, input_spec: dict[str, Any], task: Any = None,
-                 batch_size: int = 1024) -> None:
+    def __init__(self, model: torch.nn.Module, input_spec: dict[str, Any] | None = None, *,
+                 task: Any = None, batch_size: int = 1024, **_: Any) -> None:
         self.model = model
-        self.input_spec = input_spec
+        self.input_spec = dict(input_spec or {})
         self.task = task
         self.batch_size = batch_size
         self.last: ISMResult | None = None
 
-    def explain(self, sample: Any, class_index: int) -> np.ndarray:
-        """Δ probability (4, L) for every substitution; also kept as ``self.last`` (ISMResult)."""
+    def explain(self, sample: Any, class_index: int | None = None) -> np.ndarray:
+        """Δ probability (4, L) for every substitution of ``sample`` (a Sample from
+        ``modality.read`` or a (4, L) tensor) for ``class_index`` (None: the predicted class);
+        the full :class:`ISMResult` is kept as ``self.last``."""
         self.last = self.mutagenesis(sample, class_index)
         return self.last.delta
 
-    def mutagenesis(self, sample: Any, class_index: int) -> ISMResult:
+    def mutagenesis(self, sample: Any, class_index: int | None = None) -> ISMResult:
         """Full :class:`ISMResult` for a Sample (from ``modality.read``) or a (4, L) tensor."""
         x, seq = _tensor_and_sequence(sample)
         want = self.input_spec.get("length")
         if want is not None and x.shape[-1] != want:
             raise InputMismatchError(f"sequence has {x.shape[-1]} bases; the model takes {want}")
+        if class_index is None:
+            self.model.eval()
+            with torch.no_grad():
+                class_index = top_class(self.model(x.unsqueeze(0)), self.input_spec, self.task)
         ref, delta = in_silico_mutagenesis(self.model, x, class_index, self.input_spec,
                                            self.task, self.batch_size)
         return ISMResult(seq, class_index, ref, delta)
 
-    def render(self, sample: Any, attribution: np.ndarray | None, path: str | Path,
-               class_name: str | None = None) -> Path:
-        """Write the ISM figure (PNG/SVG/PDF by suffix) for ``sample``."""
-        if attribution is None or self.last is None:
-            raise ConfigError("call explain() before render()")
+    def plot(self, sample: Any, attribution: np.ndarray, path: str | Path,
+             class_name: str | None = None) -> Path:
+        """Write the ISM figure (PNG/SVG/PDF by suffix) of ``attribution`` (Δ, 4 × L)."""
+        if attribution is None:
+            raise ConfigError("no attribution to plot: call explain() first")
         _, seq = _tensor_and_sequence(sample)
-        title = f"in-silico mutagenesis: {class_name or f'class {self.last.class_index}'}"
+        which = class_name or (f"class {self.last.class_index}" if self.last else "")
+        title = f"in-silico mutagenesis: {which}"
         return plot_ism(seq, attribution, path, title=title)
 
 

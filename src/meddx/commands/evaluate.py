@@ -1,0 +1,148 @@
+"""Evaluation commands: evaluate, explain, compare."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meddx.errors import ConfigError
+
+__all__ = ["register", "evaluate", "explain", "compare"]
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+_SHOWN = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "accuracy",
+          "balanced_accuracy", "brier", "qwk", "mae_grade", "mae", "rmse")
+
+
+def evaluate(
+    model: Path = typer.Argument(..., help="Model package folder (runs/x/model)."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d",
+                                       help="Catalog dataset (default: the training dataset)."),
+    split: str = typer.Option("test", "--split", "-s", help="Split to evaluate."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Folder for report.html, metrics.json and card.json."),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="Experiment YAML to read the data with."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs (0: none)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    no_subgroups: bool = typer.Option(False, "--no-subgroups", help="Skip subgroup analysis."),
+    no_explain: bool = typer.Option(False, "--no-explain",
+                                    help="Error gallery without Grad-CAM pictures."),
+) -> None:
+    """Evaluate a model: metrics with 95% CIs, operating points, calibration, conformal
+    coverage, subgroups, error gallery; writes the HTML report with --out."""
+    from meddx.evaluation.evaluator import evaluate as run
+    from meddx.reporting.report import fmt_ci
+
+    out = out or model.parent / "eval"
+    result = run(model, dataset=dataset, split=split, out=out, config=config,
+                 bootstrap=bootstrap, subgroups=not no_subgroups, seed=seed,
+                 explain=not no_explain)
+    table = Table(title=f"{result.model['name']} on {result.dataset} ({split}, n={result.n})")
+    table.add_column("metric")
+    table.add_column("value (95% CI)", justify="right")
+    for key in _SHOWN:
+        if key in result.metrics:
+            table.add_row(key, fmt_ci(result.metrics[key]))
+    console.print(table)
+    if result.conformal.get("coverage") is not None:
+        console.print(f"conformal coverage {100 * result.conformal['coverage']:.1f}% "
+                      f"(target {100 * result.conformal['target_coverage']:.0f}%)")
+    if result.subgroups is not None and result.subgroups.flagged:
+        groups = sorted({f"{r['column']}={r['group']}" for r in result.subgroups.flagged})
+        console.print(f"[yellow]subgroups below overall:[/] {', '.join(groups)}")
+    console.print(f"report: {result.report}")
+
+
+def _explained_class(predictor: Any, sample: Any, name: str | None) -> int:
+    names = predictor.task.class_names
+    if name is not None:
+        if name not in names:
+            raise ConfigError(f"unknown class '{name}'; the model's classes are {names}")
+        return names.index(name)
+    pred = predictor.predict_samples([sample])[0]
+    target = pred.decision if isinstance(pred.decision, str) and pred.decision in names \
+        else pred.label
+    if isinstance(target, str) and target in names:
+        return names.index(target)
+    if isinstance(target, list) and target:  # multilabel: the first label called present
+        return names.index(target[0])
+    return int(max(range(len(names)), key=lambda k: pred.probabilities[names[k]]))
+
+
+def explain(
+    model: Path = typer.Argument(..., help="Model package folder."),
+    source: str = typer.Argument(..., help="Input file (image, DICOM, NIfTI, record …)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+    method: str = typer.Option("gradcam", help="gradcam or gradcampp (images)."),
+    layer: str | None = typer.Option(None, help="Target layer (images; default per network)."),
+    class_name: str | None = typer.Option(None, "--class",
+                                          help="Class to explain (default: the model's call)."),
+) -> None:
+    """Explain one prediction: a Grad-CAM overlay for images, the modality's attribution plot
+    for other inputs."""
+    from meddx.inference import load_model
+
+    predictor = load_model(model, backend="torch")
+    card = predictor.card
+    sample = predictor.read(source)
+    index = _explained_class(predictor, sample, class_name)
+    if card.modality == "image":
+        from meddx.explain.gradcam import ImageExplainer
+
+        explainer: Any = ImageExplainer(predictor.model, card.preprocessing, task=card.task,
+                                        network=card.network.get("name"), layer=layer,
+                                        method=method)
+    else:
+        if layer is not None or method != "gradcam":
+            logger.warning("--layer and --method apply to images only; ignored")
+        explainer = predictor.modality.explainer(predictor.model, card.preprocessing,
+                                                 task=card.task)
+    attribution = explainer.explain(sample, index)
+    path = explainer.plot(sample, attribution, out)
+    where = f" (layer {explainer.layer})" if getattr(explainer, "layer", None) else ""
+    console.print(f"explained '{card.task.class_names[index]}'{where}: {path}")
+
+
+def compare(
+    model_a: Path = typer.Argument(..., help="First model package."),
+    model_b: Path = typer.Argument(..., help="Second model package."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Catalog dataset."),
+    split: str = typer.Option("test", "--split", "-s", help="Split both are scored on."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Paired comparison: DeLong's test of the AUROCs, McNemar's test at the operating points."""
+    from meddx.evaluation.comparison import compare_models
+
+    result = compare_models(model_a, model_b, dataset=dataset, split=split)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    a, b = result["model_a"]["name"], result["model_b"]["name"]
+    table = Table(title=f"{a} (A) vs {b} (B) on {result['dataset']} ({split}, n={result['n']})")
+    for col in ("class", "AUROC A", "AUROC B", "A - B (95% CI)", "DeLong p"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, d in result["delong"].items():
+        table.add_row(name, f"{d['auroc_a']:.3f}", f"{d['auroc_b']:.3f}",
+                      f"{d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})",
+                      f"{d['p_value']:.4f}")
+    console.print(table)
+    m = result["mcnemar"]
+    kind = "exact binomial" if m["exact"] else "chi-square, continuity-corrected"
+    console.print(f"McNemar ({kind}): A right & B wrong {m['a_only']}, B right & A wrong "
+                  f"{m['b_only']}, p = {m['p_value']:.4f}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add evaluate, explain and compare to ``app``."""
+    app.command("evaluate")(evaluate)
+    app.command("explain")(explain)
+    app.command("compare")(compare)
