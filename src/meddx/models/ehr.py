@@ -1,0 +1,203 @@
+"""Networks for ICU time series and tables.
+
+EHR inputs are the ``(B, C, T)`` tensors of :mod:`meddx.modalities.ehr_features`
+(values, masks, deltas for ``n_vars`` variables, ``n_static`` statics, a ``valid`` channel);
+tabular inputs are ``(B, F)``. No library offers GRU-D for plain torch (PyPOTS would pull a
+large stack), so the cell is written here, following Che et al., Sci Rep 2018.
+
+* ``grud``: GRU-D — missing values decay from the last observation towards the (train) mean
+  with a learned, per-variable rate; the hidden state decays with time since observation.
+  Reads the bins inside the window only (the state is frozen after the last valid bin).
+* ``ehr_transformer``: a transformer encoder over hourly bins, padding masked.
+* ``logistic``: a linear model on summary features (last, min, max, mean, observed) — the
+  clinician-familiar baseline; on ``(B, F)`` tables a plain logistic regression.
+* ``mlp``: the same inputs through hidden layers (the tabular default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from meddx.errors import ConfigError
+from meddx.models.base import network
+
+__all__ = ["grud", "ehr_transformer", "logistic", "mlp", "summary_features"]
+
+_N_VARS, _N_STATIC, _T = 37, 9, 48
+_EHR_SPEC = {"spatial_dims": 1, "in_channels": 3 * _N_VARS + _N_STATIC + 1, "size": _T,
+             "n_vars": _N_VARS, "n_static": _N_STATIC}
+_TAB_SPEC = {"spatial_dims": 0, "in_channels": 20, "size": None}
+
+
+def _ehr_example(spec: dict[str, Any], batch: int) -> torch.Tensor:
+    """A random but well-formed EHR batch (masks 0/1, deltas ≥ 0, windows of 6-48 h)."""
+    v, s, t = spec["n_vars"], spec["n_static"], spec["size"]
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(batch, v, t, generator=g) < 0.3).float()
+    values = torch.randn(batch, v, t, generator=g) * mask
+    delta = torch.rand(batch, v, t, generator=g)
+    static = torch.randn(batch, s, 1, generator=g).expand(batch, s, t)
+    hours = torch.randint(6, t + 1, (batch,), generator=g)
+    valid = (torch.arange(t)[None, :] < hours[:, None]).float()[:, None, :]
+    return torch.cat([values, mask, delta * valid, static, valid], dim=1)
+
+
+def _tab_example(spec: dict[str, Any], batch: int) -> torch.Tensor:
+    return torch.randn(batch, spec["in_channels"])
+
+
+def _split(x: torch.Tensor, n_vars: int, n_static: int) -> tuple[torch.Tensor, ...]:
+    if x.dim() != 3 or x.shape[1] != 3 * n_vars + n_static + 1:
+        raise ConfigError(
+            f"EHR networks take (B, {3 * n_vars + n_static + 1}, T) inputs, got {tuple(x.shape)}"
+        )
+    v = n_vars
+    static = x[:, 3 * v:3 * v + n_static, 0]
+    return x[:, :v], x[:, v:2 * v], x[:, 2 * v:3 * v], static, x[:, -1]
+
+
+def summary_features(x: torch.Tensor, n_vars: int, n_static: int) -> torch.Tensor:
+    """Per variable over the window: last, min, max, mean (0 when unobserved) and whether it
+    was observed; then the statics → ``(B, 5·n_vars + n_static)``."""
+    values, mask, _, static, valid = _split(x, n_vars, n_static)
+    mask = mask * valid[:, None, :]
+    seen = mask > 0
+    count = mask.sum(-1)
+    any_seen = (count > 0).float()
+    mean = (values * mask).sum(-1) / count.clamp_min(1)
+    big = torch.finfo(values.dtype).max / 4
+    vmin = torch.where(seen, values, values.new_full((), big)).amin(-1) * any_seen
+    vmax = torch.where(seen, values, values.new_full((), -big)).amax(-1) * any_seen
+    t = torch.arange(values.shape[-1], device=x.device)
+    last_idx = torch.where(seen, t, torch.zeros_like(t)).amax(-1, keepdim=True)
+    last = values.gather(-1, last_idx).squeeze(-1) * any_seen
+    return torch.cat([last, vmin, vmax, mean, any_seen, static], dim=1)
+
+
+class GRUD(nn.Module):
+    """GRU-D (Che et al. 2018) on binned inputs with a ``valid`` window channel."""
+
+    def __init__(self, n_vars: int, n_static: int, num_outputs: int, hidden: int = 64,
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        self.n_vars, self.n_static = n_vars, n_static
+        self.decay_x_w = nn.Parameter(torch.full((n_vars,), 1.0))
+        self.decay_x_b = nn.Parameter(torch.zeros(n_vars))
+        self.decay_h = nn.Linear(n_vars, hidden)
+        self.h0 = nn.Linear(n_static, hidden)
+        self.cell = nn.GRUCell(2 * n_vars, hidden)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden + n_static, hidden),
+                                  nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, mask, delta, static, valid = _split(x, self.n_vars, self.n_static)
+        t_len = values.shape[-1]
+        # last observed value so far (0 = the train mean before the first observation)
+        t = torch.arange(t_len, device=x.device)
+        idx = torch.where(mask > 0, t, torch.zeros_like(t)).cummax(-1).values
+        x_last = values.gather(-1, idx) * (mask.cumsum(-1) > 0)
+        gamma_x = torch.exp(-torch.relu(self.decay_x_w[:, None] * delta + self.decay_x_b[:, None]))
+        x_hat = mask * values + (1 - mask) * gamma_x * x_last
+        gamma_h = torch.exp(-torch.relu(self.decay_h(delta.transpose(1, 2))))  # (B, T, H)
+        inputs = torch.cat([x_hat, mask], dim=1).transpose(1, 2)  # (B, T, 2V)
+        h = torch.tanh(self.h0(static))
+        for step in range(t_len):
+            new = self.cell(inputs[:, step], h * gamma_h[:, step])
+            keep = valid[:, step, None]
+            h = keep * new + (1 - keep) * h
+        return self.head(torch.cat([h, static], dim=1))
+
+
+class EHRTransformer(nn.Module):
+    """Transformer encoder over hourly bins (values, masks, deltas), padding masked."""
+
+    def __init__(self, n_vars: int, n_static: int, num_outputs: int, length: int,
+                 d_model: int = 64, heads: int = 4, layers: int = 2, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.n_vars, self.n_static = n_vars, n_static
+        self.embed = nn.Linear(3 * n_vars, d_model)
+        self.position = nn.Parameter(torch.zeros(1, length, d_model))
+        self.static = nn.Linear(n_static, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * d_model, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, mask, delta, static, valid = _split(x, self.n_vars, self.n_static)
+        tokens = torch.cat([values, mask, delta], dim=1).transpose(1, 2)
+        s = self.static(static)
+        h = self.embed(tokens) + self.position[:, : tokens.shape[1]] + s[:, None, :]
+        h = self.encoder(h, src_key_padding_mask=valid < 0.5)  # bins after the window
+        pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+        return self.head(torch.cat([pooled, s], dim=1))
+
+
+class SummaryNet(nn.Module):
+    """Linear model or MLP on summary features (EHR) or on the table's columns."""
+
+    def __init__(self, in_features: int, num_outputs: int, hidden: list[int], dropout: float,
+                 n_vars: int | None, n_static: int | None) -> None:
+        super().__init__()
+        self.n_vars, self.n_static = n_vars, n_static
+        width = 5 * n_vars + n_static if n_vars is not None else in_features
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_vars is not None:
+            x = summary_features(x, self.n_vars, self.n_static or 0)
+        elif x.dim() != 2:
+            raise ConfigError(f"tabular networks take (B, F) inputs, got {tuple(x.shape)}")
+        return self.net(x)
+
+
+def _no_extra(name: str, extra: dict[str, Any]) -> None:
+    if extra:
+        raise ConfigError(f"unknown options for model '{name}': {sorted(extra)}")
+
+
+@network(modality="ehr", example_spec=_EHR_SPEC, example_input=_ehr_example)
+def grud(*, num_outputs: int, spatial_dims: int = 1, in_channels: int, size: int | None = None,
+         n_vars: int, n_static: int, hidden: int = 64, dropout: float = 0.3,
+         **extra: Any) -> nn.Module:
+    """GRU-D-style recurrent network (values, masks, time since last, learned decay)."""
+    _no_extra("grud", extra)
+    return GRUD(n_vars, n_static, num_outputs, hidden=hidden, dropout=dropout)
+
+
+@network(modality="ehr", example_spec=_EHR_SPEC, example_input=_ehr_example)
+def ehr_transformer(*, num_outputs: int, spatial_dims: int = 1, in_channels: int,
+                    size: int | None = None, n_vars: int, n_static: int, d_model: int = 64,
+                    heads: int = 4, layers: int = 2, dropout: float = 0.2,
+                    **extra: Any) -> nn.Module:
+    """Transformer encoder over the hourly bins."""
+    _no_extra("ehr_transformer", extra)
+    return EHRTransformer(n_vars, n_static, num_outputs, size or 48, d_model, heads, layers,
+                          dropout)
+
+
+@network(modality="ehr", example_spec=_EHR_SPEC, example_input=_ehr_example)
+def logistic(*, num_outputs: int, spatial_dims: int = 1, in_channels: int,
+             size: int | None = None, n_vars: int | None = None, n_static: int | None = None,
+             **extra: Any) -> nn.Module:
+    """Logistic regression on summary features (EHR) or on the columns (tabular)."""
+    _no_extra("logistic", extra)
+    return SummaryNet(in_channels, num_outputs, [], 0.0, n_vars, n_static)
+
+
+@network(modality="tabular", example_spec=_TAB_SPEC, example_input=_tab_example)
+def mlp(*, num_outputs: int, spatial_dims: int = 0, in_channels: int, size: int | None = None,
+        n_vars: int | None = None, n_static: int | None = None, hidden: list[int] | None = None,
+        dropout: float = 0.2, **extra: Any) -> nn.Module:
+    """Multi-layer perceptron on table columns (or on EHR summary features)."""
+    _no_extra("mlp", extra)
+    return SummaryNet(in_channels, num_outputs, list(hidden or [64, 32]), dropout, n_vars,
+                      n_static)
