@@ -140,9 +140,15 @@ def declared_pixels(data: bytes, kind: str | None) -> int | None:
 def _pil_pixels(data: bytes) -> int:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
-        w, h = im.size
-        frames = getattr(im, "n_frames", 1)
+    if data.startswith(b"\x89PNG") and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+            w, h = im.size
+            frames = getattr(im, "n_frames", 1)
+    except Image.DecompressionBombError as e:
+        raise PayloadTooLargeError("the image declares more pixels than allowed",
+                                   hint="downsample the image before sending it") from e
     return int(w) * int(h) * int(frames)
 
 
