@@ -11,13 +11,13 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_support import bomb_png, breast_png, get_package, live_server
 
 from meddx.errors import ConfigError
 from meddx.serving.app import create_app
 from meddx.serving.auth import new_api_key
 from meddx.serving.fhir import check_invariants
 from meddx.serving.settings import ServeSettings
+from serving_support import bomb_png, breast_png, get_package, live_server
 
 NAME = "breast-tiny"
 URL = f"/v1/models/{NAME}/predict"

@@ -11,20 +11,20 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
-from serving_support import (
-    ISS,
-    PUBLIC,
-    Keys,
-    hs256_with_public_key,
-    get_package,
-    token,
-    unsigned_token,
-)
 
 from meddx.errors import AuthError
 from meddx.serving.app import create_app
 from meddx.serving.auth import JWTVerifier, ReplayCache, hash_api_key, new_api_key
 from meddx.serving.settings import IssuerTrust, ServeSettings
+from serving_support import (
+    ISS,
+    PUBLIC,
+    Keys,
+    get_package,
+    hs256_with_public_key,
+    token,
+    unsigned_token,
+)
 
 SERVICE = "breast-tiny"
 FEEDBACK_URL = f"{PUBLIC}/cds-services/{SERVICE}/feedback"

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from serving_support import live_server
 
 from meddx.serving.limits import BodyLimitMiddleware, LimitsMiddleware
+from serving_support import live_server
 
 CAP = 64 * 1024
 
