@@ -101,7 +101,8 @@ class ECGExplainer:
 
                 attr = IntegratedGradients(self.scores).attribute(
                     x, baselines=torch.zeros_like(x), target=int(class_index),
-                    n_steps=self.n_steps, internal_batch_size=self.n_steps)
+                    n_steps=self.n_steps,
+                    internal_batch_size=min(256, self.n_steps * x.shape[0]))
                 out = attr.detach().numpy()
             else:
                 from monai.visualize import GradCAM
