@@ -11,12 +11,13 @@ identifiers, dates or UIDs.
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from meddx.errors import DataError, PayloadTooLargeError
+from meddx.errors import DataError, MeddxError, PayloadTooLargeError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -47,9 +48,22 @@ def read_dicom(fp: BinaryIO | str, *, name: str, max_pixels: int, force: bool = 
         DataError: not DICOM, no pixel data, truncated, or a transfer syntax that cannot be
             decoded here. PayloadTooLargeError: declared dimensions over ``max_pixels``.
     """
+    from pydicom.errors import BytesLengthException
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pydicom warns per non-conformant value
-        return _read(fp, name, max_pixels, force)
+        try:
+            return _read(fp, name, max_pixels, force)
+        except MeddxError:
+            raise
+        except (BytesLengthException, NotImplementedError, ValueError, TypeError, KeyError,
+                AttributeError, IndexError, OverflowError, struct.error, EOFError, OSError) as e:
+            # pydicom parses elements lazily: a damaged one fails wherever it is first read
+            raise DataError(
+                f"DICOM file is corrupt ({type(e).__name__}: {e})",
+                path=name,
+                hint="copy or export the file again from the PACS / modality",
+            ) from e
 
 
 def _read(fp: BinaryIO | str, name: str, max_pixels: int, force: bool) -> ImageData:
@@ -146,7 +160,13 @@ def _decode(ds: Dataset, name: str, index: int | None) -> np.ndarray:
             "JPEG-LS and JPEG 2000 with the pylibjpeg plugins; decompress the file with "
             "`gdcmconv --raw` or `dcmdjpeg` and send it again",
         ) from e
-    except (ValueError, EOFError, OSError, KeyError, AttributeError, TypeError) as e:
+    except BaseException as e:  # noqa: BLE001 - see below
+        # pylibjpeg-rle is Rust: on malformed data it panics with pyo3's PanicException, a
+        # BaseException that would pass every `except Exception` up to the server loop.
+        corrupt = (ValueError, EOFError, OSError, KeyError, AttributeError, TypeError,
+                   IndexError)
+        if not isinstance(e, corrupt) and type(e).__name__ != "PanicException":
+            raise
         raise DataError(
             f"DICOM pixel data is truncated or does not match its header ({e})",
             path=name,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import tokenize
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -242,6 +243,7 @@ def _read_pillow(src: str | bytes, label: str, head: bytes, fmt: str, max_pixels
     notes: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap applies
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": not fatal
         try:
             with Image.open(fp, formats=list(_PILLOW.values())) as im:
                 width, height = im.size
@@ -258,7 +260,8 @@ def _read_pillow(src: str | bytes, label: str, head: bytes, fmt: str, max_pixels
                 f"{fmt.upper()} header declares too many pixels ({e})", path=label,
                 hint="downsample the image before sending it") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
-                EOFError, IndexError) as e:
+                EOFError, IndexError, TypeError, KeyError, ZeroDivisionError,
+                RuntimeError) as e:  # what Pillow's plugins raise on damaged files (fuzzed)
             raise DataError(
                 f"{fmt.upper()} file is corrupt or truncated ({e})",
                 path=label,
@@ -357,8 +360,10 @@ def _read_nifti(src: str | bytes, label: str, head: bytes, max_pixels: int) -> I
         img = nib.as_closest_canonical(img) if len(shape) >= 3 else img
         data = np.asarray(img.get_fdata(dtype=np.float32))
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError,
-            zlib.error, struct.error) as e:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+            nib.wrapstruct.WrapStructError, nib.orientations.OrientationError, OSError,
+            EOFError, ValueError, TypeError,
+            IndexError, KeyError, OverflowError, zlib.error, struct.error) as e:
         raise DataError(f"NIfTI file is corrupt or truncated ({e})", path=label,
                         hint="check it with `nib-ls` or export it again") from e
     if not np.isfinite(data).all():
@@ -398,7 +403,8 @@ def _read_npy(src: str | bytes, label: str, max_pixels: int) -> ImageData:
                                 hint="save a plain numeric array (numpy.save of uint8/float)")
             fp.seek(0)
             arr = np.load(fp, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError,
+            tokenize.TokenError) as e:  # the header is a Python literal: damaged, it fails here
         raise DataError(f".npy file is corrupt or truncated ({e})", path=label) from e
     return image_from_array(arr, name=label, source_format="npy")
 
@@ -449,6 +455,9 @@ def image_from_array(array: np.ndarray, *, spatial_dims: int | None = None,
                         hint="use an integer or float array")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError("array contains NaN or infinite values", path=label)
+    if arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
+        raise DataError("array values exceed the float32 range", path=label,
+                        hint="rescale the data before sending it")
     value_range = None
     if arr.dtype in (np.uint8, np.uint16):
         value_range = [0.0, float(np.iinfo(arr.dtype).max)]
