@@ -62,7 +62,7 @@ def summary_line(pred: Any, card: Any) -> str:
     risk = _risk(pred)
     pos = pred.model.get("positive_class")
     if isinstance(pred.decision, str) and risk is not None:
-        text = f"{card.name}: {pred.decision} ({pos} {risk:.0%})"
+        text = f"{card.name}: {pred.decision} (risk of {pos} {risk:.0%})"
     elif isinstance(pred.label, str):
         probs = pred.calibrated or pred.probabilities
         text = f"{card.name}: most probable {pred.label} ({probs.get(pred.label, 0):.0%})"

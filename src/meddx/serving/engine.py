@@ -165,6 +165,20 @@ class ServedModel:
                 a.extra["explained_class"] = None if index is None else names[index]
 
 
+def _load(path: str | Path, settings: ServeSettings) -> Any:
+    from meddx.inference import load_model
+
+    if settings.backend != "onnx-int8":
+        return load_model(path, backend=settings.backend, threads=settings.threads)
+    from meddx.inference.onnx import OnnxBackend
+
+    predictor = load_model(path, backend="onnx", threads=settings.threads)
+    # the Predictor takes any object with ``logits(batch)`` as its ONNX backend
+    predictor._onnx = OnnxBackend(predictor.package, variant="int8", threads=settings.threads)
+    predictor.backend = "onnx-int8"
+    return predictor
+
+
 class ModelHub:
     """All models of one service, by name.
 
@@ -178,14 +192,12 @@ class ModelHub:
     """
 
     def __init__(self, packages: list[Any], settings: ServeSettings) -> None:
-        from meddx.inference import load_model
-
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
         for item in packages:
             predictor = item
             if isinstance(item, str | Path):
-                predictor = load_model(item, backend=settings.backend, threads=settings.threads)
+                predictor = _load(item, settings)
             served = ServedModel(predictor, settings)
             if served.name in self.models:
                 raise ConfigError(f"two packages are named '{served.name}'",

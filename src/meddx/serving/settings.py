@@ -10,7 +10,7 @@ import json
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,7 +71,7 @@ class ServeSettings(BaseModel):
     jku_cache_s: int = 600
     # --- models and use
     research_use: bool = False
-    backend: str = "auto"
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     warmup: bool = True
     # --- limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
