@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,8 @@ __all__ = [
     "scaffold_groups",
     "scaffold_split",
     "limit_indices",
+    "by_group",
+    "unique_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +139,37 @@ def scaffold_split(scaffolds: Sequence[str], fractions: Sequence[float]
                 break
         parts[target].extend(group)
     return [np.sort(np.asarray(p, dtype=int)) for p in parts]
+
+
+def by_group(keys: Sequence[str], strat: np.ndarray | None,
+             split_fn: Callable[[int, np.ndarray | None], tuple[np.ndarray, ...]]
+             ) -> tuple[np.ndarray, ...]:
+    """Apply an index splitter to groups of equal ``keys`` (e.g. identical sequences), so that
+    duplicates never straddle two splits; returns sorted sample indices per part.
+
+    Args:
+        keys: one key per sample; samples with the same key form a group.
+        strat: class index per sample (a group is stratified by its first member's class).
+        split_fn: ``(n_groups, group_strata) -> index arrays over groups``.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    members = list(groups.values())
+    first = np.asarray([m[0] for m in members])
+    parts = split_fn(len(members), None if strat is None else np.asarray(strat)[first])
+    return tuple(np.sort(np.asarray([i for g in part for i in members[g]], dtype=int))
+                 for part in parts)
+
+
+def unique_ids(ids: Sequence[str]) -> list[str]:
+    """Make identifiers unique by suffixing repeats (``x``, ``x#2``, ``x#3`` …)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}#{seen[i]}")
+    return out
 
 
 def limit_indices(idx: np.ndarray, limit: int | None, seed: int) -> np.ndarray:

@@ -24,8 +24,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from meddx.errors import ConfigError, DataError, InputMismatchError
-from meddx.modalities.base import DataBundle, Modality, Sample, Split, carve_split
-from meddx.modalities.dataset_split import kfold_split, limit_indices, random_split
+from meddx.modalities.base import DataBundle, Modality, Sample, Split
+from meddx.modalities.dataset_split import (
+    by_group,
+    kfold_split,
+    limit_indices,
+    random_split,
+    unique_ids,
+)
 from meddx.modalities.sequence_io import (
     Record,
     clean,
@@ -169,7 +175,8 @@ class SequenceModality(Modality):
             raise ConfigError("a sequence dataset from a path needs a task (kind, class_names)",
                               hint="add a `task:` block to the config")
         targets = np.asarray([task.encode(v, r.id) for v, r in zip(raw, records, strict=True)])
-        full = Split("all", [r.sequence for r in records], targets, [r.id for r in records])
+        full = Split("all", [r.sequence for r in records], targets,
+                     unique_ids([r.id for r in records]))
         splits, info = self._split(full, task, data, opts, seed)
         spec = {"format": "dna-onehot", "alphabet": "ACGT", "iupac": "fractional",
                 "channels": 4, "length": length, "spatial_dims": 1, "size": length,
@@ -182,29 +189,34 @@ class SequenceModality(Modality):
     @staticmethod
     def _split(full: Split, task: Any, data: Any, opts: SequenceOptions, seed: int
                ) -> tuple[dict[str, Split], dict[str, Any]]:
+        """Split with identical sequences kept together (the UCI splice file repeats 185)."""
         strat = task.target_index(full.targets) if task.kind != "multilabel" else None
+        keys = list(full.inputs)
         if opts.folds:
             split_seed = 0 if opts.split_seed is None else opts.split_seed
-            tr, va, te = kfold_split(len(full), strat, opts.folds, opts.fold, data.val_fraction,
-                                     split_seed)
+            tr, va, te = by_group(keys, strat, lambda n, s: kfold_split(
+                n, s, opts.folds, opts.fold, data.val_fraction, split_seed))
             info = {"split": f"stratified {opts.folds}-fold cross-validation, test = fold "
                              f"{opts.fold} (partition seed {split_seed})"}
         else:
             split_seed = seed if opts.split_seed is None else opts.split_seed
-            tr, va, te = random_split(len(full), strat, data.val_fraction, data.test_fraction,
-                                      split_seed)
+            tr, va, te = by_group(keys, strat, lambda n, s: random_split(
+                n, s, data.val_fraction, data.test_fraction, split_seed))
             info = {"split": f"stratified random (seed {split_seed})"}
+        dups = len(keys) - len(set(keys))
+        info["duplicates"] = (f"{dups} repeated sequences, kept within one split" if dups
+                              else "none")
         if len(full) < 300:
             info["note"] = (f"only {len(full)} sequences: a single test split is noisy; "
                             "cross-validate (data.options.folds, benchmarks/genomics.py)")
         parts = {"train": tr, "val": va, "test": te}
+        if data.calib_fraction > 0:
+            t_strat = None if strat is None else strat[tr]
+            rest, calib = by_group([keys[i] for i in tr], t_strat, lambda n, s: random_split(
+                n, s, data.calib_fraction, 0.0, seed)[:2])
+            parts["train"], parts["calib"] = tr[rest], tr[calib]
         splits = {k: full.subset(limit_indices(v, data.limit, seed), k)
                   for k, v in parts.items() if len(v)}
-        if data.calib_fraction > 0:
-            t = splits["train"]
-            s = task.target_index(t.targets) if task.kind != "multilabel" else None
-            splits["train"], splits["calib"] = carve_split(t, data.calib_fraction, seed, s,
-                                                           "calib")
         order = ("train", "val", "calib", "test")
         return {k: splits[k] for k in order if k in splits}, info
 

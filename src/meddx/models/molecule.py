@@ -3,8 +3,10 @@
 * ``dmpnn`` — Chemprop 2's directed message-passing network assembled from its own modules
   (``BondMessagePassing`` → ``Aggregation`` → optional batch norm → ``MLP``) as a plain
   ``nn.Module`` taking a Chemprop ``BatchMolGraph``; meddx's Lightning loop trains it and the
-  TaskSpec supplies the loss (multilabel: missing labels masked). Chemprop's CLI defaults:
-  hidden 300, depth 3, norm aggregation (÷100), one FFN hidden layer of 300.
+  TaskSpec supplies the loss (multilabel: missing labels masked). Chemprop's defaults: hidden
+  300, depth 3, one FFN hidden layer of 300; aggregation ``mean`` (Chemprop 1's default) rather
+  than Chemprop 2's ``norm`` (sum ÷ 100), which learned far slower in our Tox21 check (val
+  ROC-AUC 0.48 vs 0.66 after one epoch at lr 1e-3, same seed).
 * ``ecfp_mlp`` — Morgan/ECFP bit vector → MLP, the classic fingerprint baseline.
 """
 
@@ -108,7 +110,7 @@ class ECFPMLP(nn.Module):
 @network(modality="molecule", example_spec=GRAPH_SPEC, example_input=_graph_example)
 def dmpnn(*, num_outputs: int, spatial_dims: int = 0, in_channels: int | None = None,
           size: int | None = None, featurizer: str = "graph", bond_fdim: int | None = None,
-          hidden: int = 300, depth: int = 3, dropout: float = 0.0, aggregation: str = "norm",
+          hidden: int = 300, depth: int = 3, dropout: float = 0.0, aggregation: str = "mean",
           aggregation_norm: float = 100.0, ffn_hidden: int = 300, ffn_layers: int = 1,
           batch_norm: bool = False) -> nn.Module:
     """Chemprop D-MPNN (bond messages) for ``BatchMolGraph`` input.
@@ -116,7 +118,7 @@ def dmpnn(*, num_outputs: int, spatial_dims: int = 0, in_channels: int | None = 
     Args:
         in_channels / bond_fdim: atom and bond feature widths of the featurizer.
         hidden, depth, dropout: message passing (Chemprop: 300, 3, 0).
-        aggregation: ``norm`` (sum ÷ ``aggregation_norm``, Chemprop's default), ``mean``, ``sum``.
+        aggregation: ``mean`` (default), ``sum`` or ``norm`` (sum ÷ ``aggregation_norm``).
         ffn_hidden, ffn_layers: the feed-forward head.
         batch_norm: batch-normalise the molecule embedding.
     """
@@ -134,10 +136,13 @@ _FP_SPEC = {"spatial_dims": 0, "in_channels": 2048, "size": None, "featurizer": 
 
 @network(modality="molecule", example_spec=_FP_SPEC, example_input=_fp_example)
 def ecfp_mlp(*, num_outputs: int, spatial_dims: int = 0, in_channels: int = 2048,
-             size: int | None = None, featurizer: str = "ecfp",
+             size: int | None = None, featurizer: str = "ecfp", bond_fdim: int | None = None,
              hidden: list[int] | tuple[int, ...] = (1024, 256), dropout: float = 0.3
              ) -> nn.Module:
-    """Morgan/ECFP bit vector → MLP (``hidden`` widths, ReLU, dropout)."""
+    """Morgan/ECFP bit vector → MLP (``hidden`` widths, ReLU, dropout).
+
+    ``bond_fdim`` is accepted only so that a graph spec fails with a clear message below.
+    """
     if featurizer != "ecfp":
         raise ConfigError("ecfp_mlp needs fingerprints", hint="set data.options.featurizer: "
                           "ecfp, or choose model dmpnn for graphs")
