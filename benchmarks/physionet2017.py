@@ -74,6 +74,8 @@ def main() -> None:
     if args.model:
         package_path = Path(args.model)
     else:
+        if (Path(args.out) / "checkpoints").exists():
+            raise SystemExit(f"{args.out} holds an earlier run; give a new --out or delete it")
         start = time.perf_counter()
         package = train(cfg, Path(args.out), progress=False)
         wall = time.perf_counter() - start

@@ -62,7 +62,7 @@ def test_load_gives_four_splits_with_calib_carved_from_train(bundle) -> None:
     assert train | calib <= set(_split_list("train"))  # never from val or test
     assert set(bundle.splits["test"].ids) <= set(_split_list("test"))
     spec = bundle.input_spec
-    assert spec["fs"] == 150 and spec["length"] == 4500 and spec["leads"] == ["ECG"]
+    assert spec["fs"] == 100 and spec["length"] == 3000 and spec["leads"] == ["ECG"]
     x = bundle.splits["val"].inputs[0]
     assert x.shape[0] == 1 and abs(float(np.std(x)) - 1) < 1e-3  # z-scored record
 
@@ -74,13 +74,22 @@ def test_transforms_crop_randomly_in_training_and_centrally_otherwise(bundle) ->
     train_t, eval_t = ecg.transforms(True, spec, None), ecg.transforms(False, spec, None)
     torch.manual_seed(0)
     a, b = train_t(item), train_t(item)
-    assert a.shape == b.shape == (1, 4500) and not torch.equal(a, b)
+    assert a.shape == b.shape == (1, 3000) and not torch.equal(a, b)
     assert torch.equal(eval_t(item), eval_t(item))
     long = torch.randn(1, 9000)
     short = torch.randn(1, 1000)
     xb, yb = ecg.collate([(long, torch.tensor(0)), (short, torch.tensor(2))])
-    assert xb.shape == (2, 1, 4500) and yb.tolist() == [0, 2]
-    torch.testing.assert_close(xb[0], long[:, 2250:6750])
+    assert xb.shape == (2, 1, 3000) and yb.tolist() == [0, 2]
+    torch.testing.assert_close(xb[0], long[:, 3000:6000])
+    # a fresh instance (as the Predictor holds) crops to the window too, without transforms
+    from torch.utils.data import DataLoader
+
+    from meddx.modalities.base import SplitDataset
+
+    fresh = get_modality("ecg")
+    ds = SplitDataset(fresh, bundle.splits["val"], spec, transform=None)
+    x, _ = next(iter(DataLoader(ds, batch_size=8, collate_fn=fresh.collate)))
+    assert x.shape == (8, 1, 3000)
 
 
 def test_read_windows_a_long_record_and_aggregates(p17: Path) -> None:

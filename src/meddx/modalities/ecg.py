@@ -326,6 +326,9 @@ class ECGModality(Modality):
     def item_tensor(self, item: Any, input_spec: dict[str, Any]) -> torch.Tensor:
         """A stored record (leads, samples) → float tensor of the whole record (the transform
         or :meth:`collate` cuts the window)."""
+        # collate() gets no spec: remember the window length here (SplitDataset calls this
+        # on the same instance that collates)
+        self._length = int(input_spec["length"])
         if isinstance(item, str | Path):
             item = preprocess(read_wfdb(item), input_spec)
         return torch.from_numpy(np.array(item, dtype=np.float32, copy=True))
@@ -359,8 +362,9 @@ class ECGModality(Modality):
 
     # ------------------------------------------------------------------ models
     def default_network(self, task: Any, input_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        # stride 4 + max-pool: the stem leaves 1/8 of the input rate (affordable on 2 cores)
         return "resnet1d", {"layers": [2, 2, 2, 2], "widths": [32, 64, 128, 256],
-                            "stem_kernel": 15, "stem_stride": 2, "dropout": 0.2}
+                            "stem_kernel": 15, "stem_stride": 4, "dropout": 0.2}
 
     def network_spec(self, input_spec: dict[str, Any]) -> dict[str, Any]:
         return {"spatial_dims": 1, "in_channels": int(input_spec.get("channels", 1)),
