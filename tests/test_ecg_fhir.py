@@ -16,7 +16,7 @@ from conftest import require_data
 from meddx.errors import DataError
 from meddx.inference.prediction import Prediction
 from meddx.modalities import get_modality
-from meddx.modalities.ecg_fhir import observation_to_record, record_to_observation
+from meddx.modalities.ecg_fhir import latest_waveform, observation_to_record, record_to_observation
 from meddx.modalities.ecg_io import read_wfdb
 from meddx.package import ModelCard
 from meddx.tasks import TaskSpec
@@ -116,3 +116,16 @@ def test_rhythm_observation_for_a_prediction() -> None:
     other = copy.deepcopy(pred)
     other.label = "other"
     assert "coding" not in get_modality("ecg").to_fhir(other, card)["valueCodeableConcept"]
+
+
+def test_latest_waveform_from_a_prefetch_bundle() -> None:
+    old, new = _tiny_observation(), _tiny_observation()
+    old["effectiveDateTime"], new["effectiveDateTime"] = "2024-01-01T10:00:00Z", "2025-03-01"
+    wrong = {**_tiny_observation(), "status": "entered-in-error",
+             "effectiveDateTime": "2026-01-01"}
+    text = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "valueString": "sinus", "effectiveDateTime": "2027-01-01"}
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"resource": r} for r in (old, text, wrong, new)]}
+    assert latest_waveform(bundle) is new
+    assert latest_waveform({"resourceType": "Bundle", "type": "searchset"}) is None

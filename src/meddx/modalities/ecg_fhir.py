@@ -22,7 +22,7 @@ from meddx.errors import DataError
 from meddx.modalities.ecg_io import ECGRecord
 
 __all__ = ["record_to_observation", "observation_to_record", "rhythm_observation",
-           "is_observation"]
+           "is_observation", "is_waveform", "latest_waveform", "PREFETCH_QUERY"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,35 @@ _RHYTHM_CODES = {
 def is_observation(source: Any) -> bool:
     """Whether ``source`` is a FHIR Observation as a dict."""
     return isinstance(source, dict) and source.get("resourceType") == "Observation"
+
+
+# CDS Hooks prefetch template for the patient's latest ECG waveform
+PREFETCH_QUERY = ("Observation?patient={{context.patientId}}"
+                  "&code=urn:oid:2.16.840.1.113883.6.24|131328&_sort=-date&_count=1")
+
+
+def is_waveform(resource: Any) -> bool:
+    """Whether ``resource`` is an Observation carrying SampledData (an ECG waveform)."""
+    if not is_observation(resource):
+        return False
+    return "valueSampledData" in resource or any(
+        isinstance(c, dict) and "valueSampledData" in c for c in resource.get("component") or [])
+
+
+def latest_waveform(resources_or_bundle: Any) -> dict[str, Any] | None:
+    """The most recent waveform Observation in a Bundle (e.g. CDS Hooks prefetch), a list of
+    resources, or a single Observation; None when there is none. Ordered by
+    ``effectiveDateTime`` (else ``issued``); cancelled or entered-in-error ones are skipped."""
+    items = resources_or_bundle
+    if isinstance(items, dict) and items.get("resourceType") == "Bundle":
+        items = [e.get("resource") for e in items.get("entry") or [] if isinstance(e, dict)]
+    elif isinstance(items, dict):
+        items = [items]
+    found = [r for r in items or [] if is_waveform(r)
+             and r.get("status") not in ("cancelled", "entered-in-error")]
+    if not found:
+        return None
+    return max(found, key=lambda r: str(r.get("effectiveDateTime") or r.get("issued") or ""))
 
 
 def _lead_code(name: str) -> dict[str, Any]:
