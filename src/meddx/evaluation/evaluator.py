@@ -234,6 +234,7 @@ def evaluate(
     report: bool = True,
     explain: bool = True,
     update_card: bool = True,
+    bundle: Any | None = None,
 ) -> EvaluationResult:
     """Evaluate a packaged model on one split of a dataset.
 
@@ -249,6 +250,7 @@ def evaluate(
         report: write ``report.html`` (with ``out``).
         explain: Grad-CAM/attribution pictures in the error gallery.
         update_card: record the metrics in the package's card.
+        bundle: an already loaded DataBundle to use instead of reading the data again.
 
     Raises:
         ModelError: the package is missing or tampered with.
@@ -261,10 +263,12 @@ def evaluate(
     package = model_path if isinstance(model_path, ModelPackage) else load_package(model_path)
     card = package.card
     cfg = _resolve_config(card, dataset, config)
-    try:
-        bundle = load_bundle(cfg)
-    except ConfigError as e:
-        raise EvaluationError(f"cannot read the evaluation data: {e.message}", hint=e.hint) from e
+    if bundle is None:
+        try:
+            bundle = load_bundle(cfg)
+        except ConfigError as e:
+            raise EvaluationError(f"cannot read the evaluation data: {e.message}",
+                                  hint=e.hint) from e
     _check_bundle(card, bundle, split)
     notes: list[str] = []
     if card.calibration is None and not card.operating_points and card.conformal is None \

@@ -83,6 +83,17 @@ def age_bands(values: pd.Series) -> pd.Series:
     return out
 
 
+_MISSING = {"", "unknown", "nan", "na", "n/a", "none", "?", "missing"}
+
+
+def _level(value: Any) -> str | None:
+    """A category label, lower-cased; None for the usual spellings of "unknown"."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    return None if text in _MISSING else text
+
+
 def _groupings(metadata: pd.DataFrame, notes: list[str]) -> dict[str, pd.Series]:
     """Column name → group label per case (NaN: not in any group)."""
     out: dict[str, pd.Series] = {}
@@ -94,7 +105,7 @@ def _groupings(metadata: pd.DataFrame, notes: list[str]) -> dict[str, pd.Series]
         if "age" in str(col).lower() and is_numeric:
             out["age band"] = age_bands(values)
             continue
-        levels = values.dropna().astype(str).nunique()
+        levels = values.dropna().map(_level).dropna().nunique()
         if is_numeric and levels > _MAX_LEVELS:
             notes.append(f"column '{col}' is continuous; not analysed")
         elif levels > _MAX_LEVELS or (n >= 20 and levels > 0.5 * n):
@@ -102,8 +113,7 @@ def _groupings(metadata: pd.DataFrame, notes: list[str]) -> dict[str, pd.Series]
         elif levels < 2:
             notes.append(f"column '{col}' has a single value; not analysed")
         else:
-            out[str(col)] = values.where(values.notna(), None).map(
-                lambda v: None if v is None else str(v).strip().lower() or None)
+            out[str(col)] = values.where(values.notna(), None).map(_level)
     return out
 
 
@@ -119,14 +129,14 @@ def _warning(task: TaskSpec, t: np.ndarray, p: np.ndarray, min_n: int, min_pos: 
     positives = None
     problems = []
     if n < min_n:
-        problems.append(f"only {n} cases")
+        problems.append(f"only {n} case{'s' if n != 1 else ''}")
     if view is not None:
         positives = int(view[0].sum())
         negatives = n - positives
         if positives < min_pos:
-            problems.append(f"only {positives} positive")
+            problems.append(f"{positives} positive")
         if negatives < min_pos:
-            problems.append(f"only {negatives} negative")
+            problems.append(f"{negatives} negative")
     return positives, ("too small for a reliable interval: " + ", ".join(problems)
                        if problems else None)
 
@@ -166,7 +176,8 @@ def subgroup_analysis(
         labels = [g for g in groups.dropna().unique()]
         missing = int(groups.isna().sum())
         if missing:
-            result.notes.append(f"'{col}': {missing} cases without a value left out")
+            result.notes.append(f"'{col}': {missing} case{'s' if missing != 1 else ''} "
+                                "without a value left out")
         for label in _band_order([str(g) for g in labels]):
             idx = np.flatnonzero((groups == label).to_numpy())
             result.rows += _group_rows(task, t[idx], p[idx], col, label, threshold,

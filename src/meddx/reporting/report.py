@@ -94,6 +94,21 @@ def _per_class_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _subgroup_table(result: Any) -> list[dict[str, Any]]:
+    """One row per subgroup, one cell per metric (value, CI, gap to overall, flag)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    if result.subgroups is None:
+        return []
+    for r in result.subgroups.rows:
+        row = rows.setdefault((r["column"], r["group"]), {
+            "column": r["column"], "group": r["group"], "n": r["n"], "positives": r["positives"],
+            "warning": r["warning"], "cells": {}})
+        row["cells"][r["metric"]] = {
+            "text": fmt_ci({"value": r["value"], "low": r["low"], "high": r["high"]}),
+            "gap": None if _missing(r["gap"]) else f"{r['gap']:+.3f}", "flag": r["flag"]}
+    return list(rows.values())
+
+
 def _limitations(result: Any) -> list[str]:
     card, data = result.card, result.data
     out = []
@@ -162,6 +177,7 @@ def render_report(result: Any) -> str:
     context = {
         "r": result, "card": result.card, "task": result.task, "data": result.data,
         "metric_rows": _metric_rows(result), "class_rows": _per_class_rows(result),
+        "subgroup_table": _subgroup_table(result),
         "figures": _figures(result), "limitations": _limitations(result),
         "labels": _LABELS, "positives": _positives(result),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
