@@ -32,7 +32,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # one line per command module; a module whose optional dependencies are missing is skipped
-COMMAND_MODULES = ("core", "evaluate", "serve", "fhir")
+COMMAND_MODULES = ("core", "evaluate", "serve", "fhir", "privacy")
 
 
 @app.callback()
@@ -68,7 +68,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except MeddxError as e:
         err_console.print(f"[bold red]error:[/] {e}")
         sys.exit(2)

@@ -63,6 +63,10 @@ class Registry(Generic[T]):
                 try:
                     module = importlib.import_module(module_name)
                 except ImportError as e:
+                    if (e.name or "").split(".")[0] == "meddx":
+                        raise ConfigError(
+                            f"{self.kind} '{name}' is registered but its module {e.name} is missing"
+                        ) from e
                     raise ConfigError(
                         f"{self.kind} '{name}' needs a package that is not installed: {e.name}",
                         hint="install meddx with its extras: pip install 'meddx[all]'",

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from meddx.errors import ConfigError, MeddxError
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
-console = Console()
+# piped output is not squeezed to 80 columns
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii",
                   ".nii.gz", ".npy", ".hea", ".mat", ".csv", ".json", ".txt", ".fa", ".fasta")
@@ -247,7 +249,7 @@ def _print_table(preds: list[Any], failures: list[dict[str, str]]) -> None:
         table = Table(title=f"{preds[0].model.get('name')} — "
                       + ("calibrated probabilities" if calibrated else "probabilities"))
         for col in rows[0]:
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", no_wrap=col == "id")
         for r in rows:
             table.add_row(*["" if v is None else str(v) for v in r.values()])
         console.print(table)

@@ -37,6 +37,9 @@ class ImageOptions(BaseModel):
     positive_class: str | None = None
     preload: bool = True
     dicom_modality: str | None = None  # expected DICOM Modality (CT, MR, US …) for input checks
+    normalize: str = "dtype-range"  # dtype-range | image-minmax | zscore | window | none
+    window: str | list[float] | None = None  # CT window preset (lung, brain …) or [center, width]
+    resize: str = "resize"  # resize | pad-crop
 
 
 def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -151,7 +154,7 @@ class ImageModality(Modality):
             raise DataError(f"expected {opts.channels} channels, file has {channels}", path=str(path))
         splits = self._with_calib(splits, task, data.calib_fraction, seed)
         spec = {"spatial_dims": spatial, "channels": int(channels), "size": int(size),
-                "normalize": "dtype-range", "format": "medmnist"}
+                "normalize": "dtype-range", "format": "medmnist", "value_range": [0, 255]}
         return DataBundle(
             dataset=entry.name if entry else str(path),
             modality=self.name,
@@ -167,7 +170,10 @@ class ImageModality(Modality):
 
         size = data.size or (entry.default_size if entry else 224)
         spec = {"spatial_dims": opts.spatial_dims or 2, "channels": opts.channels or 3,
-                "size": int(size), "normalize": "dtype-range", "format": fmt}
+                "size": int(size), "normalize": opts.normalize, "format": fmt,
+                "resize": opts.resize}
+        if opts.window is not None:
+            spec["window"] = opts.window
         if opts.dicom_modality:
             spec["dicom_modality"] = opts.dicom_modality
         if fmt == "isic2017":
@@ -204,6 +210,8 @@ class ImageModality(Modality):
         return {"train": train, "val": splits["val"], "calib": calib, "test": splits["test"]}
 
     def item_tensor(self, item: Any, input_spec: dict[str, Any]) -> torch.Tensor:
+        if isinstance(item, torch.Tensor):  # preloaded folder datasets are already on the grid
+            return item.float()
         if isinstance(item, str | Path):
             return self._read_file(item, input_spec, name=None)
         x = _to_channel_first(np.asarray(item), input_spec["spatial_dims"], input_spec["channels"])
@@ -232,18 +240,15 @@ class ImageModality(Modality):
         raise DataError(f"cannot read an image from {type(source).__name__}")
 
     def _read_file(self, source: Any, input_spec: dict[str, Any], name: str | None) -> torch.Tensor:
-        from meddx.modalities.image_io import read_image, to_model_grid
+        from meddx.modalities.image_io import check_input, read_image, to_model_grid
 
         image = read_image(source, name=name)
-        expected = input_spec.get("dicom_modality")
-        got = image.meta.get("modality")
-        if expected and got and got != expected:
-            raise InputMismatchError(
-                f"DICOM Modality is {got}; this model was trained on {expected}", path=name
-            )
+        check_input(image, input_spec, name=name)
         return to_model_grid(image, channels=input_spec["channels"],
                              spatial_dims=input_spec["spatial_dims"], size=input_spec["size"],
-                             normalize=input_spec.get("normalize", "dtype-range"))
+                             normalize=input_spec.get("normalize", "dtype-range"),
+                             window=input_spec.get("window"),
+                             resize=input_spec.get("resize", "resize"), name=name)
 
     @staticmethod
     def _check_grid(x: torch.Tensor, spec: dict[str, Any]) -> None:

@@ -122,7 +122,7 @@ def _trainer(cfg: ExperimentConfig, run: Path, progress: bool) -> Any:
                                        patience=cfg.train.early_stopping_patience))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    loggers: list[Any] = [CSVLogger(run, name="logs", version="")]
+    loggers: list[Any] = [CSVLogger(run, name="logs")]  # logs/version_N/metrics.csv
     try:
         from lightning.pytorch.loggers import MLFlowLogger
 

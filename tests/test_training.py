@@ -1,0 +1,92 @@
+"""Training end to end on a BreastMNIST slice: run folder, package, predictor, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meddx.errors import ConfigError, DataError
+from meddx.inference import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_folder_and_card(tiny_breast_package) -> None:
+    pkg = tiny_breast_package
+    run = pkg.path.parent
+    for name in ("config.yaml", "splits.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert list(run.glob("logs/version_*/metrics.csv"))
+    splits = json.loads((run / "splits.json").read_text())
+    assert set(splits) == {"train", "val", "calib", "test"}
+    assert not set(splits["train"]["ids"]) & set(splits["calib"]["ids"])
+    card = pkg.card
+    assert card.task.positive_class == "malignant"
+    assert card.training["selected_on"] == "val"
+    assert card.preprocessing["size"] == 28
+    assert card.training_data["dataset"] == "breastmnist"
+    assert "CC BY" in card.license
+
+
+def test_predictor_on_arrays_matches_probability_contract(tiny_breast_package, breast_npz) -> None:
+    predictor = load_model(tiny_breast_package.path, backend="torch")
+    images = np.load(breast_npz)["test_images"][:4]
+    preds = predictor.predict(list(images))
+    assert len(preds) == 4
+    for p in preds:
+        assert set(p.probabilities) == {"malignant", "normal, benign"}
+        assert abs(sum(p.probabilities.values()) - 1) < 1e-5
+        assert p.model["sha256"] == tiny_breast_package.sha256
+        d = p.to_dict()
+        json.dumps(d)
+    # same input, same answer (eval mode, no dropout/augmentation at prediction)
+    again = predictor.predict([images[0]])[0]
+    assert again.probabilities == pytest.approx(preds[0].probabilities, abs=1e-6)
+
+
+def test_predict_split_covers_every_sample(tiny_breast_package) -> None:
+    from meddx.training import load_bundle
+
+    bundle = load_bundle({"data": {"dataset": "breastmnist", "limit": 40}})
+    predictor = load_model(tiny_breast_package.path)
+    logits, probs = predictor.predict_split(bundle.splits["test"])
+    assert logits.shape == (40, 1) and probs.shape == (40, 2)
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path: Path, breast_npz) -> None:
+    from meddx.training import train
+
+    cfg = {"name": "r", "data": {"dataset": "breastmnist", "limit": 48},
+           "train": {"epochs": 1, "batch_size": 16}}
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(cfg, out=tmp_path, progress=False, resume=True, post_hoc=False)
+    train(cfg, out=tmp_path, progress=False, post_hoc=False)
+    cfg["train"]["epochs"] = 2
+    pkg = train(cfg, out=tmp_path, progress=False, resume=True, post_hoc=False)
+    assert pkg.card.training["epochs_run"] == 2
+
+
+def test_init_weights_from_safetensors(tmp_path: Path, tiny_breast_package) -> None:
+    from meddx.training import train
+
+    cfg = {"name": "ft", "data": {"dataset": "breastmnist", "limit": 32},
+           "model": {"name": "resnet18",
+                     "init_weights": str(tiny_breast_package.path / "weights.safetensors")},
+           "train": {"epochs": 1, "batch_size": 16}}
+    assert train(cfg, out=tmp_path, progress=False, post_hoc=False).path.exists()
+    bad = dict(cfg, model={"name": "resnet18", "init_weights": str(tmp_path / "w.pt")})
+    with pytest.raises(ConfigError, match="safetensors"):
+        train(bad, out=tmp_path / "b", progress=False, post_hoc=False)
+
+
+def test_unknown_dataset_and_bad_split_name() -> None:
+    from meddx.training import load_bundle
+
+    with pytest.raises(ConfigError, match="did you mean 'breastmnist'"):
+        load_bundle({"data": {"dataset": "breastmnis"}})
+    bundle = load_bundle({"data": {"dataset": "breastmnist", "limit": 20}})
+    with pytest.raises(DataError, match="no split 'holdout'"):
+        bundle.split("holdout")
