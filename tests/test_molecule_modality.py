@@ -27,7 +27,8 @@ def tox21_scaffold():
     return get_modality("molecule").load(data, get_entry("tox21"), None, seed=0)
 
 
-def test_tox21_drops_and_reports_the_8_invalid_smiles(tox21_scaffold, caplog) -> None:
+@pytest.mark.slow  # parses all 7,831 Tox21 SMILES (~2 s on an idle core)
+def test_tox21_drops_and_reports_the_8_invalid_smiles(tox21_scaffold) -> None:
     dropped = tox21_scaffold.info["dropped"]
     assert dropped["count"] == 8 and dropped["rows"] == TOX21_BAD_LINES
     assert all("sanitisation" in r or "syntax" in r for r in dropped["reasons"])
@@ -38,6 +39,7 @@ def test_tox21_drops_and_reports_the_8_invalid_smiles(tox21_scaffold, caplog) ->
     assert t.shape[1] == 12 and np.isnan(t).any()  # missing labels kept as NaN (masked)
 
 
+@pytest.mark.slow
 def test_scaffold_split_is_scaffold_disjoint_and_deterministic(tox21_scaffold) -> None:
     splits = tox21_scaffold.splits
     assert list(splits) == ["train", "val", "calib", "test"]

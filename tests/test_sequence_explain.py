@@ -115,3 +115,18 @@ def test_variant_effect_through_a_package(motif_model: torch.nn.Module, tmp_path
         variant_effect(predictor, f"{fa}:{START}:T>TA")
     with pytest.raises(InputMismatchError, match="model takes exactly 40"):
         predictor.predict(["ACGT"])
+
+
+def test_sequence_prediction_as_fhir_observation(motif_model: torch.nn.Module,
+                                                 tmp_path: Path) -> None:
+    card = ModelCard(name="motif", modality="sequence", task=TASK,
+                     network={"name": "seq_cnn", "options": OPTIONS}, preprocessing=SPEC)
+    predictor = load_model(save_package(tmp_path / "model", motif_model, card).path)
+    pred = predictor.predict([{"sequence": "ACGT" * 10, "id": "win-1"}])[0]
+    obs = predictor.modality.to_fhir(pred, predictor.card)
+    assert obs["resourceType"] == "Observation" and obs["status"] == "final"
+    assert obs["valueCodeableConcept"]["text"] == pred.label
+    probs = {c["code"]["text"]: c["valueQuantity"]["value"] for c in obs["component"]}
+    assert probs["probability of present"] == pytest.approx(pred.probabilities["present"],
+                                                            abs=1e-6)
+    assert "win-1" in obs["note"][0]["text"]
