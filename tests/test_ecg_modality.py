@@ -169,8 +169,8 @@ def test_train_predict_and_explain_end_to_end(tmp_path: Path, p17: Path) -> None
            "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": None,
                      "threads": 1}}
     package = train(cfg, out=tmp_path / "run", progress=False)
-    assert package.card.preprocessing["length"] == 1500
+    assert package.card.preprocessing["length"] == 1000  # 10 s at the catalog's 100 Hz
     predictor = load_model(package.path)
     preds = predictor.predict([p17 / "A00005.hea"], explain=True)
     assert set(preds[0].probabilities) == {"normal", "af", "other", "noisy"}
-    assert preds[0].notes["windows"] and preds[0].explanation.shape == (6, 1, 1500)
+    assert preds[0].notes["windows"] and preds[0].explanation.shape == (6, 1, 1000)
