@@ -292,3 +292,41 @@ def test_schema_rejects(mutate):
     validate_response(GOOD)
     with pytest.raises(jsonschema.ValidationError):
         validate_response(_bad(mutate))
+
+
+# ------------------------------------------------- ECG and EHR adapters (inputs only)
+def test_ecg_adapter_takes_the_latest_waveform():
+    import numpy as np
+
+    from meddx.modalities.ecg_fhir import record_to_observation
+    from meddx.modalities.ecg_io import from_array
+    from meddx.serving.cds import HookRequest, adapter_for
+
+    adapter = adapter_for("ecg")
+    assert "{{context.patientId}}" in adapter.prefetch(None, "patient-view")["ecg"]
+    rec = from_array(np.zeros((1, 300), dtype=np.float32), 300.0, ["I"], "r1")
+    old = {**record_to_observation(rec), "id": "old", "effectiveDateTime": "2020-01-01T00:00:00Z"}
+    new = {**record_to_observation(rec), "id": "new", "effectiveDateTime": "2024-01-01T00:00:00Z"}
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"resource": old}, {"resource": new}]}
+    req = HookRequest.model_validate(hook_body({"ecg": bundle}))
+    got = adapter.inputs(req, {"ecg": bundle}, None)
+    assert got.sources[0]["id"] == "new" and got.basis == ["Observation/new"]
+    assert adapter.inputs(req, {"ecg": None}, None) is None
+
+
+def test_ehr_adapter_needs_patient_and_encounter():
+    from meddx.serving.cds import HookRequest, adapter_for
+
+    adapter = adapter_for("ehr")
+    templates = adapter.prefetch(None, "patient-view")
+    assert set(templates) == {"patient", "encounter", "observations"}
+    assert all("{{context.patientId}}" in t for t in templates.values())
+    data = {"patient": {"resourceType": "Patient", "id": "p"},
+            "encounter": {"resourceType": "Bundle", "type": "searchset", "entry": []},
+            "observations": None}
+    req = HookRequest.model_validate(hook_body(data))
+    got = adapter.inputs(req, data, None)
+    assert got.sources[0]["patient"]["id"] == "p" and len(got.digests[0]) == 64
+    assert adapter.inputs(req, {**data, "patient": None}, None) is None
+    assert adapter.risk_assessment

@@ -48,6 +48,9 @@ def serve(
     heatmap_ttl_hours: float = typer.Option(24.0, help="How long heat-map links live."),
     fhir_server_allow: list[str] = typer.Option([], "--fhir-server-allow", help="FHIR server a "
                                                 "CDS call may name for fetching. Repeatable."),
+    cds_explain: bool = typer.Option(True, "--cds-explain/--no-cds-explain",
+                                      help="Explanations on CDS cards (heat-map "
+                                     "page for images, top findings for EHR)."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -71,6 +74,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
+        cds_explain=cds_explain,
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

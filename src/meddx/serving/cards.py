@@ -112,11 +112,30 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str]) -> s
     metric = _metric_line(card)
     if metric:
         lines.append(metric + ".")
-    for key, value in (pred.notes or {}).items():
-        lines.append(f"{key.replace('_', ' ').capitalize()}: {value}.")
+    lines += _note_lines(pred.notes or {})
     lines += notes
     lines += ["", f"Intended use: {card.intended_use}"]
     return "\n".join(lines)
+
+
+def _note_lines(notes: dict[str, Any]) -> list[str]:
+    """What the model's notes say, in short lines (lists are counted, not dumped)."""
+    out = []
+    findings = notes.get("findings")
+    if findings:
+        out.append("Top contributing findings: " + "; ".join(map(str, findings)) + ".")
+    for key, value in notes.items():
+        if key in ("findings", "basis", "patient", "encounter"):
+            continue
+        label = key.replace("_", " ").capitalize()
+        if isinstance(value, list | tuple | dict):
+            if value:
+                out.append(f"{label}: {len(value)} item(s).")
+        elif isinstance(value, float):
+            out.append(f"{label}: {value:.3g}.")
+        else:
+            out.append(f"{label}: {value}.")
+    return out
 
 
 def _review_suggestion(pred: Any, card: Any, subject: str | None) -> dict[str, Any] | None:
@@ -139,11 +158,34 @@ def _risk_suggestion(pred: Any, card: Any, subject: str | None, basis: list[str]
                      research: bool) -> dict[str, Any] | None:
     if not subject or not card.task.positive_class:
         return None
-    ra = risk_assessment(pred, card, subject=subject, basis=basis, research_only=research)
+    ra = _modality_risk_assessment(pred, served_modality=card.modality, card=card)
+    if ra is not None:
+        ra["subject"] = {"reference": subject}
+        validate(ra)
+    else:
+        ra = risk_assessment(pred, card, subject=subject, basis=basis, research_only=research)
     return {"label": "Record this risk assessment in the chart", "uuid": _uuid(),
             "isRecommended": False,
             "actions": [{"type": "create", "description": "Create a RiskAssessment",
                          "resource": ra}]}
+
+
+def _modality_risk_assessment(pred: Any, served_modality: str, card: Any) -> dict | None:
+    """The modality's own RiskAssessment (e.g. EHR: hours used, findings), validated; None
+    when the modality has none."""
+    from meddx.errors import ConfigError
+    from meddx.modalities import get_modality
+
+    if served_modality == "image":
+        return None
+    try:
+        resource = get_modality(served_modality).to_fhir(pred, card)
+    except (ConfigError, NotImplementedError):
+        return None
+    if not isinstance(resource, dict) or resource.get("resourceType") != "RiskAssessment":
+        return None
+    validate(resource)
+    return resource
 
 
 def _uuid() -> str:

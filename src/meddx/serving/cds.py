@@ -37,6 +37,8 @@ __all__ = [
     "CDS_ADAPTERS",
     "CdsAdapter",
     "ImageCdsAdapter",
+    "EcgCdsAdapter",
+    "EhrCdsAdapter",
     "HookRequest",
     "HookInput",
     "FeedbackRequest",
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 CDS_ADAPTERS: Registry[type] = Registry("CDS Hooks adapter")
 CDS_ADAPTERS.register("image", "meddx.serving.cds:ImageCdsAdapter")
+CDS_ADAPTERS.register("ecg", "meddx.serving.cds:EcgCdsAdapter")
+CDS_ADAPTERS.register("ehr", "meddx.serving.cds:EhrCdsAdapter")
 
 
 class PrefetchMissingError(ServingError):
@@ -210,6 +214,55 @@ class ImageCdsAdapter(CdsAdapter):
         else:
             att = ((r.get("content") or [{}])[0] or {}).get("attachment") or {}
         return str(att.get("contentType", "")).split(";")[0] in self.content_types
+
+
+def _digest(value: Any) -> str:
+    return sha256_bytes(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
+
+
+class EcgCdsAdapter(CdsAdapter):
+    """The patient's latest ECG waveform Observation (``valueSampledData``)."""
+
+    description = "rhythm analysis of the patient's latest ECG"
+
+    def prefetch(self, card: Any, hook: str) -> dict[str, str]:
+        from meddx.modalities.ecg_fhir import PREFETCH_QUERY
+
+        return {"ecg": PREFETCH_QUERY}
+
+    def inputs(self, request: HookRequest, data: dict[str, Any], card: Any) -> HookInput | None:
+        from meddx.modalities.ecg_fhir import latest_waveform
+
+        obs = latest_waveform(data.get("ecg"))
+        if obs is None:
+            return None
+        when = str(obs.get("effectiveDateTime") or obs.get("issued") or "")[:16]
+        return HookInput(sources=[obs], digests=[_digest(obs)],
+                         basis=[f"Observation/{obs['id']}"] if obs.get("id") else [],
+                         notes=["ECG: the latest waveform Observation" +
+                                (f" ({when})" if when else "")])
+
+
+class EhrCdsAdapter(CdsAdapter):
+    """An ICU stay from the Patient, the in-progress Encounter and the Observations.
+
+    Prefetch templates may only use context tokens, so all of the patient's Observations are
+    asked for; the modality's fast JSON reader keeps those inside the Encounter's window.
+    """
+
+    risk_assessment = True
+    description = "risk assessment from the current ICU stay"
+
+    def prefetch(self, card: Any, hook: str) -> dict[str, str]:
+        return {"patient": "Patient/{{context.patientId}}",
+                "encounter": "Encounter?patient={{context.patientId}}&status=in-progress",
+                "observations": "Observation?patient={{context.patientId}}&_count=5000"}
+
+    def inputs(self, request: HookRequest, data: dict[str, Any], card: Any) -> HookInput | None:
+        if not data.get("patient") or not data.get("encounter"):
+            return None
+        source = {k: data.get(k) for k in ("patient", "encounter", "observations")}
+        return HookInput(sources=[source], digests=[_digest(source)])
 
 
 def adapter_for(modality: str) -> CdsAdapter | None:

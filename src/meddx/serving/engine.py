@@ -60,6 +60,18 @@ def _preview_png(tensor: Any) -> bytes | None:
     return buf.getvalue()
 
 
+_KEPT_META = ("basis", "patient", "encounter", "n_observations", "below_training_minimum")
+
+
+def _wfdb_records(uploads: list[Upload]) -> list[dict[str, bytes]]:
+    """Group WFDB uploads by record name: ``{"A00001.hea": …, "A00001.mat": …}`` per record."""
+    records: dict[str, dict[str, bytes]] = {}
+    for u in uploads:
+        name = Path(u.name or "upload").name
+        records.setdefault(name.split(".")[0], {})[name] = u.data
+    return list(records.values())
+
+
 class ServedModel:
     """A loaded Predictor with its serving metadata.
 
@@ -112,10 +124,9 @@ class ServedModel:
         accepted = getattr(self.predictor.modality, "upload_content_types", None)
         for u in uploads:
             check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
-        group = getattr(self.predictor.modality, "group_uploads", None)
-        if group is not None:  # e.g. WFDB: a header and its signal file are one input
-            sources = group([{"name": u.name, "data": u.data, "content_type": u.content_type}
-                             for u in uploads])
+        if self.modality == "ecg" and any((u.name or "").lower().endswith(".hea")
+                                          for u in uploads):
+            sources = _wfdb_records(uploads)  # a header and its signal files are one input
         else:
             sources = [{"name": u.name, "data": u.data} for u in uploads]
         return [self.predictor.read(s) for s in sources]
@@ -139,16 +150,20 @@ class ServedModel:
         for i, s in enumerate(samples):
             s.id = str(i)  # never echo file names (they may name a patient)
         preds = self.predictor.predict_samples(samples, explain=False)
+        for p, s in zip(preds, samples, strict=True):  # provenance the FHIR output needs
+            for key in _KEPT_META:
+                if key in s.meta and key not in p.notes:
+                    p.notes[key] = s.meta[key]
         answers = [Answer(p, d) for p, d in zip(preds, digests, strict=True)]
         if explain:
             self._explain(samples, answers)
         return answers
 
     def _explain(self, samples: list[Any], answers: list[Answer]) -> None:
-        from meddx.explain.gradcam import overlay_png
-
+        """Images: Grad-CAM overlay PNGs. Others: the modality's explainer; findings in words
+        (EHR) go to ``prediction.notes["findings"]``."""
         names = self.predictor.task.class_names
-        with self._explain_lock:  # Grad-CAM hooks one network copy: one at a time
+        with self._explain_lock:  # the explainer hooks one network copy: one at a time
             if self._explainer is None:
                 self._explainer = self.predictor.modality.explainer(
                     self.predictor.model, self.card.preprocessing, task=self.predictor.task,
@@ -159,10 +174,18 @@ class ServedModel:
                 if isinstance(p.decision, str) and p.decision in names:
                     target = p.decision
                 index = names.index(target) if target in names else None
-                p.explanation = self._explainer.explain(s, index)
-                a.overlay_png = overlay_png(s.tensor, p.explanation)
-                a.image_png = _preview_png(s.tensor)
+                result = self._explainer.explain(s, index)
                 a.extra["explained_class"] = None if index is None else names[index]
+                if isinstance(result, tuple):  # (findings in words, attributions)
+                    p.notes["findings"] = list(result[0])[:5]
+                    p.explanation = result[1]
+                    continue
+                p.explanation = result
+                if self.modality == "image":
+                    from meddx.explain.gradcam import overlay_png
+
+                    a.overlay_png = overlay_png(s.tensor, p.explanation)
+                    a.image_png = _preview_png(s.tensor)
 
 
 def _load(path: str | Path, settings: ServeSettings) -> Any:

@@ -91,6 +91,8 @@ class ServeSettings(BaseModel):
     link_secret: str = Field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     feedback_log: Path | None = None
     critical_risk: float = Field(0.8, gt=0, le=1)
+    cds_explain: bool = Field(True, description="explain on cards: a heat-map page behind a "
+                              "link for images, top findings for others")
     fhir_server_allow: tuple[str, ...] = ()
     fhir_timeout_s: float = 3.0
 

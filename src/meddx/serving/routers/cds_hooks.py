@@ -89,7 +89,7 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
             logger.info("CDS %s: no input to assess; no card", service_id)
             return {"cards": []}
         digests = hook_input.digests
-        explain = served.modality == "image"
+        explain = st.settings.cds_explain
         answers = served.answer_sources(hook_input.sources, digests, explain=explain)
         cards = []
         for a in answers:
