@@ -227,6 +227,10 @@ class ImageExplainer:
             self._setup(x[:1])
         with torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast("cpu", enabled=False):
+            if class_index is not None and self.task is None and self._width(x) == 1:
+                # a one-logit (binary) network explained without its task: the only score
+                # there is, the positive class's
+                class_index = 0
             if class_index is None:
                 with torch.no_grad():
                     top = self._scores(x).argmax(dim=1)
@@ -237,6 +241,12 @@ class ImageExplainer:
                 warnings.filterwarnings("ignore", message="Full backward hook")
                 cam = self._cam(x, class_idx=int(class_index))
         return np.stack([_unit(m) for m in cam.detach().float().numpy()[:, 0]])
+
+    def _width(self, x: torch.Tensor) -> int:
+        if not hasattr(self, "_n_out"):
+            with torch.no_grad():
+                self._n_out = int(self._scores(x[:1]).shape[1])
+        return self._n_out
 
     def plot(self, sample: Any, attribution: np.ndarray, path: str | Path) -> Path:
         """Write the overlay PNG of ``sample`` with ``attribution`` to ``path``."""
