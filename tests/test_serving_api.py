@@ -272,3 +272,35 @@ def test_real_server_on_loopback(package, settings, auth, png):
                        files={"file": ("x.png", png, "image/png")}, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["heatmap_png"]
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_blank_image_is_422(client, auth):
+    r = client.post(URL, headers=auth,
+                    files={"file": ("blank.png", _png(np.zeros((64, 64), np.uint8)), "image/png")})
+    assert r.status_code == 422 and "blank" in r.json()["message"]
+
+
+def test_image_far_smaller_than_the_model_grid_is_422(client, auth):
+    tiny = np.random.default_rng(0).integers(0, 255, (4, 4), dtype=np.uint8)
+    r = client.post(URL, headers=auth, files={"file": ("tiny.png", _png(tiny), "image/png")})
+    assert r.status_code == 422 and "pixels" in r.json()["message"]
+
+
+def test_intensity_outside_the_training_range_is_refused():
+    from meddx.errors import InputMismatchError
+    from meddx.serving.inputs import check_plausible
+
+    spec = {"size": 28, "spatial_dims": 2, "intensity_range": [0.2, 0.6]}
+    x = np.full((1, 28, 28), 0.95, np.float32)
+    x[0, 0, 0] = 0.0
+    with pytest.raises(InputMismatchError, match="outside the range"):
+        check_plausible(x, spec, 784)
+    check_plausible(x * 0.4, spec, 784)

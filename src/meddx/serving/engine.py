@@ -21,7 +21,7 @@ import numpy as np
 from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
 from meddx.serving.audit import sha256_bytes
-from meddx.serving.inputs import Upload, check_upload
+from meddx.serving.inputs import Upload, check_plausible, check_upload
 from meddx.serving.settings import ServeSettings
 
 __all__ = ["Answer", "ServedModel", "ModelHub"]
@@ -122,14 +122,18 @@ class ServedModel:
     def read(self, uploads: list[Upload]) -> list[Any]:
         """Check and decode uploads into Samples (content type, pixel cap, modality reader)."""
         accepted = getattr(self.predictor.modality, "upload_content_types", None)
-        for u in uploads:
-            check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
+        pixels = [check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
+                  for u in uploads]
         if self.modality == "ecg" and any((u.name or "").lower().endswith(".hea")
                                           for u in uploads):
             sources = _wfdb_records(uploads)  # a header and its signal files are one input
         else:
             sources = [{"name": u.name, "data": u.data} for u in uploads]
-        return [self.predictor.read(s) for s in sources]
+        samples = [self.predictor.read(s) for s in sources]
+        if self.modality == "image":
+            for s, n in zip(samples, pixels, strict=True):
+                check_plausible(s.tensor, self.card.preprocessing, n)
+        return samples
 
     def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
         """Predict for uploads; with ``explain`` add the Grad-CAM overlay of each input."""
@@ -143,6 +147,9 @@ class ServedModel:
                        explain: bool = False) -> list[Answer]:
         """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
         samples = [self.predictor.read(s) for s in sources]
+        if self.modality == "image":
+            for s in samples:
+                check_plausible(s.tensor, self.card.preprocessing, None)
         return self.answer_samples(samples, digests, explain)
 
     def answer_samples(self, samples: list[Any], digests: list[str],
