@@ -41,18 +41,31 @@ def _image_pictures(package: Any, modality: Any, split: Any, cases: list[dict[st
 
 
 def _other_pictures(package: Any, modality: Any, split: Any, cases: list[dict[str, Any]]) -> None:
+    """The modality's explainer: a plot when it draws one, findings in words when it gives
+    ``(findings, attributions)`` (EHR, tabular)."""
     card = package.card
-    explainer = modality.explainer(package.build_model(), card.preprocessing, task=card.task)
+    model = package.build_model()
+    try:
+        explainer = modality.explainer(model, card.preprocessing, task=card.task)
+    except TypeError:  # an explainer that takes no task (class indices are its own)
+        explainer = modality.explainer(model, card.preprocessing)
+    plot = getattr(explainer, "plot", None)
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             tensor = modality.item_tensor(split.inputs[case["index"]], card.preprocessing)
             sample = Sample(id=case["id"], tensor=tensor)
             attribution = explainer.explain(sample, case["explain_class"])
-            path = Path(tmp) / f"{case['index']}.png"
-            explainer.plot(sample, attribution, path)
-            case["image"] = base64.b64encode(path.read_bytes()).decode("ascii")
-            case["image_caption"] = "attribution of the input to "\
-                f"'{card.task.class_names[case['explain_class']]}'"
+            target = card.task.class_names[case["explain_class"]]
+            if isinstance(attribution, tuple):
+                findings, attribution = attribution
+                case["findings"] = [str(f) for f in findings][:6]
+            if plot is not None:
+                path = Path(tmp) / f"{case['index']}.png"
+                plot(sample, attribution, path)
+                case["image"] = base64.b64encode(path.read_bytes()).decode("ascii")
+                case["image_caption"] = f"attribution of the input to '{target}'"
+            elif "findings" not in case:
+                case["image_note"] = "the modality's explainer draws no picture"
 
 
 def attach_explanations(package: Any, modality: Any, split: Any, cases: list[dict[str, Any]],
