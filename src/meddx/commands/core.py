@@ -124,7 +124,7 @@ def train(
     if package is None:  # non-zero DDP rank
         return
     t = package.card.training
-    console.print(f"[bold green]trained[/] {package.card.name}: best val "
+    console.print(f"[bold green]trained[/] {package.card.name}: best "
                   f"{t.get('selection_metric')} = {t.get('best_score', float('nan')):.4f} at epoch "
                   f"{t.get('best_epoch')}, {t.get('wall_time_s')} s")
     if package.card.calibration:

@@ -241,7 +241,8 @@ class Modality(ABC):
 
     # ------------------------------------------------------------ explanation
     def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any) -> Any:
-        """An object with ``explain(tensor, class_index) -> np.ndarray`` (same grid as input)."""
+        """An object with ``explain(sample, class_index=None)`` returning the attribution
+        (same grid as the input) and ``plot(sample, attribution, path)`` writing a PNG."""
         raise ConfigError(f"modality '{self.name}' has no explainer yet")
 
     # ------------------------------------------------------------------- FHIR

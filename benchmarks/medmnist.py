@@ -1,0 +1,121 @@
+"""MedMNIST v2 benchmark: train the default configs over several seeds, test once per seed.
+
+For each dataset (breastmnist, retinamnist, adrenalmnist3d) and seed: `meddx.train` on the
+config in configs/ (model chosen on the validation split only), then ONE pass over the test
+split for AUC and ACC computed as MedMNIST v2 does (AUC: binary on the positive class, else
+macro one-vs-rest; ACC: argmax). Mean and 95% t-interval over seeds are written beside the
+published rows (../shared/reference/medmnist_v2_benchmark.md) to results/medmnist.{json,md}.
+
+    python benchmarks/medmnist.py [--datasets breastmnist retinamnist adrenalmnist3d]
+                                  [--seeds 0 1 2] [--epochs N] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from _common import RESULTS, environment, write
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PUBLISHED = {  # test AUC / ACC, Yang et al. 2023 (MedMNIST v2 table)
+    "breastmnist": {"ResNet-18 (28)": (0.901, 0.863), "Google AutoML Vision": (0.919, 0.861)},
+    "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "Google AutoML Vision": (0.750, 0.531)},
+    "adrenalmnist3d": {"ResNet-18 + 3D": (0.827, 0.721), "ResNet-50 + 3D": (0.828, 0.745)},
+}
+
+
+def test_metrics(predictor, bundle) -> dict[str, float]:
+    task = bundle.task
+    split = bundle.splits["test"]
+    _, probs = predictor.predict_split(split)
+    y = task.target_index(split.targets)
+    if task.kind == "binary":
+        auc = roc_auc_score(y == task.positive_index, probs[:, task.positive_index])
+    else:
+        auc = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    return {"auc": float(auc), "acc": float(accuracy_score(y, probs.argmax(1)))}
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def run_one(name: str, seed: int, epochs: int | None, threads: int, workdir: Path) -> dict:
+    from meddx.config import load_config
+    from meddx.inference import load_model
+    from meddx.training import load_bundle, train
+
+    cfg = load_config(CONFIGS / f"{name}.yaml").updated(
+        **{"seed": seed, "train.epochs": epochs, "train.threads": threads})
+    start = time.perf_counter()
+    package = train(cfg, out=workdir / f"{name}-s{seed}", progress=False, post_hoc=False)
+    wall = time.perf_counter() - start
+    bundle = load_bundle(cfg)
+    metrics = test_metrics(load_model(package.path, backend="torch"), bundle)
+    t = package.card.training
+    return {"dataset": name, "seed": seed, **metrics, "val_auc": t.get("best_score"),
+            "best_epoch": t.get("best_epoch"), "epochs_run": t.get("epochs_run"),
+            "train_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(PUBLISHED))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meddx-medmnist-"))
+    partial = RESULTS / "medmnist.partial.jsonl"
+    runs = []
+    for name in args.datasets:
+        for seed in args.seeds:
+            r = run_one(name, seed, args.epochs, args.threads, workdir)
+            runs.append(r)
+            with partial.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps(r), flush=True)
+    write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> str:
+    env = environment()
+    md = ["# MedMNIST v2: meddx defaults vs the published table", "",
+          f"Test split, read once per seed; model selection on val only. Seeds {args.seeds}; "
+          f"{env['cpu']}, {args.threads} threads, torch {env['torch']}, {env['date']}. "
+          "Mean and 95% t-interval over seeds.", "",
+          "| dataset | method | test AUC | test ACC | train wall time / seed |", "|---|---|---|---|---|"]
+    for name in args.datasets:
+        rs = [r for r in runs if r["dataset"] == name]
+        if not rs:
+            continue
+        auc, acc = interval([r["auc"] for r in rs]), interval([r["acc"] for r in rs])
+        wall = statistics.fmean(r["train_wall_s"] for r in rs)
+        md.append(f"| {name} | **meddx resnet18** | **{auc[0]:.3f}** ({auc[1]:.3f}–{auc[2]:.3f}) | "
+                  f"**{acc[0]:.3f}** ({acc[1]:.3f}–{acc[2]:.3f}) | {wall / 60:.1f} min |")
+        for method, (a, c) in PUBLISHED[name].items():
+            md.append(f"| {name} | {method} (published) | {a:.3f} | {c:.3f} | |")
+    md += ["", "Per seed:", "", "| dataset | seed | test AUC | test ACC | val AUC | best epoch | "
+           "epochs run | wall s |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['dataset']} | {r['seed']} | {r['auc']:.3f} | {r['acc']:.3f} | "
+           f"{(r['val_auc'] or float('nan')):.3f} | {r['best_epoch']} | {r['epochs_run']} | "
+           f"{r['train_wall_s']} |" for r in runs]
+    return "\n".join(md) + "\n"
+
+
+if __name__ == "__main__":
+    main()
