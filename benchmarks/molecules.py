@@ -98,7 +98,7 @@ def summary(values: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {"mean": round(float(v.mean()), 4), "n_seeds": len(v)}
     if len(v) > 1:
         sd = float(v.std(ddof=1))
-        half = float(stats.t.ppf(0.975, len(v) - 1)) * sd / np.sqrt(len(v))
+        half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
         out.update(sd=round(sd, 4), ci95=[round(float(v.mean()) - half, 4),
                                           round(float(v.mean()) + half, 4)])
     return out

@@ -100,3 +100,18 @@ def test_fasta_training_data_with_labels_csv(tmp_path: Path) -> None:
     assert sum(len(s) for s in b.splits.values()) == 20
     assert get_modality("sequence").transforms(True, b.input_spec, None) is not None
     assert get_modality("sequence").transforms(False, b.input_spec, None) is None
+
+
+def test_seq_models_take_their_length_and_options() -> None:
+    import torch
+
+    spec = {"spatial_dims": 1, "in_channels": 4, "size": 57, "length": 57}
+    x = torch.zeros(2, 4, 57)
+    for name, options in [("seq_cnn", {}), ("seq_cnn", {"global_pool": True, "pools": [1]}),
+                          ("seq_cnn_gru", {})]:
+        net = build_network(name, num_outputs=3, spec=spec, options=options)
+        assert net(x).shape == (2, 3)
+    with pytest.raises(ConfigError, match="too short"):
+        build_network("seq_cnn", num_outputs=1, spec={**spec, "size": 3, "length": 3})
+    with pytest.raises(ConfigError, match="does not accept"):
+        build_network("seq_cnn", num_outputs=1, spec=spec, options={"filterz": [8]})

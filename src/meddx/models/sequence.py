@@ -66,18 +66,22 @@ def _check(in_channels: int, length: int | None) -> int:
 
 
 class SeqCNN(nn.Module):
-    """Convolution blocks → flatten → FC → logits."""
+    """Convolution blocks → flatten (or global max-pool) → FC → logits."""
 
     def __init__(self, length: int, num_outputs: int, filters: Sequence[int],
-                 kernels: Sequence[int], pools: Sequence[int], hidden: int, dropout: float
-                 ) -> None:
+                 kernels: Sequence[int], pools: Sequence[int], hidden: int, dropout: float,
+                 global_pool: bool = False) -> None:
         super().__init__()
         self.features, c = _blocks(4, filters, kernels, pools, dropout / 2)
         n = _out_length(length, kernels, pools)
         if n < 1:
             raise ConfigError(f"sequence length {length} is too short for {len(pools)} "
                               f"pooling steps {list(pools)}", hint="use fewer or smaller pools")
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * n, hidden),
+        # global max-pooling keeps *whether* a motif occurs, not where: for motifs at variable
+        # offsets (promoter boxes) and small data sets
+        head: list[nn.Module] = [nn.AdaptiveMaxPool1d(1)] if global_pool else []
+        self.classifier = nn.Sequential(*head, nn.Flatten(), nn.Linear(c * (1 if global_pool
+                                                                             else n), hidden),
                                         nn.ReLU(inplace=True), nn.Dropout(dropout),
                                         nn.Linear(hidden, num_outputs))
 
@@ -106,19 +110,21 @@ class SeqCNNGRU(nn.Module):
 def seq_cnn(*, num_outputs: int, spatial_dims: int = 1, in_channels: int = 4,
             size: int | None = None, length: int | None = None,
             filters: Sequence[int] = (64, 128, 128), kernels: Sequence[int] = (9, 5, 3),
-            pools: Sequence[int] = (2, 2, 1), hidden: int = 128, dropout: float = 0.3
-            ) -> nn.Module:
+            pools: Sequence[int] = (2, 2, 1), hidden: int = 128, dropout: float = 0.3,
+            global_pool: bool = False) -> nn.Module:
     """DeepSEA/Basset-style 1D CNN for fixed-length one-hot DNA (4 × ``length``).
 
     Args:
         filters / kernels / pools: per convolution block (pool 1 = none).
         hidden: width of the fully connected layer.
         dropout: before the last layer (half of it after each block).
+        global_pool: max over all positions before the FC layer (position-invariant motifs)
+            instead of flattening the map (position-specific, the default).
     """
     if spatial_dims != 1:
         raise ConfigError(f"seq_cnn is 1D; got spatial_dims={spatial_dims}")
     n = _check(in_channels, length or size)
-    return SeqCNN(n, num_outputs, filters, kernels, pools, hidden, dropout)
+    return SeqCNN(n, num_outputs, filters, kernels, pools, hidden, dropout, global_pool)
 
 
 @network(modality="sequence", example_spec=_EX, example_input=_example,
