@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_data
 from meddx.errors import DataError
 from meddx.modalities.ehr import EHRModality
 from meddx.modalities.ehr_features import BINS, STATIC_NAMES, decode_values, layout
@@ -19,8 +20,6 @@ from meddx.modalities.ehr_fhir import (
     stay_from_fhir,
 )
 from meddx.modalities.ehr_io import series_variables
-
-from conftest import require_data
 
 STAYS = ["set-a/132539.txt", "set-a/132570.txt", "set-b/142731.txt"]
 
@@ -212,13 +211,25 @@ def test_cli_export(stay_path):
     assert b["resourceType"] == "Bundle" and len(b["entry"]) == 270
 
 
-def test_fast_path_is_fast(bundle):
-    import time
-
+def test_fast_path_reads_a_large_prefetch(bundle):
+    # speed is measured in benchmarks (timings do not belong in tests on a shared machine)
     big = copy.deepcopy(bundle)
     big["entry"] += copy.deepcopy(bundle["entry"][2:]) * 5  # ~1,600 Observations
-    start = time.perf_counter()
     stay = stay_from_fhir(big)
-    assert time.perf_counter() - start < 0.1
     assert len(stay.events) == 6 * 267
     assert np.isfinite(stay.age)
+
+
+def test_encoded_tensor_input_is_checked(stay_path, spec):
+    from meddx.errors import InputMismatchError
+
+    m = EHRModality()
+    s = m.read(stay_path, spec)
+    again = m.read(s.tensor.numpy(), spec)
+    assert torch.equal(again.tensor, s.tensor) and again.meta["hours_used"] == 48
+    with pytest.raises(InputMismatchError, match="shape"):
+        m.read(np.zeros((10, 48), np.float32), spec)
+    with pytest.raises(DataError, match="cannot assess"):
+        m.read(np.zeros((spec["channels"], 48), np.float32), spec)
+    with pytest.raises(InputMismatchError, match="not trained on ICU stays"):
+        m.read(stay_path, {"format": "tabular"})

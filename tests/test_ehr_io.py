@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_data
 from meddx.errors import DataError
 from meddx.modalities.ehr_io import (
     read_outcomes,
@@ -17,8 +18,6 @@ from meddx.modalities.ehr_io import (
     split_list_path,
     variables,
 )
-
-from conftest import require_data
 
 STAY = "ehr/physionet2012/set-a/132539.txt"
 

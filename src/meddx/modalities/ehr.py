@@ -109,7 +109,7 @@ class EHRModality(Modality):
         split_lists: str | None = None
         on_malformed: Literal["warn", "error"] = "warn"
         truncate_min_hours: int = Field(6, ge=1, le=BINS)
-        truncate_probability: float = Field(1.0, ge=0.0, le=1.0)
+        truncate_probability: float = Field(0.5, ge=0.0, le=1.0)
         progress: bool = True
 
     # ---------------------------------------------------------------- loading
@@ -284,6 +284,8 @@ class EHRModality(Modality):
                 ("cannot assess" — never a risk of 0).
         """
         self._check_spec(input_spec)
+        if isinstance(source, np.ndarray | torch.Tensor):
+            return self._encoded(source, input_spec)
         stay, kind = self._stay(source, input_spec.get("on_malformed", "warn"))
         b = bin_stay(stay, int(input_spec.get("length", BINS)))
         x = encode(b.values, b.static, b.hours, input_spec["stats"])
@@ -310,6 +312,20 @@ class EHRModality(Modality):
         return Sample(id=stay.record_id, tensor=torch.from_numpy(x), meta=meta)
 
     @staticmethod
+    def _encoded(x: Any, spec: dict[str, Any]) -> Sample:
+        """An already encoded stay ``(C, T)`` (e.g. from a split), checked for shape."""
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        want = (int(spec["channels"]), int(spec["length"]))
+        if tuple(t.shape) != want:
+            raise InputMismatchError(f"an encoded stay must have shape {want}, got "
+                                     f"{tuple(t.shape)}",
+                                     hint="give a stay file, a FHIR Bundle or a CDS prefetch")
+        hours = int(t[spec["layout"]["valid"][0]].sum())
+        if hours == 0 or not bool(t[spec["layout"]["masks"][0]:spec["layout"]["masks"][1]].any()):
+            raise DataError("cannot assess: the stay has no observations")
+        return Sample(id="stay", tensor=t, meta={"source_format": "tensor", "hours_used": hours})
+
+    @staticmethod
     def _check_spec(spec: dict[str, Any]) -> None:
         if spec.get("format") != "physionet2012-hourly":
             raise InputMismatchError("this model was not trained on ICU stays",
@@ -327,7 +343,7 @@ class EHRModality(Modality):
         if not train or (augment is not None and not getattr(augment, "enabled", True)):
             return None
         return RandomTruncation(input_spec["layout"], int(input_spec.get("min_train_hours", 6)),
-                                float(input_spec.get("truncate_probability", 1.0)))
+                                float(input_spec.get("truncate_probability", 0.5)))
 
     # ----------------------------------------------------------------- models
     def default_network(self, task: Any, input_spec: dict[str, Any]

@@ -78,37 +78,58 @@ def summary_features(x: torch.Tensor, n_vars: int, n_static: int) -> torch.Tenso
 
 
 class GRUD(nn.Module):
-    """GRU-D (Che et al. 2018) on binned inputs with a ``valid`` window channel."""
+    """GRU-D (Che et al. 2018) on binned inputs with a ``valid`` window channel.
+
+    Options beyond the paper: ``pooling="mean_max"`` reads the hidden states of every valid
+    bin (last, mean and max) instead of the last one only; ``wide=True`` adds a linear path on
+    the summary features (a "wide and deep" model: the logistic baseline plus the recurrent
+    network's correction).
+    """
 
     def __init__(self, n_vars: int, n_static: int, num_outputs: int, hidden: int = 64,
-                 dropout: float = 0.3) -> None:
+                 dropout: float = 0.3, pooling: str = "last", wide: bool = False) -> None:
         super().__init__()
+        if pooling not in ("last", "mean_max"):
+            raise ConfigError(f"grud pooling must be 'last' or 'mean_max', got {pooling!r}")
         self.n_vars, self.n_static = n_vars, n_static
+        self.pooling = pooling
+        self.wide = nn.Linear(5 * n_vars + n_static, num_outputs) if wide else None
         self.decay_x_w = nn.Parameter(torch.full((n_vars,), 1.0))
         self.decay_x_b = nn.Parameter(torch.zeros(n_vars))
         self.decay_h = nn.Linear(n_vars, hidden)
         self.h0 = nn.Linear(n_static, hidden)
         self.cell = nn.GRUCell(2 * n_vars, hidden)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden + n_static, hidden),
+        width = hidden * (3 if pooling == "mean_max" else 1) + n_static
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden),
                                   nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, mask, delta, static, valid = _split(x, self.n_vars, self.n_static)
-        t_len = values.shape[-1]
-        # last observed value so far (0 = the train mean before the first observation)
-        t = torch.arange(t_len, device=x.device)
-        idx = torch.where(mask > 0, t, torch.zeros_like(t)).cummax(-1).values
-        x_last = values.gather(-1, idx) * (mask.cumsum(-1) > 0)
         gamma_x = torch.exp(-torch.relu(self.decay_x_w[:, None] * delta + self.decay_x_b[:, None]))
-        x_hat = mask * values + (1 - mask) * gamma_x * x_last
         gamma_h = torch.exp(-torch.relu(self.decay_h(delta.transpose(1, 2))))  # (B, T, H)
-        inputs = torch.cat([x_hat, mask], dim=1).transpose(1, 2)  # (B, T, 2V)
         h = torch.tanh(self.h0(static))
-        for step in range(t_len):
-            new = self.cell(inputs[:, step], h * gamma_h[:, step])
+        # last observed value so far; 0 (the train mean) before the first observation. Carried
+        # in the loop rather than with cummax, which ONNX does not have.
+        x_last = torch.zeros_like(values[:, :, 0])
+        total = torch.zeros_like(h)
+        top = torch.full_like(h, -1.0)  # tanh-bounded states: -1 is the floor
+        for step in range(values.shape[-1]):
+            m, v = mask[:, :, step], values[:, :, step]
+            x_hat = m * v + (1 - m) * gamma_x[:, :, step] * x_last
+            x_last = m * v + (1 - m) * x_last
+            new = self.cell(torch.cat([x_hat, m], dim=1), h * gamma_h[:, step])
             keep = valid[:, step, None]
             h = keep * new + (1 - keep) * h
-        return self.head(torch.cat([h, static], dim=1))
+            if self.pooling == "mean_max":
+                total = total + keep * h
+                top = torch.maximum(top, keep * h + (1 - keep) * -1.0)
+        if self.pooling == "mean_max":
+            mean = total / valid.sum(1, keepdim=True).clamp_min(1)
+            h = torch.cat([h, mean, top], dim=1)
+        out = self.head(torch.cat([h, static], dim=1))
+        if self.wide is not None:
+            out = out + self.wide(summary_features(x, self.n_vars, self.n_static))
+        return out
 
 
 class EHRTransformer(nn.Module):
@@ -167,10 +188,12 @@ def _no_extra(name: str, extra: dict[str, Any]) -> None:
 @network(modality="ehr", example_spec=_EHR_SPEC, example_input=_ehr_example)
 def grud(*, num_outputs: int, spatial_dims: int = 1, in_channels: int, size: int | None = None,
          n_vars: int, n_static: int, hidden: int = 64, dropout: float = 0.3,
-         **extra: Any) -> nn.Module:
-    """GRU-D-style recurrent network (values, masks, time since last, learned decay)."""
+         pooling: str = "last", wide: bool = False, **extra: Any) -> nn.Module:
+    """GRU-D-style recurrent network (values, masks, time since last, learned decay);
+    ``pooling`` "last" or "mean_max", ``wide`` adds a linear path on summary features."""
     _no_extra("grud", extra)
-    return GRUD(n_vars, n_static, num_outputs, hidden=hidden, dropout=dropout)
+    return GRUD(n_vars, n_static, num_outputs, hidden=hidden, dropout=dropout, pooling=pooling,
+                wide=wide)
 
 
 @network(modality="ehr", example_spec=_EHR_SPEC, example_input=_ehr_example)

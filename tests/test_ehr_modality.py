@@ -1,0 +1,205 @@
+"""EHR modality on a tiny PhysioNet 2012 folder: splits, features, truncation, networks,
+explanations, the predictor from a Bundle vs the file; the tabular modality; Event 1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import require_data
+from meddx.config import DataConfig
+from meddx.errors import InputMismatchError
+from meddx.evaluation.icu_score import event1_score, event1_threshold
+from meddx.modalities import get_modality
+from meddx.modalities.ehr import EHRModality, RandomTruncation
+from meddx.modalities.ehr_features import encode, truncate
+from meddx.models import build_network
+
+N_STAYS = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """60 real stays (symlinked, never copied into the repo) + their outcomes."""
+    src = require_data("ehr/physionet2012")
+    root = tmp_path_factory.mktemp("p2012")
+    (root / "set-a").mkdir()
+    outcomes = pd.read_csv(src / "Outcomes-a.txt")
+    # all deaths among the first 200 stays, then survivors, for two classes in every split
+    head = outcomes.iloc[:200]
+    pick = pd.concat([head[head["In-hospital_death"] == 1].iloc[:15],
+                      head[head["In-hospital_death"] == 0].iloc[:N_STAYS - 15]])
+    for rid in pick["RecordID"]:
+        (root / "set-a" / f"{rid}.txt").symlink_to(src / "set-a" / f"{rid}.txt")
+    pick.to_csv(root / "Outcomes-a.txt", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_root, tmp_path_factory):
+    old = os.environ.get("MEDDX_CACHE")
+    os.environ["MEDDX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        data = DataConfig(path=str(tiny_root), modality="ehr", val_fraction=0.2,
+                          test_fraction=0.2, options={"progress": False})
+        yield EHRModality().load(data, None, None, seed=0)
+    finally:
+        if old is None:
+            os.environ.pop("MEDDX_CACHE", None)
+        else:
+            os.environ["MEDDX_CACHE"] = old
+
+
+def test_load_splits_metadata_and_spec(bundle):
+    assert list(bundle.splits) == ["train", "val", "calib", "test"]
+    ids = [i for s in bundle.splits.values() for i in s.ids]
+    assert len(ids) == len(set(ids)) == N_STAYS
+    spec = bundle.input_spec
+    for s in bundle.splits.values():
+        assert s.inputs.shape[1:] == (spec["channels"], 48)
+        assert set(s.metadata.columns) >= {"sex", "age_band", "icu_type", "saps_i", "hours"}
+    assert bundle.task.positive_class == "died"
+    assert sum(int(s.targets.sum()) for s in bundle.splits.values()) == 15
+    # train statistics are in the spec (they travel in the card)
+    assert set(spec["stats"]["series"]) == set(spec["variables"])
+    train = bundle.splits["train"].inputs
+    hr = spec["variables"].index("HR")
+    seen = train[:, len(spec["variables"]) + hr] > 0
+    assert abs(train[:, hr][seen].mean()) < 0.05  # standardised with train statistics
+
+
+def test_truncation_equals_reading_fewer_hours(bundle, tiny_root):
+    spec = bundle.input_spec
+    m = EHRModality()
+    path = next((tiny_root / "set-a").iterdir())
+    full = m.read(path, spec)
+    assert full.meta["hours_used"] >= 24
+    # the same stay cut at 12 h by a prediction time: equals truncating the full tensor
+    from meddx.modalities.ehr_features import bin_stay
+    from meddx.modalities.ehr_io import read_physionet_stay
+
+    stay = read_physionet_stay(path)
+    stay.prediction_minutes = 11 * 60 + 59
+    b = bin_stay(stay)
+    at12 = encode(b.values, b.static, b.hours, spec["stats"])
+    np.testing.assert_array_equal(at12, truncate(full.tensor.numpy(), 12, spec["layout"]))
+    t = RandomTruncation(spec["layout"], min_hours=6)
+    torch.manual_seed(0)
+    for _ in range(5):
+        x = t(full.tensor)
+        h = int(x[-1].sum())
+        assert 6 <= h <= full.meta["hours_used"]
+        assert torch.equal(x, torch.from_numpy(truncate(full.tensor.numpy(), h, spec["layout"])))
+    assert m.transforms(False, spec, None) is None
+
+
+@pytest.mark.parametrize("name", ["grud", "ehr_transformer", "logistic", "mlp"])
+def test_networks_read_only_the_window(bundle, name):
+    spec = bundle.input_spec
+    small = {"grud": {"hidden": 16}, "ehr_transformer": {"d_model": 16, "layers": 1}}
+    net = build_network(name, num_outputs=1, spec=EHRModality().network_spec(spec),
+                        options=small.get(name)).eval()
+    x = torch.from_numpy(bundle.splits["train"].inputs[:4])
+    cut = truncate(x, 10, spec["layout"])
+    noisy = cut.clone()
+    v3 = spec["layout"]["deltas"][1]
+    noisy[:, :v3, 10:] = torch.randn_like(noisy[:, :v3, 10:])  # junk after the window
+    with torch.no_grad():
+        assert net(x).shape == (4, 1)
+        torch.testing.assert_close(net(cut), net(noisy))
+
+
+def test_explainer_names_findings_in_words(bundle):
+    spec = bundle.input_spec
+    net = build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
+                        options={"hidden": 16})
+    explainer = EHRModality().explainer(net, spec, n_steps=4)
+    words, attr = explainer.explain(torch.from_numpy(bundle.splits["test"].inputs[0]))
+    assert attr.shape == (spec["channels"], 48)
+    assert 1 <= len(words) <= 4 and all(isinstance(w, str) and w for w in words)
+    per = explainer.per_variable(attr)
+    assert set(per) == {*spec["variables"], "Age"}
+
+
+def test_describe_variable_words():
+    from meddx.modalities.ehr_features import describe_variable
+
+    lactate = np.full(48, np.nan)
+    lactate[[2, 10, 20]] = [1.5, 3.0, 4.2]
+    z = np.where(np.isnan(lactate), np.nan, np.log1p(lactate))
+    assert describe_variable("Lactate", lactate, z / 0.5) == "lactate high and rising (4.2 mmol/L)"
+    gcs = np.full(48, np.nan)
+    gcs[5] = 6
+    assert describe_variable("GCS", gcs) == "GCS low (6)"
+
+
+@pytest.mark.slow
+def test_predictor_gives_the_same_risk_from_bundle_and_file(tiny_root, tmp_path):
+    from meddx.inference import load_model
+    from meddx.modalities.ehr_fhir import physionet_to_bundle
+    from meddx.training import train
+
+    os.environ.setdefault("MEDDX_CACHE", str(tmp_path / "cache"))
+    package = train({"name": "icu-tiny", "seed": 0,
+                     "data": {"path": str(tiny_root), "modality": "ehr",
+                              "options": {"progress": False}},
+                     "model": {"name": "logistic"},
+                     "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": None,
+                               "precision": "32"}},
+                    out=tmp_path / "run", progress=False)
+    predictor = load_model(package.path, backend="torch")
+    path = next((tiny_root / "set-a").iterdir())
+    from_file, from_bundle = predictor.predict([path, physionet_to_bundle(path)])
+    assert from_file.probabilities == from_bundle.probabilities
+    assert from_file.notes["hours_used"] == from_bundle.notes["hours_used"]
+    ra = predictor.modality.to_fhir(from_bundle, predictor.card)
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    RiskAssessment.model_validate(ra)
+
+
+# ------------------------------------------------------------------------------ tabular
+@pytest.fixture(scope="module")
+def heart():
+    from meddx.catalog import get_entry
+
+    require_data("ehr/uci_heart_disease/processed.cleveland.data")
+    entry = get_entry("uci_heart")
+    return get_modality("tabular").load(DataConfig(dataset="uci_heart"), entry, entry.task, 0)
+
+
+def test_uci_heart_tabular(heart):
+    assert sum(len(s) for s in heart.splits.values()) == 303
+    assert heart.task.positive_class == "disease"
+    spec = heart.input_spec
+    assert "ca_missing" in spec["feature_names"] and "thal=7" in spec["feature_names"]
+    tab = get_modality("tabular")
+    row = {"age": 63, "sex": 1, "cp": 1, "trestbps": 145, "chol": 233, "fbs": 1, "restecg": 2,
+           "thalach": 150, "exang": 0, "oldpeak": 2.3, "slope": 3, "ca": None, "thal": 6,
+           "extra": 1}
+    s = tab.read(row, spec)
+    assert s.tensor.shape == (spec["n_features"],)
+    assert s.meta["imputed"] == ["ca"] and s.meta["ignored"] == ["extra"]
+    with pytest.raises(InputMismatchError, match="never seen"):
+        tab.read({**row, "thal": 9}, spec)
+    net = build_network("mlp", num_outputs=1, spec=tab.network_spec(spec))
+    words, attr = tab.explainer(net, spec).explain(s)
+    assert attr.shape == (spec["n_features"],) and len(words) == 4
+
+
+# ------------------------------------------------------------------------------ Event 1
+def test_event1_known_answer():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    s = np.array([.9, .8, .3, .2, .85, .7, .1, .1, .05, .0])
+    out = event1_score(y, s, 0.5)  # flags 4: TP 2 → Se 2/4, PPV 2/4
+    assert out == {"event1": 0.5, "sensitivity": 0.5, "ppv": 0.5, "threshold": 0.5,
+                   "n_flagged": 4}
+    thr, best = event1_threshold(y, s)
+    assert best == pytest.approx(event1_score(y, s, thr)["event1"])
+    assert (thr, best) == (0.2, pytest.approx(2 / 3))  # flags 6: Se 4/4, PPV 4/6
+    assert event1_score(y, s, 2.0)["event1"] == 0.0  # nothing flagged scores 0
