@@ -107,7 +107,7 @@ def test_seq_models_take_their_length_and_options() -> None:
 
     spec = {"spatial_dims": 1, "in_channels": 4, "size": 57, "length": 57}
     x = torch.zeros(2, 4, 57)
-    for name, options in [("seq_cnn", {}), ("seq_cnn", {"global_pool": True, "pools": [1]}),
+    for name, options in [("seq_cnn", {}), ("seq_cnn", {"global_pool": True, "pools": [1, 1, 1]}),
                           ("seq_cnn_gru", {})]:
         net = build_network(name, num_outputs=3, spec=spec, options=options)
         assert net(x).shape == (2, 3)
