@@ -184,6 +184,21 @@ def test_missing_prefetch_fetched_from_allow_listed_fhir_server(client, keys, fh
     assert any("patient=p-123" in h for h in hits)
 
 
+def test_unreachable_fhir_server_is_412(package, keys, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/fhir"
+    settings = ServeSettings(public_url=PUBLIC, research_use=True, warmup=False,
+                             issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
+                             audit_log=tmp_path / "audit.jsonl", fhir_server_allow=(dead,),
+                             fhir_timeout_s=1.0)
+    with TestClient(create_app([package.path], settings)) as c:
+        body = hook_body(None, fhirServer=dead, fhirAuthorization={"access_token": "t"})
+        assert call(c, keys, body).status_code == 412
+
+
 def test_fhir_server_not_allow_listed_is_412(client, keys):
     body = hook_body(None, fhirServer="https://elsewhere.test/fhir",
                      fhirAuthorization={"access_token": "t"})

@@ -13,12 +13,10 @@ A missing prefetch that cannot be fetched from ``fhirServer`` is a ``412``.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
 import threading
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -31,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from meddx.errors import DataError, ServingError
 from meddx.registry import Registry
 from meddx.serving.audit import sha256_bytes
-from meddx.serving.fhir import RESEARCH_NOTICE, attachment_from_resource
+from meddx.serving.fhir import attachment_from_resource
 
 __all__ = [
     "CDS_ADAPTERS",
@@ -44,6 +42,9 @@ __all__ = [
     "FeedbackRequest",
     "FeedbackStore",
     "PrefetchMissingError",
+    "adapter_for",
+    "ensure_input",
+    "fetch_missing",
     "render_template",
     "resources_in",
     "response_schema",
@@ -362,18 +363,6 @@ def validate_response(response: dict[str, Any]) -> None:
     import jsonschema
 
     jsonschema.Draft202012Validator(response_schema()).validate(response)
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def research_line(research: bool) -> list[str]:
-    return [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if research else []
 
 
 def ensure_input(hook_input: HookInput | None) -> HookInput | None:
