@@ -88,3 +88,16 @@ def test_dmpnn_package_predicts_and_explains_smiles(tmp_path: Path) -> None:
     for bad in ["C1CC", "", "*"]:
         with pytest.raises(DataError, match="invalid SMILES"):
             predictor.predict([bad])
+
+
+def test_explainer_draws_from_a_bare_model_input(tmp_path: Path) -> None:
+    """The evaluation report's error gallery hands explainers ``item_tensor`` output only."""
+    from meddx.modalities.base import Sample
+
+    mod = get_modality("molecule")
+    graph = mod.item_tensor("CC(=O)Nc1ccc(O)cc1", GRAPH)
+    explainer = mod.explainer(NitrogenCounter(), GRAPH)
+    sample = Sample(id="x", tensor=graph)
+    w = explainer.explain(sample, None)
+    assert w.shape == (11,)
+    assert explainer.plot(sample, w, tmp_path / "g.png").read_bytes()[:8] == PNG

@@ -114,8 +114,7 @@ class AtomExplainer:
     def _top_class(self, sample: Any) -> int:
         from meddx.modalities.molecule_io import featurize
 
-        smiles = sample if isinstance(sample, str) else sample.meta["smiles"]
-        x = featurize(smiles, self.input_spec)
+        x = featurize(_mol_smiles(sample), self.input_spec)
         if isinstance(x, torch.Tensor):
             batch = x.unsqueeze(0)
         else:
@@ -139,11 +138,18 @@ def _mol_of(sample: Any) -> Any:
 
     if isinstance(sample, str):
         return require_mol(sample)
-    smiles = getattr(sample, "meta", {}).get("smiles")
+    smiles = getattr(sample, "meta", {}).get("smiles") or getattr(
+        getattr(sample, "tensor", sample), "smiles", None)
     if smiles is None:
         raise ConfigError("this explanation needs the molecule's SMILES",
                           hint="pass the Sample from modality.read(), not a bare tensor")
     return require_mol(smiles)
+
+
+def _mol_smiles(sample: Any) -> str:
+    from rdkit import Chem
+
+    return sample if isinstance(sample, str) else Chem.MolToSmiles(_mol_of(sample))
 
 
 def _graph_of(sample: Any) -> Any:

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from chemprop.data import MolGraph
 
 from meddx.errors import DataError
 
@@ -25,6 +26,7 @@ __all__ = [
     "mol_graph",
     "fingerprint",
     "featurize",
+    "SmilesMolGraph",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,10 +110,20 @@ def _morgan(radius: int, bits: int) -> Any:
     return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=bits)
 
 
+class SmilesMolGraph(MolGraph):
+    """A Chemprop ``MolGraph`` that remembers its SMILES (``.smiles``), so an explainer handed
+    only the model input can still draw the molecule. Defined at module level: picklable for
+    DataLoader workers."""
+
+
 @lru_cache(maxsize=20000)
 def _cached(smiles: str, featurizer: str, radius: int, bits: int) -> Any:
     mol = require_mol(smiles)
-    return mol_graph(mol) if featurizer == "graph" else fingerprint(mol, radius, bits)
+    if featurizer != "graph":
+        return fingerprint(mol, radius, bits)
+    graph = SmilesMolGraph(*mol_graph(mol))
+    graph.smiles = smiles
+    return graph
 
 
 def featurize(smiles: str, input_spec: dict[str, Any]) -> Any:
