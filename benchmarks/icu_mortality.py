@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,11 @@ def _train(model: str, args: argparse.Namespace) -> tuple[Any, float]:
     if model == "logistic":
         dotted["train.lr"] = 3e-3
     cfg = cfg.updated(**dotted)
+    run = Path(args.runs) / model
+    # a checkpoint left by an earlier run would be restored as "best": start clean
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
-    package = train(cfg, out=Path(args.runs) / model, progress=False)
+    package = train(cfg, out=run, progress=False)
     return package, time.perf_counter() - start
 
 

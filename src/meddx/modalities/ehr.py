@@ -348,7 +348,7 @@ class EHRModality(Modality):
     # ----------------------------------------------------------------- models
     def default_network(self, task: Any, input_spec: dict[str, Any]
                         ) -> tuple[str, dict[str, Any]]:
-        return "grud", {"hidden": 64, "dropout": 0.3}
+        return "grud", {"hidden": 64, "dropout": 0.3, "pooling": "mean_max", "wide": True}
 
     def network_spec(self, input_spec: dict[str, Any]) -> dict[str, Any]:
         return {"spatial_dims": 1, "in_channels": int(input_spec["channels"]),

@@ -353,13 +353,19 @@ def describe_variable(name: str, raw: np.ndarray, z: np.ndarray | None = None) -
         return "on mechanical ventilation"
     obs = raw[seen]
     last = float(np.nanmean(obs)) if var.aggregate == "sum" else float(obs[-1])
-    level = "low" if last < var.normal_low else "high" if last > var.normal_high else "normal"
+    if np.isnan(var.normal_low) or np.isnan(var.normal_high):
+        level = ""  # no reference range (weight): the value speaks for itself
+    else:
+        level = ("low" if last < var.normal_low else "high" if last > var.normal_high
+                 else "normal")
     trend = ""
     if z is not None and seen.sum() >= 2:
         zs = z[seen]
         change = float(zs[-1] - zs[0])
         trend = "rising" if change > 0.5 else "falling" if change < -0.5 else ""
-    words = f"{var.plain} {level}" + (f" and {trend}" if trend else "")
+    words = " ".join(w for w in (var.plain, level, "and" if level and trend else "", trend) if w)
     unit = _UNITS.get(var.ucum, var.ucum)
+    sep = "" if not unit or unit.startswith("/") else " "
     per = " per hour" if var.aggregate == "sum" else ""
-    return f"{words} ({last:.3g}{' ' + unit if unit else ''}{per})"
+    value = f"{last:.3g}{sep}{unit}{per}"
+    return f"{words} ({value})" if level or trend else f"{words} {value}"

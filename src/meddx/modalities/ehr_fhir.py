@@ -293,12 +293,17 @@ def _effective(obs: Mapping[str, Any]) -> datetime | None:
 def _read_observation(stay: Stay, ref: str, obs: Mapping[str, Any], start: datetime,
                       index: Mapping[tuple[str, str], Variable],
                       on_malformed: OnMalformed) -> None:
-    codes = [(c.get("system", ""), c.get("code", "")) for c in
-             (obs.get("code") or {}).get("coding") or [] if isinstance(c, Mapping)]
-    var = next((index[c] for c in codes if c in index), None)
-    shown = ", ".join(f"{s}|{c}" for s, c in codes) or "no coding"
+    codings = (obs.get("code") or {}).get("coding") or []
+    var = None
+    for c in codings:
+        if isinstance(c, Mapping):
+            var = index.get((c.get("system", ""), c.get("code", "")))
+            if var is not None:
+                break
 
     def skip(reason: str, malformed: bool = True) -> None:
+        shown = ", ".join(f"{c.get('system', '')}|{c.get('code', '')}" for c in codings
+                          if isinstance(c, Mapping)) or "no coding"
         issue = Issue(ref, None, reason, shown)
         if malformed and on_malformed == "error":
             raise DataError(f"malformed Observation: {issue}", sample_id=stay.record_id)
