@@ -31,7 +31,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-OUT_JSON = RESULTS / "molecules.json"
 logger = logging.getLogger("benchmarks.molecules")
 
 DEEPCHEM_VAL = {  # Tox21 mean ROC-AUC, validation (ANCHORS.md)
@@ -104,15 +103,15 @@ def summary(values: list[float]) -> dict[str, Any]:
     return out
 
 
-def write(results: dict[str, Any]) -> None:
+def write(results: dict[str, Any], name: str) -> None:
     for entry in results["runs"].values():
         for part in ("val", "test"):
             entry[f"{part}_summary"] = summary([r[f"{part}_mean_auc"] for r in entry["runs"]])
         entry["train_wall_s_mean"] = round(float(np.mean([r["train_wall_s"]
                                                           for r in entry["runs"]])), 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps(results, indent=2))
-    (RESULTS / "molecules.md").write_text(markdown(results))
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(results))
 
 
 def _fmt(s: dict[str, Any]) -> str:
@@ -164,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="override configs/tox21.yaml")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results")
+    ap.add_argument("--results", default="molecules",
+                    help="results file stem under benchmarks/results (one per concurrent run)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -171,7 +172,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = (json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file()
+    out_json = RESULTS / f"{args.results}.json"
+    results: dict[str, Any] = (json.loads(out_json.read_text()) if out_json.is_file()
                                else {"runs": {}})
     results.update(machine=f"{os.cpu_count()} CPU cores (shared with other work)",
                    threads=args.threads,
@@ -189,7 +191,7 @@ def main() -> None:
             entry["runs"] = [r for r in entry["runs"] if r["seed"] != seed] + [run]
             logger.info("%s seed %d: val %.4f test %.4f (%.0f s)", key, seed,
                         run["val_mean_auc"], run["test_mean_auc"], run["train_wall_s"])
-            write(results)
+            write(results, args.results)
     print(markdown(results))  # noqa: T201 - a script's output
 
 
