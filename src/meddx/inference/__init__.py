@@ -23,7 +23,9 @@ from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
 from meddx.package import ModelPackage, load_package
 
-__all__ = ["Predictor", "Prediction", "load_model", "amx_available"]
+__all__ = ["Predictor", "Prediction", "load_model", "amx_available", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +67,23 @@ class Predictor:
         self.model = package.build_model()
         self.bf16 = amx_available() if bf16 is None else bf16
         self._onnx = None
-        if backend not in ("auto", "torch", "onnx"):
-            raise ConfigError(f"unknown backend '{backend}'; choose auto, torch or onnx")
-        if backend in ("auto", "onnx") and package.onnx_path is not None:
+        self._explainer = None
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        if backend != "torch" and package.onnx_path is not None:
             try:
                 from meddx.inference.onnx import OnnxBackend
 
-                self._onnx = OnnxBackend(package)
+                variant = "int8" if backend == "onnx-int8" else None
+                self._onnx = OnnxBackend(package, variant=variant)
             except ImportError as e:
-                if backend == "onnx":
-                    raise ConfigError("the onnx backend needs onnxruntime: pip install 'meddx[serve]'") from e
-        elif backend == "onnx":
+                if backend != "auto":
+                    raise ConfigError("the onnx backend needs onnxruntime: "
+                                      "pip install 'meddx[serve]'") from e
+        elif backend != "auto" and backend != "torch":
             raise ConfigError("package has no model.onnx", hint="run `meddx export MODEL --onnx`")
-        self.backend = "onnx" if self._onnx is not None else "torch"
+        self.backend = backend if self._onnx is not None and backend != "auto" else (
+            "onnx" if self._onnx is not None else "torch")
 
     # ----------------------------------------------------------------- logits
     @torch.inference_mode()
@@ -141,8 +147,7 @@ class Predictor:
         logits = self._sample_logits(samples, batch_size)
         preds = self.finalize(logits, [s.id for s in samples])
         for p, s in zip(preds, samples, strict=True):
-            notes = {k: v for k, v in s.meta.items() if k in ("hours_used", "ignored", "windows", "note")}
-            p.notes.update(notes)
+            p.notes.update({k: v for k, v in s.meta.items() if _small_json(v)})
         if explain:
             self._explain(samples, preds)
         return preds
@@ -227,9 +232,17 @@ class Predictor:
                 pred.review = said_positive != (only == op.positive_class)
         return pred
 
+    def explainer(self) -> Any:
+        """The modality's explainer for this model, built once (it hooks the fp32 network)."""
+        if self._explainer is None:
+            self._explainer = self.modality.explainer(
+                self.model, self.card.preprocessing, task=self.task,
+                network=self.card.network.get("name"))
+        return self._explainer
+
     def _explain(self, samples: list[Sample], preds: list[Prediction]) -> None:
         try:
-            explainer = self.modality.explainer(self.model, self.card.preprocessing)
+            explainer = self.explainer()
         except MeddxError as e:
             logger.warning("no explanation: %s", e)
             return
@@ -238,3 +251,13 @@ class Predictor:
             target = p.decision if isinstance(p.decision, str) and p.decision in names else p.label
             index = names.index(target) if isinstance(target, str) and target in names else 0
             p.explanation = explainer.explain(s, index)
+
+
+def _small_json(value: Any) -> bool:
+    """Sample metadata worth passing on as prediction notes (JSON-able, not bulky)."""
+    import json
+
+    try:
+        return len(json.dumps(value)) < 20_000
+    except (TypeError, ValueError):
+        return False

@@ -172,9 +172,7 @@ class ServedModel:
         names = self.predictor.task.class_names
         with self._explain_lock:  # the explainer hooks one network copy: one at a time
             if self._explainer is None:
-                self._explainer = self.predictor.modality.explainer(
-                    self.predictor.model, self.card.preprocessing, task=self.predictor.task,
-                    network=self.card.network.get("name"))
+                self._explainer = self.predictor.explainer()
             for s, a in zip(samples, answers, strict=True):
                 p = a.prediction
                 target = self.card.task.positive_class or p.label
@@ -198,15 +196,7 @@ class ServedModel:
 def _load(path: str | Path, settings: ServeSettings) -> Any:
     from meddx.inference import load_model
 
-    if settings.backend != "onnx-int8":
-        return load_model(path, backend=settings.backend, threads=settings.threads)
-    from meddx.inference.onnx import OnnxBackend
-
-    predictor = load_model(path, backend="onnx", threads=settings.threads)
-    # the Predictor takes any object with ``logits(batch)`` as its ONNX backend
-    predictor._onnx = OnnxBackend(predictor.package, variant="int8", threads=settings.threads)
-    predictor.backend = "onnx-int8"
-    return predictor
+    return load_model(path, backend=settings.backend, threads=settings.threads)
 
 
 class ModelHub:
