@@ -114,16 +114,19 @@ def test_networks_read_only_the_window(bundle, name):
         torch.testing.assert_close(net(cut), net(noisy))
 
 
-def test_explainer_names_findings_in_words(bundle):
+def test_explainer_names_findings_in_words(bundle, tmp_path):
     spec = bundle.input_spec
     net = build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
                         options={"hidden": 16})
-    explainer = EHRModality().explainer(net, spec, n_steps=4)
+    explainer = EHRModality().explainer(net, spec, n_steps=4, task=bundle.task, network="grud")
     words, attr = explainer.explain(torch.from_numpy(bundle.splits["test"].inputs[0]))
     assert attr.shape == (spec["channels"], 48)
     assert 1 <= len(words) <= 4 and all(isinstance(w, str) and w for w in words)
     per = explainer.per_variable(attr)
     assert set(per) == {*spec["variables"], "Age"}
+    png = explainer.plot(torch.from_numpy(bundle.splits["test"].inputs[0]), attr,
+                         tmp_path / "attr.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_describe_variable_words():
@@ -154,13 +157,15 @@ def test_predictor_gives_the_same_risk_from_bundle_and_file(tiny_root, tmp_path)
                     out=tmp_path / "run", progress=False)
     predictor = load_model(package.path, backend="torch")
     path = next((tiny_root / "set-a").iterdir())
-    from_file, from_bundle = predictor.predict([path, physionet_to_bundle(path)])
+    from_file, from_bundle = predictor.predict([path, physionet_to_bundle(path)], explain=True)
     assert from_file.probabilities == from_bundle.probabilities
     assert from_file.notes["hours_used"] == from_bundle.notes["hours_used"]
     ra = predictor.modality.to_fhir(from_bundle, predictor.card)
     from fhir.resources.R4B.riskassessment import RiskAssessment
 
     RiskAssessment.model_validate(ra)
+    assert ra["prediction"][0]["rationale"].startswith(f"{from_file.notes['hours_used']} h")
+    assert ra["note"][-1]["text"].startswith("Top contributing findings: ")
 
 
 # ------------------------------------------------------------------------------ tabular

@@ -361,6 +361,8 @@ class EHRModality(Modality):
         (findings in words, attributions ``(C, T)``)."""
         from meddx.modalities.ehr_explain import EHRExplainer
 
+        options.pop("task", None)  # a binary model always explains the risk of death
+        options.pop("network", None)
         return EHRExplainer(model, input_spec, **options)
 
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ own values ("lactate high and rising (4.2 mmol/L)", "GCS low (6)").
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,30 @@ class EHRExplainer:
         """
         attr = self.attributions(x, class_index)
         return self.findings(x, attr), attr
+
+    def plot(self, sample: Any, attribution: np.ndarray, path: str | Path,
+             title: str | None = None, top: int = 10) -> Path:
+        """PNG heat map: attribution per hour for the ``top`` variables (red raises the risk)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        v = len(self.names)
+        per_hour = attribution[:v] + attribution[v:2 * v]
+        order = np.argsort(-np.abs(per_hour).sum(-1))[:top]
+        lim = float(np.abs(per_hour[order]).max()) or 1.0
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(order) + 1.2), dpi=110)
+        ax.imshow(per_hour[order], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_yticks(range(len(order)), [variables()[self.names[i]].plain for i in order],
+                      fontsize=8)
+        ax.set_xlabel("hours since ICU admission")
+        ax.set_title(title or "contribution to the risk (red raises it)", fontsize=9)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out)
+        plt.close(fig)
+        return out
 
     @staticmethod
     def plain_name(parameter: str) -> str:

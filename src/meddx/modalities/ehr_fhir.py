@@ -480,6 +480,11 @@ def risk_assessment(prediction: Any, card: Any) -> dict[str, Any]:
     basis = [b for b in notes.get("basis") or [] if b]
     if basis:
         ra["basis"] = [{"reference": b} for b in dict.fromkeys(basis)]
-    if notes.get("findings"):
-        ra["note"].append({"text": "Top contributing findings: " + "; ".join(notes["findings"])})
+    findings = notes.get("findings")
+    explanation = getattr(prediction, "explanation", None)
+    if not findings and isinstance(explanation, tuple) and explanation and \
+            isinstance(explanation[0], list):
+        findings = explanation[0]  # (findings, attributions) from the EHR explainer
+    if findings:
+        ra["note"].append({"text": "Top contributing findings: " + "; ".join(findings)})
     return ra

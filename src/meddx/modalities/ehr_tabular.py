@@ -243,6 +243,8 @@ class TabularModality(Modality):
 
     def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any
                   ) -> TabularExplainer:
+        options.pop("task", None)
+        options.pop("network", None)
         return TabularExplainer(model, input_spec, **options)
 
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:
