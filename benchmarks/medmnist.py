@@ -89,7 +89,8 @@ def main() -> None:
             with partial.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
-    write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
+            # rewrite after every run so an interrupted benchmark still leaves its figures
+            write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
 
 
 def report(runs: list[dict], args: argparse.Namespace) -> str:

@@ -153,6 +153,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _recipe(model: str, epochs: int | None) -> str:
+    net = ("D-MPNN hidden 300, depth 3, mean aggregation" if model == "dmpnn"
+           else "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3")
+    text = (f"configs/tox21.yaml training recipe with {net}; 80/10/10 split; calib (10 % of the "
+            "data) carved from train")
+    return text + (f"; epochs {epochs}" if epochs else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -177,9 +185,7 @@ def main() -> None:
                                else {"runs": {}})
     results.update(machine=f"{os.cpu_count()} CPU cores (shared with other work)",
                    threads=args.threads,
-                   recipe="configs/tox21.yaml (D-MPNN hidden 300, depth 3; 80/10/10; calib 10 % "
-                          "of the data carved from train)" + (f"; epochs {args.epochs}"
-                                                             if args.epochs else ""))
+                   recipe=_recipe(args.model, args.epochs))
     for seed in args.seeds:
         for job in args.jobs:
             dataset, split = job.split("/")

@@ -90,3 +90,16 @@ def test_unknown_dataset_and_bad_split_name() -> None:
     bundle = load_bundle({"data": {"dataset": "breastmnist", "limit": 20}})
     with pytest.raises(DataError, match="no split 'holdout'"):
         bundle.split("holdout")
+
+
+def test_new_run_in_old_folder_never_reuses_old_weights(tmp_path: Path, breast_npz) -> None:
+    from meddx.training import train
+
+    cfg = {"name": "a", "data": {"dataset": "breastmnist", "limit": 32},
+           "train": {"epochs": 1, "batch_size": 16}}
+    first = train(cfg, out=tmp_path, progress=False, post_hoc=False)
+    cfg["seed"] = 7
+    second = train(cfg, out=tmp_path, progress=False, post_hoc=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["best.ckpt",
+                                                                                  "last.ckpt"]
+    assert first.sha256 != second.sha256

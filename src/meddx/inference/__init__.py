@@ -26,6 +26,8 @@ from meddx.package import ModelPackage, load_package
 __all__ = ["Predictor", "Prediction", "load_model", "amx_available", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+# sample metadata that FHIR answers are built from: passed on whatever its size
+ALWAYS_NOTES = ("basis", "patient", "encounter", "hours_used", "ignored")
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,8 @@ class Predictor:
         logits = self._sample_logits(samples, batch_size)
         preds = self.finalize(logits, [s.id for s in samples])
         for p, s in zip(preds, samples, strict=True):
-            p.notes.update({k: v for k, v in s.meta.items() if _small_json(v)})
+            p.notes.update({k: v for k, v in s.meta.items()
+                            if k in ALWAYS_NOTES or _small_json(v)})
         if explain:
             self._explain(samples, preds)
         return preds

@@ -192,13 +192,16 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     ckpt = run / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
         raise ConfigError(f"nothing to resume: {ckpt} does not exist")
+    if not resume:
+        _clear_checkpoints(run / "checkpoints")
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if resume else None,
                 weights_only=True if resume else None)
     wall = time.perf_counter() - start
     if trainer.global_rank != 0:
         return None  # type: ignore[return-value]
-    best = _restore_best(module, run)
+    best = _restore_best(module, Path(trainer.checkpoint_callback.best_model_path or
+                                      run / "checkpoints" / "best.ckpt"))
     package = save_package(run / "model", module.model.to(memory_format=torch.contiguous_format),
                            _card(cfg, bundle, net_name, net_options, trainer, best, wall))
     logger.info("saved model package to %s", package.path)
@@ -207,8 +210,17 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     return package
 
 
-def _restore_best(module: Any, run: Path) -> dict[str, Any]:
-    best = run / "checkpoints" / "best.ckpt"
+def _clear_checkpoints(folder: Path) -> None:
+    """A fresh run in an old folder must never pick up the previous run's weights."""
+    old = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if old:
+        logger.warning("starting a new run in %s: removing %d old checkpoint(s) "
+                       "(use --resume to continue instead)", folder.parent, len(old))
+        for f in old:
+            f.unlink()
+
+
+def _restore_best(module: Any, best: Path) -> dict[str, Any]:
     if not best.is_file():
         return {}
     state = torch.load(best, map_location="cpu", weights_only=True)
