@@ -53,18 +53,12 @@ class TemperatureScaler:
         return apply_temperature(self.task, logits, self.temperature_)
 
 
-def _confidence_and_correct(y_index: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = probs.argmax(axis=1)
-    return probs.max(axis=1), (pred == y_index).astype(float)
+def _binned(y_index: np.ndarray, probs: np.ndarray, n_bins: int, positive_index: int | None
+            ) -> list[tuple[float, float, int]]:
+    """(mean confidence, observed frequency, count) per non-empty equal-width bin.
 
-
-def expected_calibration_error(
-    y_index: np.ndarray, probs: np.ndarray, n_bins: int = 15, positive_index: int | None = None
-) -> float:
-    """ECE with equal-width bins.
-
-    With ``positive_index``: calibration of the positive-class probability (binary tasks, the
-    probability clinicians read); otherwise top-label confidence against accuracy.
+    With ``positive_index``: the positive-class probability against the positive rate (binary
+    tasks: the probability clinicians read); otherwise top-label confidence against accuracy.
     """
     probs = np.asarray(probs, dtype=float)
     y_index = np.asarray(y_index).astype(int)
@@ -72,35 +66,27 @@ def expected_calibration_error(
         conf = probs[:, positive_index]
         hit = (y_index == positive_index).astype(float)
     else:
-        conf, hit = _confidence_and_correct(y_index, probs)
+        conf = probs.max(axis=1)
+        hit = (probs.argmax(axis=1) == y_index).astype(float)
     edges = np.linspace(0, 1, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(conf[m].mean() - hit[m].mean())
-    return float(ece)
+    return [(float(conf[bins == b].mean()), float(hit[bins == b].mean()), int((bins == b).sum()))
+            for b in range(n_bins) if (bins == b).any()]
+
+
+def expected_calibration_error(
+    y_index: np.ndarray, probs: np.ndarray, n_bins: int = 15, positive_index: int | None = None
+) -> float:
+    """ECE with equal-width bins (see :func:`_binned` for what is compared)."""
+    rows = _binned(y_index, probs, n_bins, positive_index)
+    n = sum(c for _, _, c in rows)
+    return float(sum(c / n * abs(conf - obs) for conf, obs, c in rows)) if n else 0.0
 
 
 def reliability_curve(
     y_index: np.ndarray, probs: np.ndarray, n_bins: int = 10, positive_index: int | None = None
 ) -> dict[str, list[float]]:
     """Mean predicted probability, observed frequency and count per bin (for the diagram)."""
-    probs = np.asarray(probs, dtype=float)
-    y_index = np.asarray(y_index).astype(int)
-    if positive_index is not None:
-        conf = probs[:, positive_index]
-        hit = (y_index == positive_index).astype(float)
-    else:
-        conf, hit = _confidence_and_correct(y_index, probs)
-    edges = np.linspace(0, 1, n_bins + 1)
-    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    out: dict[str, list[float]] = {"predicted": [], "observed": [], "count": []}
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            out["predicted"].append(float(conf[m].mean()))
-            out["observed"].append(float(hit[m].mean()))
-            out["count"].append(int(m.sum()))
-    return out
+    rows = _binned(y_index, probs, n_bins, positive_index)
+    return {"predicted": [r[0] for r in rows], "observed": [r[1] for r in rows],
+            "count": [r[2] for r in rows]}
