@@ -31,14 +31,17 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def atom_masking(model: torch.nn.Module, graph: Any, class_index: int,
                  input_spec: dict[str, Any], task: Any | None = None) -> tuple[float, np.ndarray]:
-    """Contribution of each atom of a Chemprop ``MolGraph`` by masking its features.
+    """Contribution of each atom of a Chemprop ``MolGraph`` (or a ``MolInput`` with
+    descriptors, which stay unchanged) by masking the atom's and its bonds' features.
 
     Returns:
         (score of the unmasked molecule, contributions (n_atoms,))
     """
-    from chemprop.data import BatchMolGraph
+    from meddx.modalities.molecule_io import MolInput, collate_inputs
 
     model.eval()
+    x_d = graph.x_d if isinstance(graph, MolInput) else None
+    graph = graph.graph if isinstance(graph, MolInput) else graph
     n = graph.V.shape[0]
     copies = [graph]
     src, dst = graph.edge_index
@@ -48,7 +51,8 @@ def atom_masking(model: torch.nn.Module, graph: Any, class_index: int,
         e = graph.E.copy()
         e[(src == i) | (dst == i)] = 0.0
         copies.append(graph._replace(V=v, E=e))
-    scores = class_score(model(BatchMolGraph(copies)), class_index, input_spec, task).numpy()
+    items = copies if x_d is None else [MolInput(g, x_d) for g in copies]
+    scores = class_score(model(collate_inputs(items)), class_index, input_spec, task).numpy()
     return float(scores[0]), scores[0] - scores[1:]
 
 
@@ -98,6 +102,8 @@ class AtomExplainer:
         (None: the predicted class) of a Sample from ``modality.read`` or a SMILES string."""
         from chemprop.data import MolGraph
 
+        from meddx.modalities.molecule_io import MolInput, featurize
+
         if class_index is None:
             class_index = self._top_class(sample)
         if self.input_spec.get("featurizer", "graph") == "ecfp":
@@ -106,21 +112,15 @@ class AtomExplainer:
                                                       self.input_spec, self.task)
             return w
         graph = getattr(sample, "tensor", sample)
-        if not isinstance(graph, MolGraph):
-            graph = _graph_of(sample)
+        if not isinstance(graph, MolGraph | MolInput):
+            graph = featurize(_mol_smiles(sample), self.input_spec)
         self.score_, w = atom_masking(self.model, graph, class_index, self.input_spec, self.task)
         return w
 
     def _top_class(self, sample: Any) -> int:
-        from meddx.modalities.molecule_io import featurize
+        from meddx.modalities.molecule_io import collate_inputs, featurize
 
-        x = featurize(_mol_smiles(sample), self.input_spec)
-        if isinstance(x, torch.Tensor):
-            batch = x.unsqueeze(0)
-        else:
-            from chemprop.data import BatchMolGraph
-
-            batch = BatchMolGraph([x])
+        batch = collate_inputs([featurize(_mol_smiles(sample), self.input_spec)])
         self.model.eval()
         with torch.no_grad():
             return top_class(self.model(batch), self.input_spec, self.task)
@@ -138,8 +138,9 @@ def _mol_of(sample: Any) -> Any:
 
     if isinstance(sample, str):
         return require_mol(sample)
+    x = getattr(sample, "tensor", sample)
     smiles = getattr(sample, "meta", {}).get("smiles") or getattr(
-        getattr(sample, "tensor", sample), "smiles", None)
+        getattr(x, "graph", x), "smiles", None)
     if smiles is None:
         raise ConfigError("this explanation needs the molecule's SMILES",
                           hint="pass the Sample from modality.read(), not a bare tensor")
@@ -150,12 +151,6 @@ def _mol_smiles(sample: Any) -> str:
     from rdkit import Chem
 
     return sample if isinstance(sample, str) else Chem.MolToSmiles(_mol_of(sample))
-
-
-def _graph_of(sample: Any) -> Any:
-    from meddx.modalities.molecule_io import mol_graph
-
-    return mol_graph(_mol_of(sample))
 
 
 def draw_atom_contributions(mol: Any, weights: np.ndarray, path: str | Path,

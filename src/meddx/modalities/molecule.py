@@ -33,7 +33,13 @@ from meddx.modalities.dataset_split import (
     scaffold_of,
     scaffold_split,
 )
-from meddx.modalities.molecule_io import featurize, graph_featurizer, parse_smiles, require_mol
+from meddx.modalities.molecule_io import (
+    collate_inputs,
+    featurize,
+    graph_featurizer,
+    parse_smiles,
+    require_mol,
+)
 
 __all__ = ["MoleculeModality", "MoleculeOptions"]
 
@@ -49,6 +55,9 @@ class MoleculeOptions(BaseModel):
             multilabel tasks, ``label`` otherwise).
         featurizer: ``graph`` (Chemprop D-MPNN input) or ``ecfp`` (Morgan fingerprint).
         fp_radius / fp_bits: Morgan radius (2 = ECFP4) and length.
+        descriptors: ``rdkit2d`` appends ~200 RDKit 2D descriptors (standardised on the
+            training split) to the D-MPNN embedding, as Chemprop's ``rdkit_2d`` features;
+            graph featurizer only.
         strict: an invalid SMILES in the training table is an error instead of a dropped row.
         split_seed: seed of the random split (default: the run's seed).
     """
@@ -60,6 +69,7 @@ class MoleculeOptions(BaseModel):
     featurizer: Literal["graph", "ecfp"] = "graph"
     fp_radius: int = Field(2, ge=0, le=6)
     fp_bits: int = Field(2048, ge=64)
+    descriptors: Literal["none", "rdkit2d"] = "none"
     strict: bool = False
     split_seed: int | None = None
 
@@ -131,6 +141,12 @@ class MoleculeModality(Modality):
         full, dropped = self._parse_rows(df, columns, task, opts, path)
         splits, info = self._split(full, task, data, opts, seed)
         spec = self._spec(opts, task)
+        if opts.descriptors != "none":
+            if opts.featurizer != "graph":
+                raise ConfigError("descriptors need the graph featurizer (dmpnn)")
+            from meddx.modalities.molecule_descriptors import fit_scaler
+
+            spec.update(fit_scaler(splits["train"].inputs))
         info.update(_info(entry, path), n_molecules=len(df), n_used=len(full), dropped=dropped)
         return DataBundle(dataset=entry.name if entry else str(path), modality=self.name,
                           task=task, splits=splits, input_spec=spec, info=info)
@@ -253,14 +269,11 @@ class MoleculeModality(Modality):
                       meta={"smiles": smiles, "n_atoms": mol.GetNumAtoms()})
 
     def collate(self, batch: list[tuple[Any, Any]]) -> tuple[Any, torch.Tensor]:
-        """Chemprop ``BatchMolGraph`` for graphs, a stacked tensor for fingerprints."""
-        from chemprop.data import BatchMolGraph, MolGraph
-
+        """Chemprop ``BatchMolGraph`` for graphs (``MolBatch`` with descriptors), a stacked
+        tensor for fingerprints."""
         xs, ys = zip(*batch, strict=True)
         y = torch.stack([torch.as_tensor(np.asarray(v)) for v in ys])
-        if isinstance(xs[0], MolGraph):
-            return BatchMolGraph(list(xs)), y
-        return torch.stack([torch.as_tensor(x) for x in xs]), y
+        return collate_inputs(list(xs)), y
 
     # ------------------------------------------------------------------ models
     def default_network(self, task: Any, input_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -270,8 +283,11 @@ class MoleculeModality(Modality):
         if input_spec.get("featurizer", "graph") == "ecfp":
             bits = int(input_spec.get("fp_bits", 2048))
             return {"spatial_dims": 0, "in_channels": bits, "size": None, "featurizer": "ecfp"}
-        return {"spatial_dims": 0, "in_channels": int(input_spec["atom_fdim"]), "size": None,
+        spec = {"spatial_dims": 0, "in_channels": int(input_spec["atom_fdim"]), "size": None,
                 "featurizer": "graph", "bond_fdim": int(input_spec["bond_fdim"])}
+        if input_spec.get("descriptors", "none") != "none":
+            spec["descriptor_dim"] = int(input_spec["descriptor_dim"])
+        return spec
 
     def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any) -> Any:
         from meddx.explain.molecule import AtomExplainer

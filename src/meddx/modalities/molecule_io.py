@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from chemprop.data import MolGraph
@@ -27,6 +27,9 @@ __all__ = [
     "fingerprint",
     "featurize",
     "SmilesMolGraph",
+    "MolInput",
+    "MolBatch",
+    "collate_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,8 +129,46 @@ def _cached(smiles: str, featurizer: str, radius: int, bits: int) -> Any:
     return graph
 
 
+class MolInput(NamedTuple):
+    """A molecular graph plus molecule-level descriptors (normalised, float32)."""
+
+    graph: Any
+    x_d: np.ndarray
+
+
+@dataclass(eq=False)
+class MolBatch:
+    """A ``BatchMolGraph`` with its molecules' descriptors ``X_d`` (N, D)."""
+
+    bmg: Any
+    X_d: Any
+
+    def __len__(self) -> int:
+        return len(self.bmg)
+
+    def to(self, device: Any) -> MolBatch:
+        self.bmg.to(device)
+        self.X_d = self.X_d.to(device)
+        return self
+
+
+def collate_inputs(xs: list[Any]) -> Any:
+    """Model inputs of several molecules → one batch (``BatchMolGraph``, ``MolBatch`` or a
+    stacked fingerprint tensor)."""
+    import torch
+    from chemprop.data import BatchMolGraph
+
+    if isinstance(xs[0], MolInput):
+        return MolBatch(BatchMolGraph([x.graph for x in xs]),
+                        torch.from_numpy(np.stack([x.x_d for x in xs])))
+    if isinstance(xs[0], MolGraph):
+        return BatchMolGraph(list(xs))
+    return torch.stack([torch.as_tensor(x) for x in xs])
+
+
 def featurize(smiles: str, input_spec: dict[str, Any]) -> Any:
-    """The model input for one (valid) SMILES: a ``MolGraph`` or a fingerprint tensor.
+    """The model input for one (valid) SMILES: a ``MolGraph`` (with descriptors: a
+    :class:`MolInput`) or a fingerprint tensor.
 
     Results are cached per SMILES (bounded), since training reads each molecule every epoch.
     """
@@ -136,4 +177,10 @@ def featurize(smiles: str, input_spec: dict[str, Any]) -> Any:
     kind = input_spec.get("featurizer", "graph")
     out = _cached(smiles, kind, int(input_spec.get("fp_radius", 2)),
                   int(input_spec.get("fp_bits", 2048)))
-    return torch.from_numpy(out) if kind == "ecfp" else out
+    if kind == "ecfp":
+        return torch.from_numpy(out)
+    if input_spec.get("descriptors", "none") != "none":
+        from meddx.modalities.molecule_descriptors import normalised
+
+        return MolInput(out, normalised(smiles, input_spec))
+    return out

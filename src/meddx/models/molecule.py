@@ -51,7 +51,7 @@ class DMPNN(nn.Module):
 
     def __init__(self, num_outputs: int, d_v: int, d_e: int, hidden: int, depth: int,
                  dropout: float, aggregation: str, aggregation_norm: float, ffn_hidden: int,
-                 ffn_layers: int, batch_norm: bool) -> None:
+                 ffn_layers: int, batch_norm: bool, descriptor_dim: int = 0) -> None:
         super().__init__()
         from chemprop.nn import BondMessagePassing, MeanAggregation, NormAggregation, SumAggregation
         from chemprop.nn.ffn import MLP
@@ -67,8 +67,9 @@ class DMPNN(nn.Module):
             raise ConfigError(f"unknown aggregation '{aggregation}'; use mean, sum or norm")
         width = self.message_passing.output_dim
         self.bn = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
-        self.ffn = MLP.build(width, num_outputs, hidden_dim=ffn_hidden, n_layers=ffn_layers,
-                             dropout=dropout)
+        self.descriptor_dim = descriptor_dim
+        self.ffn = MLP.build(width + descriptor_dim, num_outputs, hidden_dim=ffn_hidden,
+                             n_layers=ffn_layers, dropout=dropout)
 
     def fingerprint(self, bmg: Any) -> torch.Tensor:
         """The learned molecule embedding (before the FFN)."""
@@ -78,8 +79,17 @@ class DMPNN(nn.Module):
                 hint="set data.options.featurizer: graph (or use model ecfp_mlp)")
         return self.bn(self.agg(self.message_passing(bmg), bmg.batch))
 
-    def forward(self, bmg: Any) -> torch.Tensor:
-        return self.ffn(self.fingerprint(bmg))
+    def forward(self, batch: Any) -> torch.Tensor:
+        x_d = getattr(batch, "X_d", None)
+        if (x_d is None) != (self.descriptor_dim == 0):
+            raise InputMismatchError(
+                f"the network expects {self.descriptor_dim} molecule descriptors, the batch "
+                f"holds {0 if x_d is None else x_d.shape[-1]}",
+                hint="read inputs with the model card's preprocessing")
+        if x_d is None:
+            return self.ffn(self.fingerprint(batch))
+        h = self.fingerprint(batch.bmg)
+        return self.ffn(torch.cat([h, x_d.to(h.dtype)], dim=1))
 
 
 class ECFPMLP(nn.Module):
@@ -112,7 +122,7 @@ def dmpnn(*, num_outputs: int, spatial_dims: int = 0, in_channels: int | None = 
           size: int | None = None, featurizer: str = "graph", bond_fdim: int | None = None,
           hidden: int = 300, depth: int = 3, dropout: float = 0.0, aggregation: str = "mean",
           aggregation_norm: float = 100.0, ffn_hidden: int = 300, ffn_layers: int = 1,
-          batch_norm: bool = False) -> nn.Module:
+          batch_norm: bool = False, descriptor_dim: int = 0) -> nn.Module:
     """Chemprop D-MPNN (bond messages) for ``BatchMolGraph`` input.
 
     Args:
@@ -121,6 +131,8 @@ def dmpnn(*, num_outputs: int, spatial_dims: int = 0, in_channels: int | None = 
         aggregation: ``mean`` (default), ``sum`` or ``norm`` (sum ÷ ``aggregation_norm``).
         ffn_hidden, ffn_layers: the feed-forward head.
         batch_norm: batch-normalise the molecule embedding.
+        descriptor_dim: width of molecule descriptors appended to the embedding (from the
+            modality's spec when ``data.options.descriptors`` is set).
     """
     if featurizer != "graph":
         raise ConfigError("dmpnn needs molecular graphs", hint="set data.options.featurizer: "
@@ -128,7 +140,8 @@ def dmpnn(*, num_outputs: int, spatial_dims: int = 0, in_channels: int | None = 
     if not in_channels or not bond_fdim:
         raise ConfigError("dmpnn needs the featurizer's atom and bond widths (input_spec)")
     return DMPNN(num_outputs, int(in_channels), int(bond_fdim), hidden, depth, dropout,
-                 aggregation, aggregation_norm, ffn_hidden, ffn_layers, batch_norm)
+                 aggregation, aggregation_norm, ffn_hidden, ffn_layers, batch_norm,
+                 int(descriptor_dim))
 
 
 _FP_SPEC = {"spatial_dims": 0, "in_channels": 2048, "size": None, "featurizer": "ecfp"}
@@ -137,11 +150,13 @@ _FP_SPEC = {"spatial_dims": 0, "in_channels": 2048, "size": None, "featurizer": 
 @network(modality="molecule", example_spec=_FP_SPEC, example_input=_fp_example)
 def ecfp_mlp(*, num_outputs: int, spatial_dims: int = 0, in_channels: int = 2048,
              size: int | None = None, featurizer: str = "ecfp", bond_fdim: int | None = None,
+             descriptor_dim: int = 0,
              hidden: list[int] | tuple[int, ...] = (1024, 256), dropout: float = 0.3
              ) -> nn.Module:
     """Morgan/ECFP bit vector → MLP (``hidden`` widths, ReLU, dropout).
 
-    ``bond_fdim`` is accepted only so that a graph spec fails with a clear message below.
+    ``bond_fdim`` and ``descriptor_dim`` are accepted only so that a graph spec fails with a
+    clear message below.
     """
     if featurizer != "ecfp":
         raise ConfigError("ecfp_mlp needs fingerprints", hint="set data.options.featurizer: "
