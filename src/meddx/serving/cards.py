@@ -86,8 +86,9 @@ def _metric_line(card: Any) -> str | None:
     return None
 
 
-def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str]) -> str:
-    """The card's Markdown detail."""
+def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
+                    extra: list[str] | None = None) -> str:
+    """The card's Markdown detail (``extra``: the modality adapter's own lines)."""
     lines = [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if research else []
     probs = pred.calibrated or pred.probabilities
     kind = "Calibrated probability" if pred.calibrated else "Probability (uncalibrated)"
@@ -109,6 +110,7 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str]) -> s
         lines.append("The set is not a single class: **refer for expert review**.")
     if pred.review:
         lines.append("Decision and prediction set disagree: **flagged for review**.")
+    lines += extra or []
     metric = _metric_line(card)
     if metric:
         lines.append(metric + ".")
@@ -118,6 +120,22 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str]) -> s
     return "\n".join(lines)
 
 
+# how known notes read on a card; None: not shown (internal, or said elsewhere)
+_NOTE_TEXT: dict[str, Any] = {
+    "hours_used": lambda v: f"Hours of data used: {v} (from ICU admission).",
+    "last_observation_hours": lambda v: f"Last observation used: {float(v):.1f} h after "
+                                        "admission.",
+    "n_observations": lambda v: f"Observations used: {v}.",
+    "ignored": lambda v: f"Items left out (unknown code, unit, outside the window …): {len(v)}."
+               if v else None,
+    "below_training_minimum": lambda v: "**Fewer hours of data than the model was trained "
+                                        "with: interpret with caution.**" if v else None,
+    "missing_descriptors": lambda v: "Missing: " + ", ".join(map(str, v)) + "." if v else None,
+}
+_NOTE_HIDDEN = {"findings", "basis", "patient", "encounter", "source_format", "n_ignored",
+                "windows", "starts", "fs", "source_fs", "n_samples", "leads", "seconds"}
+
+
 def _note_lines(notes: dict[str, Any]) -> list[str]:
     """What the model's notes say, in short lines (lists are counted, not dumped)."""
     out = []
@@ -125,7 +143,12 @@ def _note_lines(notes: dict[str, Any]) -> list[str]:
     if findings:
         out.append("Top contributing findings: " + "; ".join(map(str, findings)) + ".")
     for key, value in notes.items():
-        if key in ("findings", "basis", "patient", "encounter"):
+        if key in _NOTE_HIDDEN:
+            continue
+        if key in _NOTE_TEXT:
+            line = _NOTE_TEXT[key](value)
+            if line:
+                out.append(line)
             continue
         label = key.replace("_", " ").capitalize()
         if isinstance(value, list | tuple | dict):
@@ -138,17 +161,22 @@ def _note_lines(notes: dict[str, Any]) -> list[str]:
     return out
 
 
-def _review_suggestion(pred: Any, card: Any, subject: str | None) -> dict[str, Any] | None:
+_INPUT_NOUN = {"image": "image", "ecg": "ECG"}
+
+
+def _review_suggestion(pred: Any, card: Any, subject: str | None,
+                       summary: str) -> dict[str, Any] | None:
     if not (_positive(pred) or pred.refer or pred.review) or not subject:
         return None
+    noun = _INPUT_NOUN.get(card.modality, "data")
     request = {
         "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
         "subject": {"reference": subject},
-        "code": {"text": f"Expert review of the image assessed by meddx {card.name}"},
-        "reasonCode": [{"text": summary_line(pred, card)}],
+        "code": {"text": f"Expert review of the {noun} assessed by meddx {card.name}"},
+        "reasonCode": [{"text": summary}],
     }
     validate(request)
-    return {"label": "Request expert review of this image", "uuid": _uuid(),
+    return {"label": f"Request expert review of this {noun}", "uuid": _uuid(),
             "isRecommended": False,
             "actions": [{"type": "create", "description": "Draft a review request",
                          "resource": request}]}
@@ -160,7 +188,7 @@ def _risk_suggestion(pred: Any, card: Any, subject: str | None, basis: list[str]
         return None
     ra = _modality_risk_assessment(pred, served_modality=card.modality, card=card)
     if ra is not None:
-        ra["subject"] = {"reference": subject}
+        ra["subject"] = {"reference": subject}  # the hook's patient
         validate(ra)
     else:
         ra = risk_assessment(pred, card, subject=subject, basis=basis, research_only=research)
@@ -171,8 +199,8 @@ def _risk_suggestion(pred: Any, card: Any, subject: str | None, basis: list[str]
 
 
 def _modality_risk_assessment(pred: Any, served_modality: str, card: Any) -> dict | None:
-    """The modality's own RiskAssessment (e.g. EHR: hours used, findings), validated; None
-    when the modality has none."""
+    """The modality's own RiskAssessment (e.g. EHR: hours used, findings); None when the
+    modality has none."""
     from meddx.errors import ConfigError
     from meddx.modalities import get_modality
 
@@ -184,8 +212,7 @@ def _modality_risk_assessment(pred: Any, served_modality: str, card: Any) -> dic
         return None
     if not isinstance(resource, dict) or resource.get("resourceType") != "RiskAssessment":
         return None
-    validate(resource)
-    return resource
+    return resource  # validated by the caller once the subject is set
 
 
 def _uuid() -> str:
@@ -196,17 +223,25 @@ def _uuid() -> str:
 
 def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None,
                subject: str | None, notes: list[str], basis: list[str],
-               risk_card: bool) -> dict[str, Any]:
-    """One CDS Hooks card for one Prediction of ``served`` (a :class:`ServedModel`)."""
+               risk_card: bool, summary: str | None = None,
+               extra_lines: list[str] | None = None) -> dict[str, Any]:
+    """One CDS Hooks card for one Prediction of ``served`` (a :class:`ServedModel`).
+
+    ``summary`` and ``extra_lines`` come from the modality's adapter (its own words); without
+    them the generic :func:`summary_line` is used.
+    """
     card, research = served.card, served.research_only
     label = f"meddx {card.name} v{card.version}"
     if research:
         label += f" ({RESEARCH_NOTICE})"
+    summary = summary or summary_line(pred, card)
+    if len(summary) >= 140:
+        summary = summary[:136] + "..."
     out: dict[str, Any] = {
         "uuid": _uuid(),
-        "summary": summary_line(pred, card),
+        "summary": summary,
         "indicator": indicator(pred, critical_risk),
-        "detail": detail_markdown(pred, card, research, notes),
+        "detail": detail_markdown(pred, card, research, notes, extra_lines),
         "source": {"label": label,
                    "topic": {"system": f"{MEDDX_SYSTEM}/model", "code": card.name,
                              "display": f"meddx {card.name}"}},
@@ -217,7 +252,7 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
                          "type": "absolute"}]
     suggestions = [s for s in (
         _risk_suggestion(pred, card, subject, basis, research) if risk_card else None,
-        None if risk_card else _review_suggestion(pred, card, subject),
+        None if risk_card else _review_suggestion(pred, card, subject, summary),
     ) if s is not None]
     if suggestions:
         out["suggestions"] = suggestions

@@ -161,11 +161,13 @@ class CdsAdapter:
     Class attributes:
         hooks: the hooks offered (``patient-view`` and maybe ``order-select``).
         risk_assessment: offer a suggestion that records a FHIR RiskAssessment (binary risks).
+        explain: run the explainer when the service explains on cards (the card shows it).
         description: the service description shown by the EHR.
     """
 
     hooks: tuple[str, ...] = ("patient-view",)
     risk_assessment: bool = False
+    explain: bool = True
     description: str = "meddx model"
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:
@@ -175,6 +177,15 @@ class CdsAdapter:
     def inputs(self, request: HookRequest, data: dict[str, Any], card: Any) -> HookInput | None:
         """Model inputs from the (pre)fetched ``data``; None when there is nothing to assess."""
         raise NotImplementedError
+
+    def summary(self, pred: Any, card: Any) -> str | None:
+        """The card's summary in the modality's words (< 140 characters); None: the generic
+        one."""
+        return None
+
+    def detail_lines(self, pred: Any, card: Any) -> list[str]:
+        """Extra Markdown lines for the card's detail."""
+        return []
 
 
 class ImageCdsAdapter(CdsAdapter):
@@ -225,6 +236,7 @@ class EcgCdsAdapter(CdsAdapter):
     """The patient's latest ECG waveform Observation (``valueSampledData``)."""
 
     description = "rhythm analysis of the patient's latest ECG"
+    explain = False  # nothing on the card shows an ECG attribution yet
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:
         from meddx.modalities.ecg_fhir import PREFETCH_QUERY
@@ -242,6 +254,38 @@ class EcgCdsAdapter(CdsAdapter):
                          basis=[f"Observation/{obs['id']}"] if obs.get("id") else [],
                          notes=["ECG: the latest waveform Observation" +
                                 (f" ({when})" if when else "")])
+
+    def summary(self, pred: Any, card: Any) -> str | None:
+        """E.g. ``af v1.0.0: atrial fibrillation likely (AF 72%, threshold 28%)``."""
+        pos = card.task.positive_class
+        probs = pred.calibrated or pred.probabilities
+        if not pos or pos not in probs:
+            return None
+        name = _rhythm_name(pos)
+        head = f"{card.name} v{card.version}: "
+        p, short = float(probs[pos]), pos.upper() if len(pos) <= 3 else pos
+        if isinstance(pred.decision, str):
+            verdict = "likely" if pred.decision == pos else "not detected"
+            cut = f", threshold {pred.threshold:.0%}" if pred.threshold is not None else ""
+            text = f"{name} {verdict} ({short} {p:.0%}{cut})"
+        else:
+            text = f"{name} probability {p:.0%}"
+        if pred.label != pos and isinstance(pred.label, str):
+            text += f"; most probable: {_rhythm_name(pred.label)} ({probs[pred.label]:.0%})"
+        if pred.refer or pred.review:
+            text += "; uncertain, refer for review"
+        return _fit(head + text)
+
+    def detail_lines(self, pred: Any, card: Any) -> list[str]:
+        notes = pred.notes or {}
+        parts = []
+        if notes.get("seconds") is not None:
+            parts.append(f"{float(notes['seconds']):.0f} s")
+        if notes.get("leads"):
+            parts.append("lead(s) " + ", ".join(map(str, notes["leads"])))
+        if notes.get("source_fs") and notes.get("fs"):
+            parts.append(f"{float(notes['source_fs']):g} Hz resampled to {float(notes['fs']):g} Hz")
+        return ["Record assessed: " + ", ".join(parts) + "."] if parts else []
 
 
 class EhrCdsAdapter(CdsAdapter):
@@ -265,6 +309,50 @@ class EhrCdsAdapter(CdsAdapter):
         source = {k: data.get(k) for k in ("patient", "encounter", "observations")}
         return HookInput(sources=[source], digests=[_digest(source)])
 
+    def summary(self, pred: Any, card: Any) -> str | None:
+        """E.g. ``icu v1.0.0: in-hospital death risk 34% (high); GCS low, lactate high and
+        rising`` — calibrated risk, band from the card's thresholds, risk-raising findings."""
+        from meddx.modalities.ehr_fhir import risk_band
+
+        pos = card.task.positive_class
+        probs = pred.calibrated or pred.probabilities
+        if not pos or pos not in probs:
+            return None
+        risk = float(probs[pos])
+        band = risk_band(risk, card)[0]
+        outcome = "in-hospital death" if pos in ("died", "death") else str(pos)
+        text = f"{card.name} v{card.version}: {outcome} risk {risk:.0%} ({band})"
+        drivers = [re.sub(r"\s*\([^)]*\)", "", str(f)).strip()
+                   for f in (pred.notes or {}).get("findings") or []
+                   if "lowers the risk" not in str(f)]
+        sep = "; "
+        for d in drivers:
+            if len(text) + len(sep) + len(d) >= 140:
+                break
+            text, sep = text + sep + d, ", "
+        return _fit(text)
+
+    def detail_lines(self, pred: Any, card: Any) -> list[str]:
+        from meddx.modalities.ehr_fhir import risk_band
+
+        pos = card.task.positive_class
+        probs = pred.calibrated or pred.probabilities
+        if not pos or pos not in probs:
+            return []
+        band, low, high = risk_band(float(probs[pos]), card)
+        return [f"Risk band **{band}** (low < {low:.0%} ≤ moderate < {high:.0%} ≤ high, from "
+                "the model card's operating points)."]
+
+
+def _fit(text: str) -> str:
+    return text if len(text) < 140 else text[:136] + "..."
+
+
+def _rhythm_name(label: str) -> str:
+    return {"af": "atrial fibrillation", "a": "atrial fibrillation", "n": "normal rhythm",
+            "normal": "normal rhythm", "o": "other rhythm", "other": "other rhythm",
+            "~": "noisy recording", "noisy": "noisy recording"}.get(label.lower(), label)
+
 
 def adapter_for(modality: str) -> CdsAdapter | None:
     """The modality's adapter, or None when it has none (then no CDS service is offered)."""
@@ -278,24 +366,67 @@ def adapter_for(modality: str) -> CdsAdapter | None:
 
 
 # --------------------------------------------------------------- FHIR access
+MAX_PAGES = 50  # searchset pages followed per prefetch key (a 48 h ICU stay: ~1,500 items)
+
+
+def _allowed(url: str, allow: tuple[str, ...]) -> bool:
+    """``url`` is an allow-listed base URL or below one (``https://ehr.x/fhir`` does not allow
+    ``https://ehr.x/fhir-evil`` nor ``https://ehr.x.evil``)."""
+    url = url.rstrip("/")
+    return any(url == a.rstrip("/") or url.startswith(a.rstrip("/") + "/") for a in allow)
+
+
+def _next_link(value: Any) -> str | None:
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        return None
+    for link in value.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def _follow_pages(client: Any, first: dict[str, Any], server: str, headers: dict[str, str],
+                  allow: tuple[str, ...]) -> dict[str, Any]:
+    """All pages of a searchset Bundle merged into one (``next`` links on the same server)."""
+    entries = list(first.get("entry") or [])
+    page, pages = first, 1
+    while (url := _next_link(page)) is not None:
+        if not _allowed(url, (server,)) or not _allowed(url, allow):
+            raise PrefetchMissingError("a next page lies outside the allow-listed FHIR server")
+        if pages >= MAX_PAGES:
+            raise PrefetchMissingError(f"more than {MAX_PAGES} pages of prefetch data")
+        r = client.get(url, headers=headers)
+        r.raise_for_status()
+        page, pages = r.json(), pages + 1
+        entries += page.get("entry") or []
+    merged = {k: v for k, v in first.items() if k != "link"}
+    merged["entry"] = entries
+    return merged
+
+
 def fetch_missing(request: HookRequest, templates: dict[str, str], allow: tuple[str, ...],
                   timeout: float) -> dict[str, Any]:
     """Prefetch values, fetching absent keys from ``fhirServer`` when it is allow-listed.
 
-    A key present with ``null`` means the EHR found nothing; it is kept as None.
+    A key present with ``null`` means the EHR found nothing; it is kept as None. Searchset
+    Bundles with a ``next`` link (prefetched or fetched) are completed page by page from the
+    same server, so a model never assesses a partial record.
 
     Raises:
-        PrefetchMissingError: a key is absent and the FHIR server cannot be used or reached.
+        PrefetchMissingError: a key is absent (or a prefetched Bundle is incomplete) and the
+            FHIR server cannot be used or reached.
     """
     given = request.prefetch or {}
     out = {k: given[k] for k in templates if k in given}
     missing = [k for k in templates if k not in given]
-    if not missing:
+    paged = [k for k, v in out.items() if _next_link(v) is not None]
+    if not missing and not paged:
         return out
     server = (request.fhirServer or "").rstrip("/")
     token = (request.fhirAuthorization or {}).get("access_token")
-    if not server or not token or not any(server.startswith(a.rstrip("/")) for a in allow):
-        raise PrefetchMissingError("prefetch data missing and the FHIR server cannot be used",
+    if not server or not token or not _allowed(server, allow):
+        what = "prefetch data missing" if missing else "prefetched data has further pages"
+        raise PrefetchMissingError(f"{what} and the FHIR server cannot be used",
                                    hint="send the prefetch, or allow-list the fhirServer")
     import httpx
 
@@ -307,6 +438,9 @@ def fetch_missing(request: HookRequest, templates: dict[str, str], allow: tuple[
                                headers=headers)
                 r.raise_for_status()
                 out[key] = r.json()
+            for key, value in out.items():
+                if _next_link(value) is not None:
+                    out[key] = _follow_pages(client, value, server, headers, allow)
     except (httpx.HTTPError, ValueError) as e:
         raise PrefetchMissingError("the FHIR server could not be reached") from e
     return out

@@ -89,7 +89,7 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
             logger.info("CDS %s: no input to assess; no card", service_id)
             return {"cards": []}
         digests = hook_input.digests
-        explain = st.settings.cds_explain
+        explain = st.settings.cds_explain and adapter.explain
         answers = served.answer_sources(hook_input.sources, digests, explain=explain)
         cards = []
         for a in answers:
@@ -97,7 +97,9 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
             cards.append(build_card(
                 a.prediction, served, critical_risk=st.settings.critical_risk, link=link,
                 subject=_subject(body), notes=hook_input.notes, basis=hook_input.basis,
-                risk_card=adapter.risk_assessment))
+                risk_card=adapter.risk_assessment,
+                summary=adapter.summary(a.prediction, served.card),
+                extra_lines=adapter.detail_lines(a.prediction, served.card)))
         for c in cards:
             st.feedback.issued(c["uuid"], service_id)
     except Exception as e:  # noqa: BLE001 — fail-safe: never a card from a failed assessment
