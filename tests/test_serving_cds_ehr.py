@@ -5,6 +5,7 @@ RiskAssessment; fetch from an allow-listed FHIR server (paged), 412, fail-safe."
 from __future__ import annotations
 
 import copy
+import hashlib
 import http.server
 import json
 import re
@@ -177,9 +178,16 @@ def test_discovery_asks_for_patient_encounter_observations(client, keys):
 
 
 @pytest.mark.slow
-def test_risk_card_from_prefetch(client, keys, bundle, icu_package, expected):
+def test_risk_card_from_prefetch(client, keys, bundle, icu_package, expected, settings):
     patient, _, obs = _split(bundle)
-    card = the_card(call(client, keys, hook_body(patient["id"], prefetch_of(bundle))))
+    raw = json.dumps(hook_body(patient["id"], prefetch_of(bundle))).encode()
+    tok = token(keys.ec, f"{PUBLIC}/cds-services/{SID}")
+    card = the_card(client.post(f"/cds-services/{SID}", content=raw, headers={
+        "Authorization": f"Bearer {tok}", "Content-Type": "application/json"}))
+    audit = settings.audit_log.read_text()
+    last = json.loads(audit.splitlines()[-1])
+    assert last["event"] == "predict" and last["inputs"] == [hashlib.sha256(raw).hexdigest()]
+    assert patient["id"] not in audit  # no patient identifiers in the audit log
     pkg = icu_package.card
     risk = expected.calibrated["died"]
     band = risk_band(risk, pkg)[0]
@@ -287,6 +295,15 @@ def test_failure_inside_the_service_gives_no_card(client, keys, bundle, settings
     last = json.loads(settings.audit_log.read_text().splitlines()[-1])
     assert last["event"] == "error" and "no card" in last["error"]
     assert patient["id"] not in settings.audit_log.read_text()
+
+
+@pytest.mark.slow
+def test_body_that_is_not_json_is_422(client, keys):
+    tok = token(keys.ec, f"{PUBLIC}/cds-services/{SID}")
+    r = client.post(f"/cds-services/{SID}", content=b'{"hook": "patient-view", ',
+                    headers={"Authorization": f"Bearer {tok}",
+                             "Content-Type": "application/json"})
+    assert r.status_code == 422 and "not a CDS Hooks request" in r.json()["message"]
 
 
 def test_fhir_server_allow_list_matches_whole_path_segments():

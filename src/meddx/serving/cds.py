@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from meddx.errors import DataError, ServingError
 from meddx.registry import Registry
@@ -77,6 +77,16 @@ class HookRequest(BaseModel):
     fhirServer: str | None = None
     fhirAuthorization: dict[str, Any] | None = None
     prefetch: dict[str, Any] | None = None
+    _body_sha256: str | None = PrivateAttr(None)
+
+    @property
+    def body_sha256(self) -> str | None:
+        """sha256 of the raw request body, when the service parsed it (for the audit log)."""
+        return self._body_sha256
+
+    @body_sha256.setter
+    def body_sha256(self, value: str) -> None:
+        self._body_sha256 = value
 
 
 class _Coding(BaseModel):
@@ -307,7 +317,11 @@ class EhrCdsAdapter(CdsAdapter):
         if not data.get("patient") or not data.get("encounter"):
             return None
         source = {k: data.get(k) for k in ("patient", "encounter", "observations")}
-        return HookInput(sources=[source], digests=[_digest(source)])
+        given = request.prefetch or {}
+        as_sent = all(k in given and given[k] is v for k, v in source.items())
+        # all of it came in the body: hash the body rather than re-dump ~1 MB of JSON
+        digest = request.body_sha256 if as_sent and request.body_sha256 else _digest(source)
+        return HookInput(sources=[source], digests=[digest])
 
     def summary(self, pred: Any, card: Any) -> str | None:
         """E.g. ``icu v1.0.0: in-hospital death risk 34% (high); GCS low, lactate high and

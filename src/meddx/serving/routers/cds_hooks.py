@@ -6,15 +6,18 @@ a JWT (never an API key) whose ``aud`` is the exact URL of the service called.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from meddx.errors import DataError, MeddxError, NotFoundError
 from meddx.registry import suggest
+from meddx.serving.audit import sha256_bytes
 from meddx.serving.auth import Caller
 from meddx.serving.cards import build_card
 from meddx.serving.cds import (
@@ -129,10 +132,7 @@ async def call_service(service_id: str, request: Request, st: State = Depends(st
                        caller: Caller = Depends(cds_caller)) -> dict:
     """A CDS Hooks service call: prefetch (or fetch) → model → cards."""
     served, adapter, hook = _lookup(st, service_id)
-    try:
-        body = HookRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise DataError(f"not a CDS Hooks request: {e.errors()[0]['msg']}") from e
+    body = await run_in_threadpool(_parse_hook, await request.body())
     if body.hook != hook:
         raise DataError(f"service '{service_id}' answers '{hook}', not '{body.hook}'")
     templates = adapter.prefetch(served.card, hook)
@@ -143,7 +143,19 @@ async def call_service(service_id: str, request: Request, st: State = Depends(st
         st.audit.error(route=ROUTE, caller=caller.audit(), status=412,
                        error="PrefetchMissingError", model=served.name)
         raise e
-    return await run_in_threadpool(_cards, st, service_id, served, adapter, body, data, caller)
+    out = await run_in_threadpool(_cards, st, service_id, served, adapter, body, data, caller)
+    return JSONResponse(out)  # plain JSON already: skip FastAPI's re-encoding of large cards
+
+
+def _parse_hook(raw: bytes) -> HookRequest:
+    """The request body (≈1 MB for a 48 h ICU stay) parsed off the event loop."""
+    try:
+        body = HookRequest.model_validate(json.loads(raw))
+    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else "not JSON"
+        raise DataError(f"not a CDS Hooks request: {msg}") from e
+    body.body_sha256 = sha256_bytes(raw)
+    return body
 
 
 @router.post("/{service_id}/feedback")
