@@ -155,7 +155,9 @@ def predict(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
     sort: str | None = typer.Option(None, "--sort", help="'risk': rank by the positive class "
                                     "probability (worklist triage)."),
-    backend: str = typer.Option("auto", help="auto, torch or onnx."),
+    fs: float | None = typer.Option(None, "--fs", help="Sampling rate (Hz) of CSV waveforms "
+                                    "that do not state it."),
+    backend: str = typer.Option("auto", help="auto, torch, onnx or onnx-int8."),
     batch_size: int = typer.Option(64, help="Inputs per batch."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the output to this file."),
 ) -> None:
@@ -179,6 +181,9 @@ def predict(
     paths = _expand(inputs or [])
     if not sources and not paths:
         raise ConfigError("nothing to predict: give files, a folder, --smiles or --sequence")
+    if fs is not None:
+        sources += [{"path": str(p), "fs": fs} for p in paths if p.suffix.lower() == ".csv"]
+        paths = [p for p in paths if p.suffix.lower() != ".csv"]
     preds, failures = _run(predictor, sources, paths, batch_size)
     if sort == "risk":
         preds.sort(key=lambda p: -(p.risk if p.risk is not None else max(p.probabilities.values())))
@@ -201,7 +206,7 @@ def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
     from rich.progress import track
 
     samples, failures = [], []
-    items = [(s, s if len(str(s)) < 40 else str(s)[:37] + "…") for s in sources]
+    items = [(s, _name(s)) for s in sources]
     items += [(p, p.name) for p in paths]
     for src, name in track(items, description="reading", console=Console(stderr=True),
                            disable=len(items) < 20):
@@ -215,6 +220,13 @@ def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
     for start in range(0, len(samples), batch_size):
         preds += predictor.predict_samples(samples[start : start + batch_size])
     return preds, failures
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, dict):
+        return Path(source.get("path", "input")).name
+    text = str(source)
+    return text if len(text) < 40 else text[:37] + "…"
 
 
 def _row(p: Any) -> dict[str, Any]:

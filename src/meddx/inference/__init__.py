@@ -158,7 +158,7 @@ class Predictor:
     def _sample_logits(self, samples: list[Sample], batch_size: int) -> np.ndarray:
         aggregate = getattr(self.modality, "aggregate_logits", None)
         if any(s.meta.get("windows") for s in samples) and aggregate is not None:
-            return np.stack([aggregate(self.logits(s.tensor)) for s in samples])
+            return np.stack([aggregate(self.logits(s.tensor), task=self.task) for s in samples])
         outs = []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]

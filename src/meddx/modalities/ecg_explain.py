@@ -107,8 +107,14 @@ class ECGExplainer:
             else:
                 from monai.visualize import GradCAM
 
-                cam = GradCAM(nn_module=self.scores, target_layers=f"net.{self.layer}")
-                heat = cam(x, class_idx=int(class_index)).detach().numpy()  # (W, 1, L)
+                # MONAI's default post-processing maps (min, max) to (1, 0) — it would flip the
+                # strip; keep the raw map and scale it to 0..1 per window here
+                cam = GradCAM(nn_module=self.scores, target_layers=f"net.{self.layer}",
+                              postprocessing=lambda m: m)
+                heat = cam(x, class_idx=int(class_index)).detach().float().numpy()  # (W, 1, L)
+                lo = heat.min(axis=-1, keepdims=True)
+                span = heat.max(axis=-1, keepdims=True) - lo
+                heat = np.where(span > 0, (heat - lo) / np.where(span > 0, span, 1), 0.0)
                 out = np.broadcast_to(heat, x.shape).copy()
         out = np.nan_to_num(out.astype(np.float32))
         return out[0] if squeeze else out
