@@ -70,6 +70,8 @@ def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | Non
     if model == "ecfp_mlp":
         overrides.update({"model.name": "ecfp_mlp", "model.options": {},
                           "data.options": {"featurizer": "ecfp"}})
+    elif model == "dmpnn_rdkit":
+        overrides["data.options"] = {"featurizer": "graph", "descriptors": "rdkit2d"}
     cfg = as_config(ROOT / "configs" / "tox21.yaml").updated(**overrides)
     with tempfile.TemporaryDirectory(prefix="meddx-bench-") as tmp:
         start = time.perf_counter()
@@ -154,8 +156,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _recipe(model: str, epochs: int | None) -> str:
-    net = ("D-MPNN hidden 300, depth 3, mean aggregation" if model == "dmpnn"
-           else "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3")
+    net = {"dmpnn": "D-MPNN hidden 300, depth 3, mean aggregation",
+           "dmpnn_rdkit": "D-MPNN hidden 300, depth 3, mean aggregation + RDKit 2D descriptors",
+           "ecfp_mlp": "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3"}[model]
     text = (f"configs/tox21.yaml training recipe with {net}; 80/10/10 split; calib (10 % of the "
             "data) carved from train")
     return text + (f"; epochs {epochs}" if epochs else "")
@@ -167,7 +170,8 @@ def main() -> None:
     ap.add_argument("--jobs", nargs="+", default=["tox21/random", "tox21/scaffold",
                                                   "bbbp/scaffold", "clintox/scaffold"],
                     help="dataset/split pairs")
-    ap.add_argument("--model", default="dmpnn", choices=["dmpnn", "ecfp_mlp"])
+    ap.add_argument("--model", default="dmpnn", choices=["dmpnn", "dmpnn_rdkit", "ecfp_mlp"],
+                    help="dmpnn_rdkit: D-MPNN + RDKit 2D descriptors (data.options.descriptors)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="override configs/tox21.yaml")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results")
