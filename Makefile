@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint chromium clean
+.PHONY: install demo test test-fast bench lint chromium clean readme
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -44,3 +44,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+readme:
+	python3 docs/assemble_readme.py

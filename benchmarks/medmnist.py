@@ -78,9 +78,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--name", default="medmnist", help="results file stem (parallel runs)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="STEM",
+                    help="only rewrite results/medmnist.* from these runs' .partial.jsonl files")
     args = ap.parse_args()
+    if args.merge:
+        runs = [json.loads(line) for stem in args.merge
+                for line in (RESULTS / f"{stem}.partial.jsonl").read_text().splitlines() if line]
+        args.datasets = [d for d in PUBLISHED if any(r["dataset"] == d for r in runs)]
+        args.seeds = sorted({r["seed"] for r in runs})
+        write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
+        return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meddx-medmnist-"))
-    partial = RESULTS / "medmnist.partial.jsonl"
+    partial = RESULTS / f"{args.name}.partial.jsonl"
     runs = []
     for name in args.datasets:
         for seed in args.seeds:
@@ -90,7 +100,7 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
             # rewrite after every run so an interrupted benchmark still leaves its figures
-            write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
+            write(args.name, {"environment": environment(), "runs": runs}, report(runs, args))
 
 
 def report(runs: list[dict], args: argparse.Namespace) -> str:
