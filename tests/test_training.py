@@ -103,3 +103,23 @@ def test_new_run_in_old_folder_never_reuses_old_weights(tmp_path: Path, breast_n
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["best.ckpt",
                                                                                   "last.ckpt"]
     assert first.sha256 != second.sha256
+
+
+def test_non_finite_loss_skips_the_step_and_divergence_is_an_error() -> None:
+    import torch
+
+    from meddx.config import TrainConfig
+    from meddx.errors import ModelError
+    from meddx.tasks import TaskSpec
+    from meddx.training.module import MAX_BAD_STEPS, MeddxModule
+
+    task = TaskSpec(kind="binary", class_names=["n", "p"], positive_class="p")
+    module = MeddxModule(torch.nn.Linear(2, 1), task, TrainConfig())
+    module.log = lambda *a, **k: None  # not attached to a Trainer here
+    bad = (torch.tensor([[float("nan"), 0.0]]), torch.tensor([1]))
+    assert module.training_step(bad, 0) is None
+    good = (torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
+    assert torch.isfinite(module.training_step(good, 1))
+    with pytest.raises(ModelError, match="diverged"):
+        for i in range(MAX_BAD_STEPS):
+            module.training_step(bad, i)

@@ -10,11 +10,14 @@ import numpy as np
 import torch
 
 from meddx.config import TrainConfig
+from meddx.errors import ModelError
 from meddx.tasks import TaskSpec
 
 __all__ = ["MeddxModule", "selection_score"]
 
 logger = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 10  # consecutive non-finite losses before training is declared diverged
 
 
 def selection_score(task: TaskSpec, targets: np.ndarray, probs: np.ndarray) -> float:
@@ -59,6 +62,7 @@ class MeddxModule(L.LightningModule):
         self.batch_augment = batch_augment
         w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
+        self._bad_steps = 0
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
 
@@ -70,11 +74,22 @@ class MeddxModule(L.LightningModule):
                 x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.model(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         if self.batch_augment is not None:
             x = self.batch_augment(x)
         loss = self.task.loss(self(x), y, self.class_weights)
+        if not torch.isfinite(loss):
+            # skip the step rather than let one bad batch turn every weight into NaN
+            self._bad_steps += 1
+            logger.warning("non-finite training loss at epoch %d step %d: step skipped",
+                           self.current_epoch, batch_idx)
+            if self._bad_steps >= MAX_BAD_STEPS:
+                raise ModelError(
+                    f"training diverged: {self._bad_steps} steps with a non-finite loss",
+                    hint="lower train.lr, or train with train.precision: '32'")
+            return None
+        self._bad_steps = 0
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
                  batch_size=len(y))
         return loss
