@@ -60,7 +60,7 @@ def task_aucs(task: Any, targets: np.ndarray, probs: np.ndarray) -> dict[str, fl
 
 
 def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | None,
-            model: str) -> dict[str, Any]:
+            model: str, dropout: float | None = None) -> dict[str, Any]:
     from meddx.inference import load_model
     from meddx.training import as_config, load_bundle, train
 
@@ -72,6 +72,8 @@ def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | Non
                           "data.options": {"featurizer": "ecfp"}})
     elif model == "dmpnn_rdkit":
         overrides["data.options"] = {"featurizer": "graph", "descriptors": "rdkit2d"}
+    if dropout is not None:
+        overrides["model.options.dropout"] = dropout
     cfg = as_config(ROOT / "configs" / "tox21.yaml").updated(**overrides)
     with tempfile.TemporaryDirectory(prefix="meddx-bench-") as tmp:
         start = time.perf_counter()
@@ -155,13 +157,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _recipe(model: str, epochs: int | None) -> str:
+def _recipe(model: str, epochs: int | None, dropout: float | None = None) -> str:
     net = {"dmpnn": "D-MPNN hidden 300, depth 3, mean aggregation",
            "dmpnn_rdkit": "D-MPNN hidden 300, depth 3, mean aggregation + RDKit 2D descriptors",
            "ecfp_mlp": "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3"}[model]
     text = (f"configs/tox21.yaml training recipe with {net}; 80/10/10 split; calib (10 % of the "
             "data) carved from train")
-    return text + (f"; epochs {epochs}" if epochs else "")
+    return (text + (f"; epochs {epochs}" if epochs else "")
+            + (f"; dropout {dropout}" if dropout is not None else ""))
 
 
 def main() -> None:
@@ -174,6 +177,7 @@ def main() -> None:
                     help="dmpnn_rdkit: D-MPNN + RDKit 2D descriptors (data.options.descriptors)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="override configs/tox21.yaml")
+    ap.add_argument("--dropout", type=float, default=None, help="override the model dropout")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results")
     ap.add_argument("--results", default="molecules",
                     help="results file stem under benchmarks/results (one per concurrent run)")
@@ -189,7 +193,7 @@ def main() -> None:
                                else {"runs": {}})
     results.update(machine=f"{os.cpu_count()} CPU cores (shared with other work)",
                    threads=args.threads,
-                   recipe=_recipe(args.model, args.epochs))
+                   recipe=_recipe(args.model, args.epochs, args.dropout))
     for seed in args.seeds:
         for job in args.jobs:
             dataset, split = job.split("/")
@@ -197,7 +201,8 @@ def main() -> None:
             entry = results["runs"].setdefault(key, {"runs": []})
             if args.resume and any(r["seed"] == seed for r in entry["runs"]):
                 continue
-            run = one_run(dataset, split, seed, args.threads, args.epochs, args.model)
+            run = one_run(dataset, split, seed, args.threads, args.epochs, args.model,
+                          args.dropout)
             entry["runs"] = [r for r in entry["runs"] if r["seed"] != seed] + [run]
             logger.info("%s seed %d: val %.4f test %.4f (%.0f s)", key, seed,
                         run["val_mean_auc"], run["test_mean_auc"], run["train_wall_s"])
