@@ -123,3 +123,23 @@ def test_non_finite_loss_skips_the_step_and_divergence_is_an_error() -> None:
     with pytest.raises(ModelError, match="diverged"):
         for i in range(MAX_BAD_STEPS):
             module.training_step(bad, i)
+
+
+def test_non_finite_gradients_never_reach_the_weights() -> None:
+    import torch
+
+    from meddx.config import TrainConfig
+    from meddx.tasks import TaskSpec
+    from meddx.training.module import MeddxModule
+
+    task = TaskSpec(kind="binary", class_names=["n", "p"], positive_class="p")
+    net = torch.nn.Linear(2, 1)
+    module = MeddxModule(net, task, TrainConfig())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    net.weight.grad = torch.full_like(net.weight, float("inf"))
+    net.bias.grad = torch.zeros_like(net.bias)
+    module.on_before_optimizer_step(opt)
+    opt.step()
+    for p, b in zip(net.parameters(), before, strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, b)

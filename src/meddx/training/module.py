@@ -94,6 +94,20 @@ class MeddxModule(L.LightningModule):
                  batch_size=len(y))
         return loss
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """A finite loss can still give non-finite gradients (bf16 overflow): drop that update
+        instead of letting it write NaN into every weight."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self._bad_steps += 1
+            logger.warning("non-finite gradients at epoch %d: update skipped", self.current_epoch)
+            for g in grads:
+                g.zero_()
+            if self._bad_steps >= MAX_BAD_STEPS:
+                raise ModelError(
+                    f"training diverged: {self._bad_steps} steps with non-finite gradients",
+                    hint="lower train.lr, or train with train.precision: '32'")
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         logits = self(x).float()
