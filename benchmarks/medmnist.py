@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import RESULTS, environment, write
 from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
-
-from _common import RESULTS, environment, write
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PUBLISHED = {  # test AUC / ACC, Yang et al. 2023 (MedMNIST v2 table)

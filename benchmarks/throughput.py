@@ -13,11 +13,10 @@ import statistics
 import time
 
 import torch
+from _common import environment, write
 
 from meddx.models import build_network
 from meddx.tasks import TaskSpec
-
-from _common import environment, write
 
 CASES = [  # name, spatial_dims, channels, size, batch, steps
     ("2D 28 px", 2, 1, 28, 128, 6),
