@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import io
 import json
 import threading
@@ -131,3 +132,27 @@ def get_package(request: Any) -> Any:
 
         return load_package(path)
     return request.getfixturevalue("tiny_breast_package")
+
+
+class FhirHandler(http.server.BaseHTTPRequestHandler):
+    """Base for the tests' loopback FHIR servers: ``reply`` answers JSON, logging is silent."""
+
+    def reply(self, body: dict[str, Any], ok: bool = True) -> None:
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def loopback_fhir(handler: type[FhirHandler]) -> Iterator[str]:
+    """Serve ``handler`` on 127.0.0.1 in a thread; yields the ``…/fhir`` base URL."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/fhir"
+    finally:
+        srv.shutdown()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.server
 import json
-import threading
 import time
 
 import jsonschema
@@ -19,7 +17,16 @@ from meddx.serving.app import create_app
 from meddx.serving.cards import indicator, summary_line
 from meddx.serving.cds import validate_response
 from meddx.serving.settings import IssuerTrust, ServeSettings
-from serving_support import ISS, PUBLIC, Keys, breast_png, get_package, token
+from serving_support import (
+    ISS,
+    PUBLIC,
+    FhirHandler,
+    Keys,
+    breast_png,
+    get_package,
+    loopback_fhir,
+    token,
+)
 
 SID = "breast-tiny"
 
@@ -56,24 +63,16 @@ def fhir_server(png):
     """A loopback FHIR server answering Media and DocumentReference searches."""
     hits: list[str] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(FhirHandler):
         def do_GET(self) -> None:  # noqa: N802
             hits.append(self.path)
             ok = self.headers.get("Authorization") == "Bearer fhir-token"
             body = media_bundle(png) if self.path.startswith("/fhir/Media") else \
                 {"resourceType": "Bundle", "type": "searchset", "entry": []}
-            self.send_response(200 if ok else 401)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.end_headers()
-            self.wfile.write(json.dumps(body).encode())
+            self.reply(body, ok)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/fhir", hits
-    srv.shutdown()
+    with loopback_fhir(Handler) as base:
+        yield base, hits
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.server
 import json
 import re
-import threading
 import urllib.parse
 
 import pytest
@@ -21,7 +19,7 @@ from meddx.serving.app import create_app
 from meddx.serving.cds import _allowed, validate_response
 from meddx.serving.fhir import validate
 from meddx.serving.settings import IssuerTrust, ServeSettings
-from serving_support import ISS, PUBLIC, Keys, token
+from serving_support import ISS, PUBLIC, FhirHandler, Keys, loopback_fhir, token
 
 SID = "icu-tiny"
 STAY = "ehr/physionet2012/set-a/132539.txt"
@@ -79,7 +77,7 @@ def fhir_server(bundle):
     patient, encounter, obs = _split(bundle)
     hits: list[tuple[str, str | None]] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(FhirHandler):
         def do_GET(self) -> None:  # noqa: N802
             hits.append((self.path, self.headers.get("Authorization")))
             url = urllib.parse.urlsplit(self.path)
@@ -98,18 +96,10 @@ def fhir_server(bundle):
             else:
                 body = {"resourceType": "OperationOutcome"}
             ok = self.headers.get("Authorization") == "Bearer fhir-token"
-            self.send_response(200 if ok else 401)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.end_headers()
-            self.wfile.write(json.dumps(body).encode())
+            self.reply(body, ok)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/fhir", hits
-    srv.shutdown()
+    with loopback_fhir(Handler) as base:
+        yield base, hits
 
 
 @pytest.fixture(scope="module")
