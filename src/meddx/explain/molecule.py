@@ -132,6 +132,21 @@ class AtomExplainer:
             else (class_name or "")
         return draw_atom_contributions(_mol_of(sample), attribution, path, legend=legend)
 
+    def summary(self, sample: Any, attribution: np.ndarray, k: int = 5) -> dict[str, Any]:
+        """The ``k`` atoms with the largest |contribution|, largest first: 0-based index in
+        the input SMILES's atom order, element symbol and contribution (positive: supports
+        the class)."""
+        mol = _mol_of(sample)
+        w = np.asarray(attribution, dtype=float).reshape(-1)
+        if len(w) != mol.GetNumAtoms():
+            raise DataError(f"{len(w)} weights for a molecule with {mol.GetNumAtoms()} atoms")
+        method = "fingerprint_atom_weights" if self.input_spec.get("featurizer") == "ecfp" \
+            else "atom_masking"
+        top = np.argsort(-np.abs(w), kind="stable")[:k]
+        return {"method": method, "top_atoms": [
+            {"index": int(i), "symbol": mol.GetAtomWithIdx(int(i)).GetSymbol(),
+             "contribution": round(float(w[i]), 6)} for i in top]}
+
 
 def _mol_of(sample: Any) -> Any:
     from meddx.modalities.molecule_io import require_mol

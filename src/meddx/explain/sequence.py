@@ -132,6 +132,19 @@ class ISMExplainer:
         title = f"in-silico mutagenesis: {which}"
         return plot_ism(seq, attribution, path, title=title)
 
+    def summary(self, sample: Any, attribution: np.ndarray, k: int = 5) -> dict[str, Any]:
+        """The ``k`` most important positions of ``attribution`` (Δ, 4 × L), most important
+        first: 1-based position, reference base, importance (largest |Δ|) and contribution
+        (−mean Δ; positive: the base supports the class)."""
+        _, seq = _tensor_and_sequence(sample)
+        result = ISMResult(seq, -1, float("nan"), np.asarray(attribution, dtype=float))
+        importance, contribution = result.importance, result.contribution
+        return {"method": "in_silico_mutagenesis", "top_positions": [
+            {"position": pos, "base": seq[pos - 1] if pos <= len(seq) else "N",
+             "importance": round(float(importance[pos - 1]), 6),
+             "contribution": round(float(contribution[pos - 1]), 6)}
+            for pos in result.top_positions(k)]}
+
 
 def _tensor_and_sequence(sample: Any) -> tuple[torch.Tensor, str]:
     from meddx.modalities.base import Sample

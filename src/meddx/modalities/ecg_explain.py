@@ -18,8 +18,8 @@ import torch
 
 from meddx.errors import ConfigError
 
-__all__ = ["ECGExplainer", "stitch_windows", "heat_strip", "plot_ecg_explanation",
-           "plot_ecg_explanation_for"]
+__all__ = ["ECGExplainer", "stitch_windows", "heat_strip", "on_time_line", "top_span",
+           "plot_ecg_explanation", "plot_ecg_explanation_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +125,22 @@ class ECGExplainer:
         return plot_ecg_explanation_for(sample, attribution, path, title,
                                         fs=self.input_spec.get("fs"))
 
+    def summary(self, sample: Any, attribution: np.ndarray) -> dict[str, Any]:
+        """The method and the most important time span of the record (see :func:`top_span`)."""
+        _, attr, rate = on_time_line(sample, attribution, self.input_spec.get("fs"))
+        return {"method": self.method, **top_span(attr, rate)}
+
     def png(self, sample: Any, attribution: np.ndarray, title: str | None = None) -> bytes:
         """The plot of :meth:`plot` as PNG bytes (for the service)."""
         with tempfile.TemporaryDirectory(prefix="meddx-ecg-") as tmp:
             return self.plot(sample, attribution, Path(tmp) / "ecg.png", title).read_bytes()
 
 
-def plot_ecg_explanation_for(sample: Any, attribution: np.ndarray, path: str | Path,
-                             title: str | None = None, fs: float | None = None) -> Path:
-    """Plot a Sample (or tensor) read by ``ECGModality.read`` with its attribution: windows
-    are stitched back onto the record's time line first."""
+def on_time_line(sample: Any, attribution: np.ndarray, fs: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(signal, attribution, rate) of a Sample (or tensor) read by ``ECGModality.read`` on
+    the record's time line: windows are stitched back (overlaps averaged) or, without
+    positions, laid end to end."""
     meta = getattr(sample, "meta", {}) or {}
     attr = np.asarray(attribution)
     x, single = _as_windows(sample)
@@ -147,11 +153,40 @@ def plot_ecg_explanation_for(sample: Any, attribution: np.ndarray, path: str | P
         signal = meta.get("signal")
         if signal is None:
             signal = stitch_windows(x.numpy(), meta["starts"], n)
-    else:  # windows without positions: lay them end to end
+    else:
         c = x.shape[1]
         signal = x.numpy().transpose(1, 0, 2).reshape(c, -1)
         attr = attr.transpose(1, 0, 2).reshape(c, -1)
-    return plot_ecg_explanation(signal, attr, rate, path, leads=meta.get("leads"), title=title)
+    return np.asarray(signal), np.asarray(attr), rate
+
+
+def plot_ecg_explanation_for(sample: Any, attribution: np.ndarray, path: str | Path,
+                             title: str | None = None, fs: float | None = None) -> Path:
+    """Plot a Sample (or tensor) read by ``ECGModality.read`` with its attribution: windows
+    are stitched back onto the record's time line first."""
+    signal, attr, rate = on_time_line(sample, attribution, fs)
+    leads = (getattr(sample, "meta", {}) or {}).get("leads")
+    return plot_ecg_explanation(signal, attr, rate, path, leads=leads, title=title)
+
+
+def top_span(attribution: np.ndarray, fs: float) -> dict[str, float]:
+    """The most important stretch of a record: the peak of the lead-averaged heat strip
+    (:func:`heat_strip`) and the contiguous span around it where the heat stays at or above
+    half the peak, in seconds from the record's start.
+
+    Args:
+        attribution: (leads, samples) on the record's time line.
+        fs: its sampling rate.
+    """
+    heat = heat_strip(np.atleast_2d(attribution), fs).mean(axis=0)
+    peak = int(np.argmax(heat))
+    if heat[peak] <= 0:
+        return {"peak_s": 0.0, "start_s": 0.0, "end_s": round(len(heat) / fs, 3)}
+    above = heat >= 0.5 * heat[peak]
+    lo = peak - int(np.argmin(above[peak::-1])) + 1 if not above[: peak + 1].all() else 0
+    hi = peak + int(np.argmin(above[peak:])) if not above[peak:].all() else len(heat)
+    return {"peak_s": round(peak / fs, 3), "start_s": round(lo / fs, 3),
+            "end_s": round(hi / fs, 3)}
 
 
 def stitch_windows(arrays: np.ndarray, starts: list[int], n_samples: int) -> np.ndarray:

@@ -87,21 +87,30 @@ def _metric_line(card: Any) -> str | None:
 
 
 def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
-                    extra: list[str] | None = None) -> str:
-    """The card's Markdown detail (``extra``: the modality adapter's own lines)."""
+                    extra: list[str] | None = None, risk_card: bool = False) -> str:
+    """The card's Markdown detail (``extra``: the modality adapter's own lines). Risk cards
+    state the risk against the alert threshold rather than a "decision" named after the
+    outcome ("Decision died" reads wrongly to a clinician)."""
     lines = [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if research else []
     probs = pred.calibrated or pred.probabilities
     kind = "Calibrated probability" if pred.calibrated else "Probability (uncalibrated)"
     lines += [f"| Class | {kind} |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in probs.items()]
     lines.append("")
-    if isinstance(pred.decision, str):
-        op = card.operating_point
+    risk, op = _risk(pred), card.operating_point
+    if isinstance(pred.decision, str) and risk_card and risk is not None:
+        above = _positive(pred)
+        kind = "Calibrated risk" if pred.calibrated else "Risk"
+        lines.append(f"{kind} {risk:.1%} (class *{pred.model.get('positive_class')}*) is "
+                     f"**{'at or above' if above else 'below'}** the alert threshold "
+                     f"{pred.threshold:.1%} (operating point `{pred.operating_point}`)"
+                     f"{': **alert**' if above else ''}.")
+    elif isinstance(pred.decision, str):
         lines.append(f"Decision **{pred.decision}** at operating point `{pred.operating_point}` "
                      f"(threshold {pred.threshold:.3f}).")
-        if op is not None and op.calib_sensitivity is not None:
-            lines.append(f"At this threshold on the calibration split: sensitivity "
-                         f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}.")
+    if isinstance(pred.decision, str) and op is not None and op.calib_sensitivity is not None:
+        lines.append(f"At this threshold on the calibration split: sensitivity "
+                     f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}.")
     if pred.prediction_set is not None and card.conformal is not None:
         cover = 1 - card.conformal.alpha
         lines.append(f"{cover:.0%} conformal prediction set: "
@@ -224,11 +233,12 @@ def _uuid() -> str:
 def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None,
                subject: str | None, notes: list[str], basis: list[str],
                risk_card: bool, summary: str | None = None,
-               extra_lines: list[str] | None = None) -> dict[str, Any]:
+               extra_lines: list[str] | None = None,
+               link_label: str = "Open the image with its heat map") -> dict[str, Any]:
     """One CDS Hooks card for one Prediction of ``served`` (a :class:`ServedModel`).
 
-    ``summary`` and ``extra_lines`` come from the modality's adapter (its own words); without
-    them the generic :func:`summary_line` is used.
+    ``summary``, ``extra_lines`` and ``link_label`` come from the modality's adapter (its own
+    words); without them the generic :func:`summary_line` is used.
     """
     card, research = served.card, served.research_only
     label = f"meddx {card.name} v{card.version}"
@@ -241,14 +251,14 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
         "uuid": _uuid(),
         "summary": summary,
         "indicator": indicator(pred, critical_risk),
-        "detail": detail_markdown(pred, card, research, notes, extra_lines),
+        "detail": detail_markdown(pred, card, research, notes, extra_lines, risk_card),
         "source": {"label": label,
                    "topic": {"system": f"{MEDDX_SYSTEM}/model", "code": card.name,
                              "display": f"meddx {card.name}"}},
         "overrideReasons": OVERRIDE_REASONS,
     }
     if link:
-        out["links"] = [{"label": "Open the image with its heat map", "url": link,
+        out["links"] = [{"label": link_label, "url": link,
                          "type": "absolute"}]
     suggestions = [s for s in (
         _risk_suggestion(pred, card, subject, basis, research) if risk_card else None,

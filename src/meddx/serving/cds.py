@@ -171,13 +171,16 @@ class CdsAdapter:
     Class attributes:
         hooks: the hooks offered (``patient-view`` and maybe ``order-select``).
         risk_assessment: offer a suggestion that records a FHIR RiskAssessment (binary risks).
-        explain: run the explainer when the service explains on cards (the card shows it).
+        explain: run the explainer when the service explains on cards (the card links to
+            the stored picture).
+        link_label: the label of the card's link to that picture.
         description: the service description shown by the EHR.
     """
 
     hooks: tuple[str, ...] = ("patient-view",)
     risk_assessment: bool = False
     explain: bool = True
+    link_label: str = "Open the image with its heat map"
     description: str = "meddx model"
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:
@@ -246,7 +249,7 @@ class EcgCdsAdapter(CdsAdapter):
     """The patient's latest ECG waveform Observation (``valueSampledData``)."""
 
     description = "rhythm analysis of the patient's latest ECG"
-    explain = False  # nothing on the card shows an ECG attribution yet
+    link_label = "Open the ECG trace with its attribution strip"
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:
         from meddx.modalities.ecg_fhir import PREFETCH_QUERY

@@ -4,13 +4,16 @@
 unless the service runs with ``research_use``, warms each model up, and looks models up by name
 (unknown names get a 404 with a did-you-mean). :meth:`ServedModel.answer` checks every upload
 before decoding it (content type, pixel count), runs the Predictor, and renders Grad-CAM
-overlays with the fp32 torch weights when asked.
+overlays with the fp32 torch weights when asked — or, for sequences, molecules and ECGs, the
+modality's explanation plot (PNG, rendered in a private temporary folder that is removed at
+once) and a short numeric summary of it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +34,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Answer:
-    """One input's answer: the Prediction, the input's sha256, and rendered PNGs."""
+    """One input's answer: the Prediction, the input's sha256, and rendered PNGs.
+
+    Attributes:
+        overlay_png: images: the Grad-CAM overlay.
+        image_png: images: the model's view of the input.
+        explanation_png: other modalities: the explainer's plot (ISM logo, atoms drawn on the
+            molecule, ECG trace with its attribution strip).
+        extra: ``explained_class`` and, beside ``explanation_png``, ``explanation`` (the
+            explainer's numeric summary).
+    """
 
     prediction: Any
     input_sha256: str
     overlay_png: bytes | None = None
     image_png: bytes | None = None
+    explanation_png: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,6 +71,13 @@ def _preview_png(tensor: Any) -> bytes | None:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _plot_png(explainer: Any, sample: Any, attribution: Any, label: str | None) -> bytes:
+    """The explainer's ``plot`` as PNG bytes; the file lives only inside this call."""
+    with tempfile.TemporaryDirectory(prefix="meddx-explain-") as tmp:
+        return Path(explainer.plot(sample, attribution, Path(tmp) / "explanation.png",
+                                   label)).read_bytes()
 
 
 _KEPT_META = ("basis", "patient", "encounter", "n_observations", "below_training_minimum")
@@ -167,8 +187,9 @@ class ServedModel:
         return answers
 
     def _explain(self, samples: list[Any], answers: list[Answer]) -> None:
-        """Images: Grad-CAM overlay PNGs. Others: the modality's explainer; findings in words
-        (EHR) go to ``prediction.notes["findings"]``."""
+        """Images: Grad-CAM overlay PNGs. Others: the modality's explainer, its plot as a PNG
+        and its summary where it has them; findings in words (EHR) go to
+        ``prediction.notes["findings"]``."""
         names = self.predictor.task.class_names
         with self._explain_lock:  # the explainer hooks one network copy: one at a time
             if self._explainer is None:
@@ -191,6 +212,12 @@ class ServedModel:
 
                     a.overlay_png = overlay_png(s.tensor, p.explanation)
                     a.image_png = _preview_png(s.tensor)
+                    continue
+                label = a.extra["explained_class"]
+                if hasattr(self._explainer, "plot"):
+                    a.explanation_png = _plot_png(self._explainer, s, result, label)
+                if hasattr(self._explainer, "summary"):
+                    a.extra["explanation"] = self._explainer.summary(s, result)
 
 
 def _load(path: str | Path, settings: ServeSettings) -> Any:

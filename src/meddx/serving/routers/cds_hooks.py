@@ -6,12 +6,12 @@ a JWT (never an API key) whose ``aud`` is the exact URL of the service called.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -96,13 +96,15 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
         answers = served.answer_sources(hook_input.sources, digests, explain=explain)
         cards = []
         for a in answers:
-            link = _heatmap_link(st, served, a) if a.overlay_png else None
+            shown = a.overlay_png or a.explanation_png
+            link = _heatmap_link(st, served, a) if shown else None
             cards.append(build_card(
                 a.prediction, served, critical_risk=st.settings.critical_risk, link=link,
                 subject=_subject(body), notes=hook_input.notes, basis=hook_input.basis,
                 risk_card=adapter.risk_assessment,
                 summary=adapter.summary(a.prediction, served.card),
-                extra_lines=adapter.detail_lines(a.prediction, served.card)))
+                extra_lines=adapter.detail_lines(a.prediction, served.card),
+                link_label=adapter.link_label))
         for c in cards:
             st.feedback.issued(c["uuid"], service_id)
     except Exception as e:  # noqa: BLE001 — fail-safe: never a card from a failed assessment
@@ -119,10 +121,14 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
 
 def _heatmap_link(st: State, served: Any, answer: Any) -> str:
     p = answer.prediction
-    info = {"model": served.info, "summary": p.to_dict(), "research_only": served.research_only}
-    files = {"overlay.png": answer.overlay_png}
-    if answer.image_png:
-        files["image.png"] = answer.image_png
+    # notes may carry reader provenance (record names, encounter references): not kept
+    summary = {k: v for k, v in p.to_dict().items() if k not in ("id", "notes")}
+    info = {"model": served.info, "summary": summary, "research_only": served.research_only}
+    if "explanation" in answer.extra:
+        info["explanation"] = answer.extra["explanation"]
+    pngs = {"overlay.png": answer.overlay_png, "image.png": answer.image_png,
+            "explanation.png": answer.explanation_png}
+    files = {name: data for name, data in pngs.items() if data}
     rid = st.heatmaps.put(files, info)
     return st.settings.url_for(f"/ui/result/{rid}") + "?" + st.heatmaps.query(rid)
 
@@ -144,14 +150,15 @@ async def call_service(service_id: str, request: Request, st: State = Depends(st
                        error="PrefetchMissingError", model=served.name)
         raise e
     out = await run_in_threadpool(_cards, st, service_id, served, adapter, body, data, caller)
-    return JSONResponse(out)  # plain JSON already: skip FastAPI's re-encoding of large cards
+    # plain JSON already: skip FastAPI's re-encoding of large cards; orjson is ~5x json.dumps
+    return Response(orjson.dumps(out, option=orjson.OPT_NON_STR_KEYS), media_type="application/json")
 
 
 def _parse_hook(raw: bytes) -> HookRequest:
     """The request body (≈1 MB for a 48 h ICU stay) parsed off the event loop."""
     try:
-        body = HookRequest.model_validate(json.loads(raw))
-    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError
+        body = HookRequest.model_validate(orjson.loads(raw))  # ~3x faster than json.loads
+    except ValueError as e:  # orjson.JSONDecodeError and pydantic's ValidationError
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else "not JSON"
         raise DataError(f"not a CDS Hooks request: {msg}") from e
     body.body_sha256 = sha256_bytes(raw)

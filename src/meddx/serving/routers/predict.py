@@ -4,7 +4,9 @@ The predict body is either ``multipart/form-data`` (one or more files: PNG, JPEG
 ``.npy``, or what the modality reads) or JSON: a FHIR ``Binary``/``Media``/``DocumentReference``,
 or ``{"inputs": [...]}`` whose items are such resources, ``{"data": base64, "contentType": …}``
 objects, or modality inputs (SMILES strings, FHIR Bundles …). ``?explain=true`` adds the Grad-CAM
-overlay (PNG, base64); ``?format=fhir`` answers with a FHIR R4 Bundle.
+overlay for images (``heatmap_png``, base64) or, for sequences, molecules and ECGs, the
+explanation plot (``explanation_png``) and its summary (``explanation``); ``?format=fhir``
+answers with a FHIR R4 Bundle.
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ def _json_answer(answers: list[Any], served: Any) -> dict[str, Any]:
             d["explained_class"] = a.extra.get("explained_class")
         if a.image_png is not None:
             d["image_png"] = base64.b64encode(a.image_png).decode("ascii")
+        if a.explanation_png is not None:
+            d["explanation_png"] = base64.b64encode(a.explanation_png).decode("ascii")
+            d["explained_class"] = a.extra.get("explained_class")
+        if "explanation" in a.extra:
+            d["explanation"] = a.extra["explanation"]
         if served.research_only:
             d["notice"] = RESEARCH_NOTICE
         out.append(d)
@@ -169,7 +176,8 @@ def _compute(st: State, served: Any, items: list[Any], explain: bool, fmt: str,
 
 @router.post("/models/{name}/predict")
 async def predict(name: str, request: Request,
-                  explain: bool = Query(False, description="add the Grad-CAM overlay"),
+                  explain: bool = Query(False, description="add the Grad-CAM overlay (images) or the "
+                                       "explanation plot and summary (other modalities)"),
                   format: Literal["json", "fhir"] = Query("json"),
                   st: State = Depends(state), caller: Caller = Depends(rest_caller)) -> Any:
     """Predict for one or more inputs (multipart files or JSON)."""

@@ -3,7 +3,8 @@
 The page is static HTML + a little JS served by the app (no CDN, works offline). It holds no
 data itself: the JS calls the REST API with the bearer token the user enters. Result pages
 (``/ui/result/{id}?exp=…&sig=…``) need no token: the signed, expiring link is the credential,
-and they show only the image, the heat map and the model's answer — no patient identifiers.
+and they show only the image and its heat map (or, for an ECG, the trace with its attribution
+strip) and the model's answer — no patient identifiers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ _HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
+_CAPTIONS = {"overlay.png": "heat map", "image.png": "input",
+             "explanation.png": "explanation (where the model looked)"}
+
+
 def _static(name: str) -> str:
     return resources.files("meddx.serving").joinpath(f"static/{name}").read_text()
 
@@ -33,6 +38,24 @@ def _static(name: str) -> str:
 def _banner(show: bool) -> str:
     return f'<div class="research" id="research">{html.escape(RESEARCH_NOTICE)}</div>' \
         if show else ""
+
+
+def _explanation_line(summary: dict | None) -> str:
+    """The explainer's summary in words (ECG: the most important stretch of the record)."""
+    if not summary:
+        return ""
+    if "start_s" in summary:
+        text = (f"Most important stretch: {summary['start_s']:.1f}–{summary['end_s']:.1f} s "
+                f"(peak at {summary['peak_s']:.1f} s)")
+    elif "top_positions" in summary:
+        text = "Most important positions: " + ", ".join(
+            f"{t['position']} ({t['base']})" for t in summary["top_positions"])
+    elif "top_atoms" in summary:
+        text = "Most important atoms: " + ", ".join(
+            f"{t['symbol']}{t['index']}" for t in summary["top_atoms"])
+    else:
+        return ""
+    return f'<p id="explanation">{html.escape(text)}</p>'
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -55,7 +78,7 @@ def result_page(rid: str, exp: int = Query(...), sig: str = Query(...),
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1%}</td></tr>" for k, v in probs.items())
     images = "".join(
         f'<figure><img id="{n.split(".")[0]}" alt="{n}" src="/ui/result/{rid}/{n}?{q}">'
-        f"<figcaption>{'heat map' if n.startswith('overlay') else 'input'}</figcaption></figure>"
+        f"<figcaption>{_CAPTIONS.get(n, 'input')}</figcaption></figure>"
         for n in sorted(stored["files"]))
     sets = s.get("prediction_set")
     body = _static("result.html").format(
@@ -64,7 +87,7 @@ def result_page(rid: str, exp: int = Query(...), sig: str = Query(...),
         decision=html.escape(str(s.get("decision") or s.get("label"))),
         set=html.escape("{" + ", ".join(sets) + "}" if sets is not None else "not available"),
         refer="refer for expert review" if s.get("refer") else "",
-        rows=rows, images=images)
+        rows=rows, images=images, explanation=_explanation_line(info.get("explanation")))
     return HTMLResponse(body, headers=_HEADERS)
 
 
