@@ -167,6 +167,7 @@ def predict(
       meddx predict runs/breast/model scan1.png scan2.dcm\n
       meddx predict runs/breast/model studies/ --sort risk --format csv
     """
+    from meddx.commands.inputs import inline_inputs
     from meddx.inference import load_model
 
     if fmt not in ("table", "csv", "json"):
@@ -177,7 +178,7 @@ def predict(
 
         typer.echo(json.dumps(variant_effect(predictor, variant), indent=2))
         return
-    sources: list[Any] = [*(smiles or []), *(sequence or [])]
+    sources: list[Any] = inline_inputs(predictor.card, smiles, sequence)
     paths = _expand(inputs or [])
     if not sources and not paths:
         raise ConfigError("nothing to predict: give files, a folder, --smiles or --sequence")

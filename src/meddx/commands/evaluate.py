@@ -80,20 +80,33 @@ def _explained_class(predictor: Any, sample: Any, name: str | None) -> int:
 
 def explain(
     model: Path = typer.Argument(..., help="Model package folder."),
-    source: str = typer.Argument(..., help="Input file (image, DICOM, NIfTI, record …)."),
+    source: str | None = typer.Argument(None, help="Input file (image, DICOM, NIfTI, record …); "
+                                        "or use --smiles / --sequence."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+    smiles: str | None = typer.Option(None, "--smiles", help="A SMILES string (molecule models)."),
+    sequence: str | None = typer.Option(None, "--sequence",
+                                        help="A DNA sequence (sequence models)."),
     method: str = typer.Option("gradcam", help="gradcam or gradcampp (images)."),
     layer: str | None = typer.Option(None, help="Target layer (images; default per network)."),
     class_name: str | None = typer.Option(None, "--class",
                                           help="Class to explain (default: the model's call)."),
 ) -> None:
     """Explain one prediction: a Grad-CAM overlay for images, the modality's attribution plot
-    for other inputs."""
+    for other inputs.
+
+    Examples:\n
+      meddx explain runs/breast/model scan1.png --out scan1_cam.png\n
+      meddx explain runs/splice/model --sequence CCAGCTGCATCACAGG… --out ism.png\n
+      meddx explain runs/tox21/model --smiles "CCO" --out atoms.png
+    """
+    from meddx.commands.inputs import check_flags, one_input
     from meddx.inference import load_model
 
+    chosen = one_input(source, smiles, sequence)
     predictor = load_model(model, backend="torch")
     card = predictor.card
-    sample = predictor.read(source)
+    check_flags(card, smiles, sequence)
+    sample = predictor.read(chosen)
     index = _explained_class(predictor, sample, class_name)
     if card.modality == "image":
         from meddx.explain.gradcam import ImageExplainer
