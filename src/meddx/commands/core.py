@@ -94,6 +94,9 @@ def train(
     devices: int | None = typer.Option(None, help="Processes/GPUs (with --strategy ddp)."),
     strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
     init_weights: Path | None = typer.Option(None, help="Start from these .safetensors weights."),
+    option: list[str] = typer.Option(None, "--option", help="A data option KEY=VALUE for the "
+                                     "modality (data.options; the value is read as YAML: 100, "
+                                     "true, [I, II]); repeatable."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
@@ -101,7 +104,8 @@ def train(
 
     Examples:\n
       meddx train --dataset breastmnist --out runs/breast\n
-      meddx train configs/retinamnist.yaml --epochs 50
+      meddx train configs/retinamnist.yaml --epochs 50\n
+      meddx train --dataset physionet2017 --option fs=100 --out runs/af
     """
     from meddx.config import ExperimentConfig, load_config
     from meddx.training import train as run_training
@@ -120,6 +124,7 @@ def train(
     })
     if dataset and config is None:
         cfg = cfg.updated(name=dataset)
+    cfg = _with_data_options(cfg, option or [])
     package = run_training(cfg, out=out, resume=resume, progress=not no_progress)
     if package is None:  # non-zero DDP rank
         return
@@ -130,6 +135,53 @@ def train(
     if package.card.calibration:
         console.print(f"calibrated on calib: temperature {package.card.calibration.temperature:.3f}")
     console.print(f"package: {package.path}")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--option``; the value is read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--option '{text}' is not KEY=VALUE",
+                          hint="e.g. --option fs=100 (repeat --option for more)")
+    if not key.isidentifier():
+        raise ConfigError(f"--option '{text}': '{key}' is not an option name",
+                          hint="give the key inside data.options, e.g. --option fs=100")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--option {key}: the value {raw!r} is not valid YAML",
+                          hint="quote text with YAML's special characters: key='a: b'") from e
+
+
+def _with_data_options(cfg: Any, pairs: list[str]) -> Any:
+    """``cfg`` with ``--option`` pairs set in ``data.options`` (later ones win), checked now
+    against the modality's options rather than after minutes of data loading."""
+    if not pairs:
+        return cfg
+    from meddx.catalog import get_entry
+    from meddx.modalities import get_modality
+    from meddx.registry import suggest
+
+    given = dict(_key_value(p) for p in pairs)
+    cfg = cfg.updated(**{"data.options": {**cfg.data.options, **given}})
+    entry = get_entry(cfg.data.dataset) if cfg.data.dataset else None
+    name = cfg.data.modality or (entry.modality if entry else None)
+    if name is None:
+        return cfg  # training says what is missing
+    modality = get_modality(name)
+    known = list(modality.Options.model_fields)
+    for key in given:
+        if key not in known:
+            close = suggest(key, known)  # a guess, or else the full list
+            listed = close.startswith("; choose")
+            raise ConfigError(f"unknown --option '{key}' for {name} data" + close,
+                              hint=None if listed else f"{name} data options: "
+                              + ", ".join(sorted(known)))
+    modality.parse_options({**(entry.options if entry else {}), **cfg.data.options})
+    return cfg
 
 
 def _expand(inputs: list[str]) -> list[Path]:
