@@ -196,6 +196,11 @@ def test_risk_card_from_prefetch(client, keys, bundle, icu_package, expected, se
         assert first in s
     assert "Hours of data used: 48" in card["detail"]
     assert f"Risk band **{band}**" in card["detail"]
+    # the alert is stated as risk against the threshold, never as "Decision died"
+    assert "Decision" not in card["detail"]
+    side = "at or above" if expected.decision == "died" else "below"
+    assert (f"Calibrated risk {risk:.1%} (class *died*) is **{side}** the alert threshold "
+            f"{expected.threshold:.1%}") in card["detail"]
     assert card["indicator"] in ("info", "warning", "critical")
     # the RiskAssessment offered with the card: R4B-valid, same risk, basis = Observations used
     ra = risk_assessment_of(card)
