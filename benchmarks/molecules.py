@@ -60,7 +60,8 @@ def task_aucs(task: Any, targets: np.ndarray, probs: np.ndarray) -> dict[str, fl
 
 
 def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | None,
-            model: str, dropout: float | None = None) -> dict[str, Any]:
+            model: str, dropout: float | None = None,
+            settings: dict[str, Any] | None = None) -> dict[str, Any]:
     from meddx.inference import load_model
     from meddx.training import as_config, load_bundle, train
 
@@ -74,6 +75,7 @@ def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | Non
         overrides["data.options"] = {"featurizer": "graph", "descriptors": "rdkit2d"}
     if dropout is not None:
         overrides["model.options.dropout"] = dropout
+    overrides.update(settings or {})
     cfg = as_config(ROOT / "configs" / "tox21.yaml").updated(**overrides)
     with tempfile.TemporaryDirectory(prefix="meddx-bench-") as tmp:
         start = time.perf_counter()
@@ -157,14 +159,29 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _recipe(model: str, epochs: int | None, dropout: float | None = None) -> str:
+def _recipe(model: str, epochs: int | None, dropout: float | None = None,
+            settings: dict[str, Any] | None = None) -> str:
     net = {"dmpnn": "D-MPNN hidden 300, depth 3, mean aggregation",
            "dmpnn_rdkit": "D-MPNN hidden 300, depth 3, mean aggregation + RDKit 2D descriptors",
            "ecfp_mlp": "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3"}[model]
     text = (f"configs/tox21.yaml training recipe with {net}; 80/10/10 split; calib (10 % of the "
             "data) carved from train")
     return (text + (f"; epochs {epochs}" if epochs else "")
-            + (f"; dropout {dropout}" if dropout is not None else ""))
+            + (f"; dropout {dropout}" if dropout is not None else "")
+            + "".join(f"; {k} {v}" for k, v in (settings or {}).items()))
+
+
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` dotted config overrides, values read as YAML (``train.lr=5e-4``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, not {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def main() -> None:
@@ -178,6 +195,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="override configs/tox21.yaml")
     ap.add_argument("--dropout", type=float, default=None, help="override the model dropout")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override, e.g. train.lr=5e-4 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results")
     ap.add_argument("--results", default="molecules",
                     help="results file stem under benchmarks/results (one per concurrent run)")
@@ -193,7 +212,8 @@ def main() -> None:
                                else {"runs": {}})
     results.update(machine=f"{os.cpu_count()} CPU cores (shared with other work)",
                    threads=args.threads,
-                   recipe=_recipe(args.model, args.epochs, args.dropout))
+                   recipe=_recipe(args.model, args.epochs, args.dropout,
+                                  _settings(args.settings)))
     for seed in args.seeds:
         for job in args.jobs:
             dataset, split = job.split("/")
@@ -202,7 +222,7 @@ def main() -> None:
             if args.resume and any(r["seed"] == seed for r in entry["runs"]):
                 continue
             run = one_run(dataset, split, seed, args.threads, args.epochs, args.model,
-                          args.dropout)
+                          args.dropout, _settings(args.settings))
             entry["runs"] = [r for r in entry["runs"] if r["seed"] != seed] + [run]
             logger.info("%s seed %d: val %.4f test %.4f (%.0f s)", key, seed,
                         run["val_mean_auc"], run["test_mean_auc"], run["train_wall_s"])
