@@ -332,6 +332,11 @@ def ehr_steps(package: Path, body: bytes, repeats: int = 10) -> tuple[dict[str, 
     served = ServedModel(load_model(package, backend="torch"),
                          ServeSettings(research_use=True, warmup=False))
     adapter = adapter_for("ehr")
+    served.predictor.explainer()  # loaded before the freeze, as the service's warm-up does
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as the service does after warm-up (see ModelHub.warmup)
     req = _parse_hook(body)
     hook = adapter.inputs(req, req.prefetch, served.card)
 
@@ -342,7 +347,7 @@ def ehr_steps(package: Path, body: bytes, repeats: int = 10) -> tuple[dict[str, 
                           extra_lines=adapter.detail_lines(a.prediction, served.card))
 
     steps = {
-        "parse request (json.loads + model)": lambda: _parse_hook(body),
+        "parse request (orjson + model)": lambda: _parse_hook(body),
         "read stay (FHIR fast path + features)": lambda: served.predictor.read(hook.sources[0]),
         "read + predict": lambda: served.answer_sources(hook.sources, hook.digests),
         "read + predict + explain": lambda: served.answer_sources(hook.sources, hook.digests,

@@ -13,7 +13,7 @@ import torch
 
 from conftest import require_data
 from meddx.config import DataConfig
-from meddx.errors import InputMismatchError
+from meddx.errors import EvaluationError, InputMismatchError
 from meddx.evaluation.icu_score import event1_score, event1_threshold
 from meddx.modalities import get_modality
 from meddx.modalities.ehr import EHRModality, RandomTruncation
@@ -208,3 +208,7 @@ def test_event1_known_answer():
     assert best == pytest.approx(event1_score(y, s, thr)["event1"])
     assert (thr, best) == (0.2, pytest.approx(2 / 3))  # flags 6: Se 4/4, PPV 4/6
     assert event1_score(y, s, 2.0)["event1"] == 0.0  # nothing flagged scores 0
+    # prevalence: flag as many as there are deaths (4): .9 .85 .8 .7 → TP 2, Se = PPV = 1/2
+    assert event1_threshold(y, s, method="prevalence") == (0.7, 0.5)
+    with pytest.raises(EvaluationError, match="unknown Event 1 threshold method"):
+        event1_threshold(y, s, method="best")

@@ -46,8 +46,15 @@ def event1_score(y_true: Any, y_score: Any, threshold: float) -> dict[str, float
             "threshold": float(threshold), "n_flagged": int(flagged.sum())}
 
 
-def event1_threshold(y_true: Any, y_score: Any) -> tuple[float, float]:
-    """The threshold maximising Event 1 on these cases (use the calibration split).
+def event1_threshold(y_true: Any, y_score: Any, method: str = "argmax") -> tuple[float, float]:
+    """A threshold for Event 1, chosen on these cases (use the calibration split).
+
+    Args:
+        method: ``argmax``: the cut that maximises Event 1 on these cases (exact, but a step
+            function of a few hundred cases: noisy); ``prevalence``: flag as many cases as
+            there are deaths, the point where sensitivity equals PPV — where min(Se, PPV)
+            peaks when both move smoothly — which depends only on a quantile of the scores
+            and the death rate, so it varies less from one calibration sample to the next.
 
     Returns:
         (threshold, the Event 1 score it reaches on these cases).
@@ -55,6 +62,12 @@ def event1_threshold(y_true: Any, y_score: Any) -> tuple[float, float]:
     y, s = _check(y_true, y_score)
     order = np.argsort(-s, kind="stable")
     s_sorted, y_sorted = s[order], y[order]
+    if method == "prevalence":
+        thr = float(s_sorted[int(y.sum()) - 1])
+        return thr, event1_score(y, s, thr)["event1"]
+    if method != "argmax":
+        raise EvaluationError(f"unknown Event 1 threshold method {method!r}; "
+                              "choose argmax or prevalence")
     tp = np.cumsum(y_sorted)
     flagged = np.arange(1, len(s) + 1)
     # only cut between distinct scores: ties are flagged together

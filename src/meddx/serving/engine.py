@@ -136,6 +136,12 @@ class ServedModel:
             self.predictor.logits(x)
         except Exception as e:  # noqa: BLE001 — warm-up is best effort, the model still serves
             logger.warning("warm-up of %s skipped: %s", self.name, e)
+        try:  # the explainer too (imports captum/matplotlib): loaded before gc.freeze()
+            with self._explain_lock:
+                if self._explainer is None:
+                    self._explainer = self.predictor.explainer()
+        except Exception as e:  # noqa: BLE001 — built again on the first explain request
+            logger.debug("explainer of %s not built at warm-up: %s", self.name, e)
         self.ready = True
 
     # ------------------------------------------------------------------ answer
