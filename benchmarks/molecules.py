@@ -161,14 +161,16 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _recipe(model: str, epochs: int | None, dropout: float | None = None,
             settings: dict[str, Any] | None = None) -> str:
-    net = {"dmpnn": "D-MPNN hidden 300, depth 3, mean aggregation",
-           "dmpnn_rdkit": "D-MPNN hidden 300, depth 3, mean aggregation + RDKit 2D descriptors",
+    agg = (settings or {}).get("model.options.aggregation", "mean")
+    net = {"dmpnn": f"D-MPNN hidden 300, depth 3, {agg} aggregation",
+           "dmpnn_rdkit": f"D-MPNN hidden 300, depth 3, {agg} aggregation + RDKit 2D descriptors",
            "ecfp_mlp": "ECFP4 (Morgan r=2, 2048 bits) + MLP 1024-256, dropout 0.3"}[model]
     text = (f"configs/tox21.yaml training recipe with {net}; 80/10/10 split; calib (10 % of the "
             "data) carved from train")
     return (text + (f"; epochs {epochs}" if epochs else "")
             + (f"; dropout {dropout}" if dropout is not None else "")
-            + "".join(f"; {k} {v}" for k, v in (settings or {}).items()))
+            + "".join(f"; {k} {v}" for k, v in (settings or {}).items()
+                      if k != "model.options.aggregation"))
 
 
 def _settings(pairs: list[str]) -> dict[str, Any]:
