@@ -28,9 +28,10 @@ def invoke(*args: str):
 
 
 def test_options_are_read_as_yaml_into_data_options(trained) -> None:
-    r = invoke("--dataset", "physionet2017", "--option", "fs=100", "--option", "leads=[ECG]",
-               "--option", "cache=false", "--option", "window_seconds=10.5",
-               "--option", "split_lists=p17", "--option", "fs=125")
+    r = invoke("--dataset", "physionet2017", "--no-recipe", "--option", "fs=100",
+               "--option", "leads=[ECG]", "--option", "cache=false",
+               "--option", "window_seconds=10.5", "--option", "split_lists=p17",
+               "--option", "fs=125")
     assert r.exit_code == 0, r.output
     [cfg] = trained
     assert cfg.data.options == {"fs": 125, "leads": ["ECG"], "cache": False,
@@ -60,3 +61,42 @@ def test_bad_options_are_config_errors_before_training(trained, option, said) ->
     assert isinstance(r.exception, ConfigError), r.output
     assert said in str(r.exception)
     assert trained == []
+
+
+def test_dataset_alone_starts_from_its_shipped_recipe(trained) -> None:
+    """``meddx train --dataset physionet2017`` trains what the benchmark measured."""
+    import yaml
+
+    from meddx.catalog import recipe_for
+
+    recipe = yaml.safe_load(recipe_for("physionet2017").read_text())
+    r = invoke("--dataset", "physionet2017", "--epochs", "3", "--option", "fs=125")
+    assert r.exit_code == 0, r.output
+    assert "recipe: physionet2017.yaml" in r.output
+    [cfg] = trained
+    assert cfg.model.name == recipe["model"]["name"]
+    assert cfg.model.options == recipe["model"]["options"]
+    assert cfg.train.lr == recipe["train"]["lr"] and cfg.train.epochs == 3  # flags override
+    assert cfg.data.options["fs"] == 125
+    assert cfg.data.options["window_seconds"] == recipe["data"]["options"]["window_seconds"]
+
+
+def test_another_model_drops_the_recipes_network_options(trained) -> None:
+    r = invoke("--dataset", "physionet2017", "--model", "cnn_gru")
+    assert r.exit_code == 0, r.output
+    [cfg] = trained
+    assert cfg.model.name == "cnn_gru" and cfg.model.options == {}
+
+
+def test_no_recipe_and_datasets_without_one_use_plain_defaults(trained) -> None:
+    from meddx.catalog import recipe_for
+    from meddx.config import ExperimentConfig
+
+    assert recipe_for("pathmnist") is None
+    for args in (["--dataset", "physionet2017", "--no-recipe"], ["--dataset", "pathmnist"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        assert "recipe:" not in r.output
+    defaults = ExperimentConfig(name="x")
+    assert [c.model.options for c in trained] == [defaults.model.options] * 2
+    assert [c.train.lr for c in trained] == [defaults.train.lr] * 2

@@ -35,6 +35,7 @@ __all__ = [
     "is_available",
     "download",
     "cache_dir",
+    "recipe_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -277,3 +278,13 @@ def download(name: str, size: int | None = None, *, progress: bool = True) -> Pa
         raise DataError(f"download of '{name}' is corrupt (MD5 mismatch)", hint="try again")
     tmp.replace(target)
     return target
+
+
+def recipe_for(dataset: str) -> Path | None:
+    """The shipped training recipe for a catalog dataset (``meddx/data/recipes/<name>.yaml``,
+    the settings the benchmarks measured; the repository's ``configs/`` points there), or
+    None when there is none."""
+    from importlib import resources
+
+    path = Path(str(resources.files("meddx") / "data" / "recipes" / f"{dataset}.yaml"))
+    return path if path.is_file() else None

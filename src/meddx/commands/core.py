@@ -97,10 +97,16 @@ def train(
     option: list[str] = typer.Option(None, "--option", help="A data option KEY=VALUE for the "
                                      "modality (data.options; the value is read as YAML: 100, "
                                      "true, [I, II]); repeatable."),
+    no_recipe: bool = typer.Option(False, "--no-recipe", help="With --dataset and no config: "
+                                   "start from plain defaults, not the dataset's shipped recipe."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
     """Train a model and write a verified package to OUT/model.
+
+    With --dataset and no config file, the dataset's shipped recipe (the benchmarked settings
+    in configs/, e.g. configs/physionet2017.yaml) is the starting point when there is one; the
+    other flags override it.
 
     Examples:\n
       meddx train --dataset breastmnist --out runs/breast\n
@@ -112,8 +118,19 @@ def train(
 
     if config is None and dataset is None:
         raise ConfigError("give a config file or --dataset", hint="see `meddx datasets`")
-    if config is not None:
-        cfg = load_config(config)
+    recipe = None
+    if config is None and dataset and not no_recipe:
+        from meddx.catalog import get_entry, recipe_for
+
+        get_entry(dataset)  # an unknown name fails here, with a did-you-mean
+        recipe = recipe_for(dataset)
+    if config is not None or recipe is not None:
+        cfg = load_config(config or recipe)
+        if recipe is not None:
+            console.print(f"recipe: {recipe.name} (the benchmarked settings for {dataset}; "
+                          "--no-recipe starts from plain defaults)")
+        if model and model != cfg.model.name:  # the recipe's options are for its own network
+            cfg = cfg.updated(**{"model.options": {}})
     else:
         cfg = ExperimentConfig(name=dataset or "experiment")
     cfg = cfg.updated(**{
