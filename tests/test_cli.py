@@ -35,6 +35,8 @@ def test_datasets_lists_offline_availability() -> None:
     assert by_name["breastmnist"]["offline"] is True
     assert by_name["pathmnist"]["offline"] is False
     assert by_name["breastmnist"]["license"] == "CC BY 4.0"
+    # which datasets `meddx train --dataset NAME` trains with a shipped recipe
+    assert by_name["physionet2017"]["recipe"] is True and by_name["pathmnist"]["recipe"] is False
 
 
 def test_unknown_dataset_is_a_clear_error_not_a_traceback() -> None:

@@ -33,7 +33,7 @@ def datasets(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List known datasets: modality, task, license, and whether they are available offline."""
-    from meddx.catalog import catalog, is_available
+    from meddx.catalog import catalog, is_available, recipe_for
     from meddx.catalog import download as fetch
 
     if download:
@@ -43,19 +43,22 @@ def datasets(
     rows = []
     for name, e in sorted(catalog().items()):
         rows.append({"name": name, "modality": e.modality, "task": e.task.describe(),
-                     "offline": is_available(e), "license": e.license, "sizes": e.sizes})
+                     "offline": is_available(e), "license": e.license, "sizes": e.sizes,
+                     "recipe": recipe_for(name) is not None})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="meddx datasets", show_lines=False)
-    for col in ("name", "modality", "task", "offline", "license"):
+    for col in ("name", "modality", "task", "offline", "recipe", "license"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["name"], r["modality"], r["task"][:60],
-                      "[green]yes[/]" if r["offline"] else "[dim]no[/]", r["license"])
+                      "[green]yes[/]" if r["offline"] else "[dim]no[/]",
+                      "yes" if r["recipe"] else "", r["license"])
     console.print(table)
     console.print("[dim]offline = found under MEDDX_DATA or ../shared/data; "
-                  "others: `meddx datasets --download NAME` where an address is known[/]")
+                  "others: `meddx datasets --download NAME` where an address is known. "
+                  "recipe = `meddx train --dataset NAME` starts from the benchmarked settings[/]")
 
 
 def models() -> None:
