@@ -41,3 +41,18 @@ def write(name: str, data: dict[str, Any], markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def mean_ci(values: list[float], count_key: str = "n") -> dict[str, Any]:
+    """Mean, sd and a t-based 95 % interval of the mean over runs (seeds)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    out: dict[str, Any] = {"mean": round(float(v.mean()), 4), count_key: len(v)}
+    if len(v) > 1:
+        sd = float(v.std(ddof=1))
+        half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
+        out.update(sd=round(sd, 4), ci95=[round(float(v.mean()) - half, 4),
+                                          round(float(v.mean()) + half, 4)])
+    return out

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,20 +46,6 @@ def wilson(k: int, n: int) -> list[float]:
 
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     return [round(float(ci.low), 4), round(float(ci.high), 4)]
-
-
-def mean_ci(values: list[float]) -> dict[str, Any]:
-    """Mean, sd and a t-based 95 % interval of the mean over runs."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    out: dict[str, Any] = {"mean": round(float(v.mean()), 4), "n": len(v)}
-    if len(v) > 1:
-        sd = float(v.std(ddof=1))
-        half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
-        out.update(sd=round(sd, 4), ci95=[round(float(v.mean()) - half, 4),
-                                          round(float(v.mean()) + half, 4)])
-    return out
 
 
 def _train_and_predict(cfg: Any, split: str, post_hoc: bool) -> tuple[np.ndarray, np.ndarray,

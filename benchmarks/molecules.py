@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,16 +98,8 @@ def one_run(dataset: str, split: str, seed: int, threads: int, epochs: int | Non
 
 
 def summary(values: list[float]) -> dict[str, Any]:
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    out: dict[str, Any] = {"mean": round(float(v.mean()), 4), "n_seeds": len(v)}
-    if len(v) > 1:
-        sd = float(v.std(ddof=1))
-        half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
-        out.update(sd=round(sd, 4), ci95=[round(float(v.mean()) - half, 4),
-                                          round(float(v.mean()) + half, 4)])
-    return out
+    """Mean over seeds with a t 95 % interval (``n_seeds`` runs)."""
+    return mean_ci(values, count_key="n_seeds")
 
 
 def write(results: dict[str, Any], name: str) -> None:
