@@ -71,6 +71,18 @@ def hs256_with_public_key(keys: Keys, aud: str) -> str:
                       OctKey.import_key(secret), algorithms=["HS256"])
 
 
+def cds_settings(keys: Keys, tmp: Path, **over: Any) -> Any:
+    """Service settings for the CDS Hooks tests: public URL, the test EHR as the one trusted
+    issuer, research use, no warm-up, audit and feedback logs in ``tmp``; ``over`` adds to
+    or replaces any of them."""
+    from meddx.serving.settings import IssuerTrust, ServeSettings
+
+    base = {"public_url": PUBLIC, "research_use": True, "warmup": False,
+            "issuers": (IssuerTrust(iss=ISS, jwks=keys.jwks()),),
+            "audit_log": tmp / "audit.jsonl", "feedback_log": tmp / "feedback.jsonl"}
+    return ServeSettings(**{**base, **over})
+
+
 def breast_png(npz: Path, index: int = 0) -> bytes:
     from PIL import Image
 

@@ -16,13 +16,13 @@ from meddx.inference.prediction import Prediction
 from meddx.serving.app import create_app
 from meddx.serving.cards import indicator, summary_line
 from meddx.serving.cds import validate_response
-from meddx.serving.settings import IssuerTrust, ServeSettings
+from meddx.serving.settings import ServeSettings
 from serving_support import (
-    ISS,
     PUBLIC,
     FhirHandler,
     Keys,
     breast_png,
+    cds_settings,
     get_package,
     loopback_fhir,
     token,
@@ -78,11 +78,7 @@ def fhir_server(png):
 @pytest.fixture(scope="module")
 def settings(keys, fhir_server, tmp_path_factory) -> ServeSettings:
     tmp = tmp_path_factory.mktemp("cds")
-    return ServeSettings(
-        public_url=PUBLIC, research_use=True, warmup=False,
-        issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
-        audit_log=tmp / "audit.jsonl", feedback_log=tmp / "feedback.jsonl",
-        fhir_server_allow=(fhir_server[0],))
+    return cds_settings(keys, tmp, fhir_server_allow=(fhir_server[0],))
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +185,7 @@ def test_unreachable_fhir_server_is_412(package, keys, tmp_path):
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/fhir"
-    settings = ServeSettings(public_url=PUBLIC, research_use=True, warmup=False,
-                             issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
-                             audit_log=tmp_path / "audit.jsonl", fhir_server_allow=(dead,),
-                             fhir_timeout_s=1.0)
+    settings = cds_settings(keys, tmp_path, fhir_server_allow=(dead,), fhir_timeout_s=1.0)
     with TestClient(create_app([package.path], settings)) as c:
         body = hook_body(None, fhirServer=dead, fhirAuthorization={"access_token": "t"})
         assert call(c, keys, body).status_code == 412

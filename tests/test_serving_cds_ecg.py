@@ -12,8 +12,8 @@ from meddx.modalities.ecg_fhir import record_to_observation
 from meddx.modalities.ecg_io import read_wfdb
 from meddx.serving.app import create_app
 from meddx.serving.cds import validate_response
-from meddx.serving.settings import IssuerTrust, ServeSettings
-from serving_support import ISS, PUBLIC, Keys, token
+from meddx.serving.settings import ServeSettings
+from serving_support import PUBLIC, Keys, cds_settings, token
 
 SID = "af-tiny"
 FOLDER = "ecg/physionet2017"
@@ -72,9 +72,7 @@ def keys() -> Keys:
 @pytest.fixture(scope="module")
 def settings(keys, tmp_path_factory) -> ServeSettings:
     tmp = tmp_path_factory.mktemp("cds_ecg")
-    return ServeSettings(public_url=PUBLIC, research_use=True, warmup=False,
-                         issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
-                         audit_log=tmp / "audit.jsonl", feedback_log=tmp / "feedback.jsonl")
+    return cds_settings(keys, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from meddx.modalities.ehr_fhir import physionet_to_bundle, risk_band
 from meddx.serving.app import create_app
 from meddx.serving.cds import _allowed, validate_response
 from meddx.serving.fhir import validate
-from meddx.serving.settings import IssuerTrust, ServeSettings
-from serving_support import ISS, PUBLIC, FhirHandler, Keys, loopback_fhir, token
+from meddx.serving.settings import ServeSettings
+from serving_support import PUBLIC, FhirHandler, Keys, cds_settings, loopback_fhir, token
 
 SID = "icu-tiny"
 STAY = "ehr/physionet2012/set-a/132539.txt"
@@ -105,10 +105,7 @@ def fhir_server(bundle):
 @pytest.fixture(scope="module")
 def settings(keys, fhir_server, tmp_path_factory) -> ServeSettings:
     tmp = tmp_path_factory.mktemp("cds_ehr")
-    return ServeSettings(public_url=PUBLIC, research_use=True, warmup=False,
-                         issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
-                         audit_log=tmp / "audit.jsonl", feedback_log=tmp / "feedback.jsonl",
-                         fhir_server_allow=(fhir_server[0],))
+    return cds_settings(keys, tmp, fhir_server_allow=(fhir_server[0],))
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from conftest import synthetic_ecg_observation
 from meddx.serving.app import create_app
 from meddx.serving.auth import new_api_key
 from meddx.serving.cds import validate_response
-from meddx.serving.settings import IssuerTrust, ServeSettings
-from serving_support import ISS, PUBLIC, Keys, token
+from meddx.serving.settings import ServeSettings
+from serving_support import PUBLIC, Keys, cds_settings, token
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEQUENCE = "ACGTTATAATGCGCATTACGGATC"  # 24 bases, the tiny package's length
@@ -35,10 +35,7 @@ def api_key() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def settings(keys, api_key, tmp_path_factory) -> ServeSettings:
     tmp = tmp_path_factory.mktemp("explain")
-    return ServeSettings(api_keys={"tester": api_key[1]}, research_use=True, warmup=False,
-                         public_url=PUBLIC, issuers=(IssuerTrust(iss=ISS, jwks=keys.jwks()),),
-                         audit_log=tmp / "audit.jsonl", feedback_log=tmp / "feedback.jsonl",
-                         heatmap_dir=tmp / "results")
+    return cds_settings(keys, tmp, api_keys={"tester": api_key[1]}, heatmap_dir=tmp / "results")
 
 
 @pytest.fixture(scope="module")
