@@ -168,15 +168,9 @@ def _recipe(model: str, epochs: int | None, dropout: float | None = None,
 
 def _settings(pairs: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` dotted config overrides, values read as YAML (``train.lr=5e-4``)."""
-    import yaml
+    from meddx.config import parse_key_value
 
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set takes KEY=VALUE, not {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return dict(parse_key_value(pair, "--set") for pair in pairs)
 
 
 def main() -> None:

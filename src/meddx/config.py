@@ -24,6 +24,7 @@ __all__ = [
     "ExperimentConfig",
     "load_config",
     "dump_config",
+    "parse_key_value",
 ]
 
 
@@ -174,3 +175,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (what a run used, saved beside its outputs)."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def parse_key_value(text: str, flag: str = "--option") -> tuple[str, Any]:
+    """``KEY=VALUE`` typed on a command line; the value is read as YAML (numbers, booleans,
+    lists, plain text).
+
+    Raises:
+        ConfigError: no ``=``, an empty key, or a value that is not valid YAML.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{flag} '{text}' is not KEY=VALUE",
+                          hint=f"e.g. {flag} fs=100 (repeat {flag} for more)")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag} {key}: the value {raw!r} is not valid YAML",
+                          hint="quote text with YAML's special characters: key='a: b'") from e

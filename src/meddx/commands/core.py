@@ -158,22 +158,14 @@ def train(
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``--option``; the value is read as YAML (numbers, booleans, lists)."""
-    import yaml
+    """``KEY=VALUE`` of ``--option``: a plain option name (no dotted config path)."""
+    from meddx.config import parse_key_value
 
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--option '{text}' is not KEY=VALUE",
-                          hint="e.g. --option fs=100 (repeat --option for more)")
+    key, value = parse_key_value(text, "--option")
     if not key.isidentifier():
         raise ConfigError(f"--option '{text}': '{key}' is not an option name",
                           hint="give the key inside data.options, e.g. --option fs=100")
-    try:
-        return key, yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--option {key}: the value {raw!r} is not valid YAML",
-                          hint="quote text with YAML's special characters: key='a: b'") from e
+    return key, value
 
 
 def _with_data_options(cfg: Any, pairs: list[str]) -> Any:
