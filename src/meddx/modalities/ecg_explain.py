@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +128,6 @@ class ECGExplainer:
         """The method and the most important time span of the record (see :func:`top_span`)."""
         _, attr, rate = on_time_line(sample, attribution, self.input_spec.get("fs"))
         return {"method": self.method, **top_span(attr, rate)}
-
-    def png(self, sample: Any, attribution: np.ndarray, title: str | None = None) -> bytes:
-        """The plot of :meth:`plot` as PNG bytes (for the service)."""
-        with tempfile.TemporaryDirectory(prefix="meddx-ecg-") as tmp:
-            return self.plot(sample, attribution, Path(tmp) / "ecg.png", title).read_bytes()
 
 
 def on_time_line(sample: Any, attribution: np.ndarray, fs: float | None = None
