@@ -143,3 +143,15 @@ def test_non_finite_gradients_never_reach_the_weights() -> None:
     opt.step()
     for p, b in zip(net.parameters(), before, strict=True):
         assert torch.isfinite(p).all() and torch.equal(p, b)
+    # with momentum and weight decay too: the bad update leaves the weights exactly as they were
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # a good step builds up momentum
+    before = [p.detach().clone() for p in net.parameters()]
+    net.weight.grad = torch.full_like(net.weight, float("nan"))
+    net.bias.grad = torch.ones_like(net.bias)
+    module.on_before_optimizer_step(opt)
+    opt.step()
+    for p, b in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, b)

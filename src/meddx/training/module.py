@@ -96,13 +96,19 @@ class MeddxModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """A finite loss can still give non-finite gradients (bf16 overflow): drop that update
-        instead of letting it write NaN into every weight."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        instead of letting it write NaN into every weight. The gradients are removed, not
+        zeroed: optimizers skip parameters without a gradient, whereas a zero gradient would
+        still move them by momentum and weight decay."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return
+        # one fused norm: inf or NaN in any gradient makes it non-finite
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
             self._bad_steps += 1
             logger.warning("non-finite gradients at epoch %d: update skipped", self.current_epoch)
-            for g in grads:
-                g.zero_()
+            for p in params:
+                p.grad = None
             if self._bad_steps >= MAX_BAD_STEPS:
                 raise ModelError(
                     f"training diverged: {self._bad_steps} steps with non-finite gradients",
