@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +322,10 @@ def cached_features(files: Mapping[str, Path], cache_root: Path,
                 "issues": json.loads(str(z["issues"])), "empty": z["empty"].tolist(),
             }
     data = featurize_files(files, on_malformed, progress)
-    tmp = path.with_suffix(".tmp.npz")
+    # a name of its own: two runs building the same cache at once must not share a temp file
+    fd, name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npz", dir=cache_root)
+    os.close(fd)
+    tmp = Path(name)
     np.savez_compressed(
         tmp, record_ids=np.asarray(data["record_ids"], dtype=str), values=data["values"],
         static=data["static"], hours=data["hours"], issues=np.asarray(json.dumps(data["issues"])),

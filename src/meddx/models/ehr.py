@@ -107,29 +107,43 @@ class GRUD(nn.Module):
         values, mask, delta, static, valid = _split(x, self.n_vars, self.n_static)
         gamma_x = torch.exp(-torch.relu(self.decay_x_w[:, None] * delta + self.decay_x_b[:, None]))
         gamma_h = torch.exp(-torch.relu(self.decay_h(delta.transpose(1, 2))))  # (B, T, H)
+        # Everything that does not depend on the hidden state is computed outside the
+        # recurrence, which then holds only one fused GRU cell and the window freeze per bin:
+        # the per-op overhead of that loop is what a forward pass costs on a CPU.
+        x_hat = mask * values + (1 - mask) * gamma_x * _last_seen(values, mask)
+        inputs = torch.cat([x_hat, mask], dim=1).transpose(1, 2)  # (B, T, 2V)
         h = torch.tanh(self.h0(static))
-        # last observed value so far; 0 (the train mean) before the first observation. Carried
-        # in the loop rather than with cummax, which ONNX does not have.
-        x_last = torch.zeros_like(values[:, :, 0])
-        total = torch.zeros_like(h)
-        top = torch.full_like(h, -1.0)  # tanh-bounded states: -1 is the floor
-        for step in range(values.shape[-1]):
-            m, v = mask[:, :, step], values[:, :, step]
-            x_hat = m * v + (1 - m) * gamma_x[:, :, step] * x_last
-            x_last = m * v + (1 - m) * x_last
-            new = self.cell(torch.cat([x_hat, m], dim=1), h * gamma_h[:, step])
-            keep = valid[:, step, None]
-            h = keep * new + (1 - keep) * h
-            if self.pooling == "mean_max":
-                total = total + keep * h
-                top = torch.maximum(top, keep * h + (1 - keep) * -1.0)
+        states = []
+        for x_t, g_t, keep in zip(inputs.unbind(1), gamma_h.unbind(1),
+                                  (valid > 0.5)[..., None].unbind(1), strict=True):
+            h = torch.where(keep, self.cell(x_t, h * g_t), h)  # frozen after the window
+            states.append(h)
         if self.pooling == "mean_max":
-            mean = total / valid.sum(1, keepdim=True).clamp_min(1)
+            hs = torch.stack(states, dim=1)  # (B, T, H)
+            keep = valid[..., None]
+            mean = (hs * keep).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+            top = (hs * keep + (keep - 1)).amax(1)  # tanh-bounded states: -1 is the floor
             h = torch.cat([h, mean, top], dim=1)
         out = self.head(torch.cat([h, static], dim=1))
         if self.wide is not None:
             out = out + self.wide(summary_features(x, self.n_vars, self.n_static))
         return out
+
+
+def _last_seen(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last observed value *before* each bin, 0 (the train mean) before the first
+    ``(B, V, T)``.
+
+    A recurrence ``last ← lerp(last, value, mask)`` rather than a ``cummax`` (which ONNX does not
+    have) or a hard gather: with the fractional masks that integrated gradients interpolates
+    through, the imputed value blends smoothly and stays differentiable in the mask.
+    """
+    last = torch.zeros_like(values[..., 0])
+    out = [last]
+    for v_t, m_t in zip(values.unbind(-1)[:-1], mask.unbind(-1)[:-1], strict=True):
+        last = torch.lerp(last, v_t, m_t)
+        out.append(last)
+    return torch.stack(out, dim=-1)
 
 
 class EHRTransformer(nn.Module):
