@@ -98,11 +98,12 @@ def test_truncation_equals_reading_fewer_hours(bundle, tiny_root):
     assert m.transforms(False, spec, None) is None
 
 
-@pytest.mark.parametrize("name", ["grud", "ehr_transformer", "logistic", "mlp"])
+@pytest.mark.parametrize("name", ["grud", "grud-ensemble", "ehr_transformer", "logistic", "mlp"])
 def test_networks_read_only_the_window(bundle, name):
     spec = bundle.input_spec
-    small = {"grud": {"hidden": 16}, "ehr_transformer": {"d_model": 16, "layers": 1}}
-    net = build_network(name, num_outputs=1, spec=EHRModality().network_spec(spec),
+    small = {"grud": {"hidden": 16}, "ehr_transformer": {"d_model": 16, "layers": 1},
+             "grud-ensemble": {"hidden": 16, "members": 3, "pooling": "mean_max"}}
+    net = build_network(name.split("-")[0], num_outputs=1, spec=EHRModality().network_spec(spec),
                         options=small.get(name)).eval()
     x = torch.from_numpy(bundle.splits["train"].inputs[:4])
     cut = truncate(x, 10, spec["layout"])
@@ -165,6 +166,40 @@ def test_grud_forward_matches_the_recurrence_it_vectorises(bundle, options):
         torch.testing.assert_close(g_ours[:, :-1], g_ref[:, :-1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{"pooling": "last"}, {"pooling": "mean_max", "wide": True}])
+def test_grud_ensemble_is_the_mean_of_its_members(bundle, options):
+    """One module, K GRU-D networks: its output is the mean of K plain GRU-D networks carrying
+    each member's weights; members start from different weights; joining separately built
+    networks gives back exactly their mean."""
+    from meddx.models.ehr import GRUD, GRUDEnsemble
+
+    spec = bundle.input_spec
+    torch.manual_seed(0)
+    net = build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
+                        options={"hidden": 16, "members": 3, **options}).eval()
+    assert isinstance(net, GRUDEnsemble)
+    x = truncate(torch.from_numpy(bundle.splits["train"].inputs[:6]).clone(), 30,
+                 spec["layout"])
+    members = [net.member(k) for k in range(3)]
+    assert all(isinstance(m, GRUD) for m in members)
+    assert not torch.equal(members[0].cell.weight_hh, members[1].cell.weight_hh)
+    with torch.no_grad():
+        each = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(net.member_logits(x), each, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x), each.mean(0), rtol=1e-5, atol=1e-5)
+        joined = GRUDEnsemble.from_members(members[::-1])
+        torch.testing.assert_close(joined(x), each.mean(0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="two or more"):
+        GRUDEnsemble.from_members(members[:1])
+    other = build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
+                          options={"hidden": 8, **options})
+    with pytest.raises(Exception, match="one architecture"):
+        GRUDEnsemble.from_members([members[0], other])
+    with pytest.raises(Exception, match="members"):
+        build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
+                      options={"members": 0})
+
+
 def test_explainer_names_findings_in_words(bundle, tmp_path):
     spec = bundle.input_spec
     net = build_network("grud", num_outputs=1, spec=EHRModality().network_spec(spec),
@@ -217,6 +252,35 @@ def test_predictor_gives_the_same_risk_from_bundle_and_file(tiny_root, tmp_path)
     RiskAssessment.model_validate(ra)
     assert ra["prediction"][0]["rationale"].startswith(f"{from_file.notes['hours_used']} h")
     assert ra["note"][-1]["text"].startswith("Top contributing findings: ")
+
+
+def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, caplog):
+    """members: 2 → two runs (seeds 0 and 1) joined into one package, calibrated as a whole;
+    --resume keeps members already trained."""
+    from meddx.models.ehr import GRUDEnsemble
+    from meddx.training import train
+
+    os.environ.setdefault("MEDDX_CACHE", str(tmp_path / "cache"))
+    cfg = {"name": "icu-ens", "seed": 0,
+           "data": {"path": str(tiny_root), "modality": "ehr", "options": {"progress": False}},
+           "model": {"name": "grud", "options": {"hidden": 8, "members": 2}},
+           "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": None,
+                     "precision": "32"}}
+    package = train(cfg, out=tmp_path / "run", progress=False)
+    assert isinstance(package.build_model(), GRUDEnsemble)
+    assert package.card.network == {"name": "grud", "options": {"hidden": 8, "members": 2}}
+    runs = package.card.training["members"]
+    assert [m["seed"] for m in runs] == [0, 1] and len({m["best_score"] for m in runs}) == 2
+    assert package.card.calibration is not None  # fitted on the ensemble's output
+    weights = [(tmp_path / "run" / "members" / str(k) / "model" / "weights.safetensors")
+               for k in range(2)]
+    before = [w.read_bytes() for w in weights]
+    weights[1].parent.joinpath("manifest.json").unlink()  # member 1 unfinished
+    with caplog.at_level("INFO", logger="meddx.training"):
+        again = train(cfg, out=tmp_path / "run", progress=False, resume=True)
+    assert "member 1/2: kept" in caplog.text and "member 2/2 (seed 1)" in caplog.text
+    assert weights[0].read_bytes() == before[0]
+    assert again.card.training["members"][0] == runs[0]
 
 
 # ------------------------------------------------------------------------------ tabular

@@ -28,7 +28,8 @@ PAGE = 100  # Observations per page of the loopback FHIR server
 
 @pytest.fixture(scope="session")
 def icu_package(tmp_path_factory):
-    """A GRU-D package trained for one epoch on 150 stays per split (≈5-10 s)."""
+    """A GRU-D ensemble (2 members, as the recipe ships 5) trained for one epoch on 150 stays
+    per split (≈5-10 s)."""
     require_data("ehr/physionet2012/Outcomes-a.txt")
     from meddx.training import train
 
@@ -36,7 +37,7 @@ def icu_package(tmp_path_factory):
         {"name": SID, "seed": 0,
          "data": {"dataset": "physionet2012", "limit": 150, "options": {"progress": False}},
          "model": {"name": "grud", "options": {"hidden": 16, "pooling": "mean_max",
-                                               "wide": True}},
+                                               "wide": True, "members": 2}},
          "train": {"epochs": 1, "batch_size": 64, "early_stopping_patience": None,
                    "threads": 1}},
         out=tmp_path_factory.mktemp("icu_run"), progress=False)

@@ -118,7 +118,8 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
     if pred.refer:
         lines.append("The set is not a single class: **refer for expert review**.")
     if pred.review:
-        lines.append("Decision and prediction set disagree: **flagged for review**.")
+        what = "The threshold call" if risk_card and risk is not None else "Decision"
+        lines.append(f"{what} and the prediction set disagree: **flagged for review**.")
     lines += extra or []
     metric = _metric_line(card)
     if metric:

@@ -171,6 +171,9 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     run.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    members = cfg.model.options.get("members", 1)
+    if isinstance(members, int) and members > 1:
+        return _train_ensemble(cfg, run, members, resume, progress, post_hoc)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = load_bundle(cfg)
     dump_config(cfg, run / "config.yaml")
@@ -208,6 +211,79 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     if post_hoc:
         package = _post_hoc(package, bundle, cfg)
     return package
+
+
+def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool,
+                    progress: bool, post_hoc: bool) -> ModelPackage:
+    """A deep ensemble (``model.options.members`` > 1): each member is trained as its own run
+    (seed + k, ``<run>/members/<k>/``, chosen on val like any run), then the members are joined
+    into the network's ensemble module (its ``from_members``), packaged once, and the post-hoc
+    fits (temperature, operating points, conformal sets) are made on the ensemble's output.
+    Separate runs keep the members as different as separately trained networks are, which is
+    where an ensemble's gain comes from. With ``resume``, members already packaged are kept.
+    """
+    from meddx.package import load_package
+    from meddx.training.module import selection_score
+
+    bundle = load_bundle(cfg)
+    template, net_name, net_options = build_model_for(cfg, bundle)
+    join = getattr(type(template), "from_members", None)
+    if not callable(join):
+        raise ConfigError(f"network '{net_name}' cannot be trained as an ensemble",
+                          hint="remove model.options.members")
+    dump_config(cfg, run / "config.yaml")
+    _save_splits(bundle, run / "splits.json")
+    packages, start = [], time.perf_counter()
+    for k in range(members):
+        folder = run / "members" / str(k)
+        if resume and (folder / "model" / "manifest.json").is_file():
+            logger.info("ensemble member %d/%d: kept from %s", k + 1, members, folder)
+            packages.append(load_package(folder / "model"))
+            continue
+        logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
+        member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
+                                    "model.options": {**net_options, "members": 1}})
+        packages.append(train(member_cfg, out=folder, progress=progress, post_hoc=False))
+    wall = time.perf_counter() - start
+    model = join([p.build_model() for p in packages])
+    x_val, y_val = _val_arrays(cfg, bundle)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in x_val]).float()
+    score = selection_score(bundle.task, y_val, bundle.task.probabilities(logits).numpy())
+    card = packages[0].card
+    training = {
+        "config": cfg.model_dump(mode="json"),
+        "members": [{"seed": cfg.seed + k, "epochs_run": p.card.training.get("epochs_run"),
+                     "best_epoch": p.card.training.get("best_epoch"),
+                     "best_score": p.card.training.get("best_score"),
+                     "wall_time_s": p.card.training.get("wall_time_s")}
+                    for k, p in enumerate(packages)],
+        "selection_metric": cfg.train.monitor, "selected_on": "val",
+        "best_score": float(score),
+        "wall_time_s": round(sum(p.card.training.get("wall_time_s") or 0 for p in packages), 1),
+        "threads": torch.get_num_threads(), "precision": cfg.train.precision, "seed": cfg.seed,
+    }
+    card = card.model_copy(update={"name": cfg.name, "network": {"name": net_name,
+                                                                 "options": net_options},
+                                   "training": training})
+    package = save_package(run / "model", model, card)
+    logger.info("saved ensemble of %d members to %s (val %s %.4f; %.0f s)", members,
+                package.path, cfg.train.monitor, score, wall)
+    if post_hoc:
+        package = _post_hoc(package, bundle, cfg)
+    return package
+
+
+def _val_arrays(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[list[Any], Any]:
+    """The validation batches (inputs) and targets, as the trainer's loader gives them."""
+    import numpy as np
+
+    _, val_loader = _loaders(cfg, bundle)
+    xs, ys = [], []
+    for x, y in val_loader:
+        xs.append(x)
+        ys.append(np.asarray(y))
+    return xs, np.concatenate(ys)
 
 
 def _clear_checkpoints(folder: Path) -> None:
