@@ -30,11 +30,14 @@ class EHRExplainer:
     Args:
         model: the network (eval mode is set here; weights are not changed).
         input_spec: the card's ``preprocessing`` (layout, variables, stats).
-        n_steps: integration steps of integrated gradients.
+        n_steps: integration steps of integrated gradients (captum's Gauss-Legendre rule).
+            8 by default: against 128 steps the per-variable attributions of the shipped
+            ensemble are off by ~1% and the four named drivers the same in nearly every stay,
+            at half the cost of 16 (``benchmarks/ehr_attribution.py``).
         top_k: how many findings to name.
     """
 
-    def __init__(self, model: torch.nn.Module, input_spec: Mapping[str, Any], n_steps: int = 16,
+    def __init__(self, model: torch.nn.Module, input_spec: Mapping[str, Any], n_steps: int = 8,
                  top_k: int = 4) -> None:
         self.model = model.eval()
         self.spec = input_spec

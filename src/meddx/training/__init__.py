@@ -267,7 +267,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
                                                                  "options": net_options},
                                    "training": training})
     package = save_package(run / "model", model, card)
-    logger.info("saved ensemble of %d members to %s (val %s %.4f; %.0f s)", members,
+    logger.info("saved ensemble of %d members to %s (%s on val %.4f; %.0f s)", members,
                 package.path, cfg.train.monitor, score, wall)
     if post_hoc:
         package = _post_hoc(package, bundle, cfg)
