@@ -93,6 +93,27 @@ def test_risk_assessment_validates(card, pred):
     assert ra["note"][0]["text"] == "research use only — not for diagnosis"
 
 
+@pytest.mark.parametrize("bad", [{"reference": ""}, {"reference": 5}])
+def test_long_basis_is_held_to_r4b_rules(card, pred, bad):
+    """A 1,500-reference basis is checked by rule rather than 1,500 R4B objects: what passes
+    passes R4B, and an entry R4B rejects is rejected here too."""
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+    from pydantic import ValidationError
+
+    basis = [f"Observation/o{i}" for i in range(1500)]
+    ra = risk_assessment(pred, card, subject="Patient/p1", basis=basis)
+    validate(ra)
+    RiskAssessment.model_validate(ra)  # the same resource passes R4B in full
+    ra["basis"][700] = bad
+    with pytest.raises(ValidationError):
+        RiskAssessment.model_validate(ra)
+    with pytest.raises(ServingError, match=r"basis\[700\]"):
+        validate(ra)
+    ra["basis"][700] = {"reference": "Observation/x", "display": ["not a string"]}
+    with pytest.raises(ServingError):  # not a plain reference: R4B validates it all
+        validate(ra)
+
+
 def test_risk_bands_follow_the_cards_thresholds(card):
     assert risk_band(0.1, card) == "low"
     assert risk_band(0.5, card) == "moderate"
