@@ -282,6 +282,17 @@ def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, c
     assert weights[0].read_bytes() == before[0]
     assert again.card.training["members"][0] == runs[0]
 
+    import yaml
+    from typer.testing import CliRunner
+
+    from meddx.cli import app
+
+    (tmp_path / "ens.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "ens.yaml"), "--out",
+                                      str(tmp_path / "cli"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "icu-ens: ensemble of 2, val_auroc = " in " ".join(result.output.split())
+
 
 # ------------------------------------------------------------------------------ tabular
 @pytest.fixture(scope="module")

@@ -149,9 +149,16 @@ def train(
     if package is None:  # non-zero DDP rank
         return
     t = package.card.training
-    console.print(f"[bold green]trained[/] {package.card.name}: best "
-                  f"{t.get('selection_metric')} = {t.get('best_score', float('nan')):.4f} at epoch "
-                  f"{t.get('best_epoch')}, {t.get('wall_time_s')} s")
+    metric, score = t.get("selection_metric"), t.get("best_score", float("nan"))
+    if t.get("members"):
+        each = [m.get("best_score") for m in t["members"] if m.get("best_score") is not None]
+        spread = f" (members {min(each):.4f}-{max(each):.4f})" if each else ""
+        console.print(f"[bold green]trained[/] {package.card.name}: ensemble of "
+                      f"{len(t['members'])}, {metric} = {score:.4f} on val{spread}, "
+                      f"{t.get('wall_time_s')} s of training")
+    else:
+        console.print(f"[bold green]trained[/] {package.card.name}: best {metric} = "
+                      f"{score:.4f} at epoch {t.get('best_epoch')}, {t.get('wall_time_s')} s")
     if package.card.calibration:
         console.print(f"calibrated on calib: temperature {package.card.calibration.temperature:.3f}")
     console.print(f"package: {package.path}")
