@@ -243,7 +243,10 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
                                     "model.options": {**net_options, "members": 1}})
-        packages.append(train(member_cfg, out=folder, progress=progress, post_hoc=False))
+        member = train(member_cfg, out=folder, progress=progress, post_hoc=False)
+        if member is None:  # non-zero DDP rank: rank 0 joins and packages
+            return None  # type: ignore[return-value]
+        packages.append(member)
     wall = time.perf_counter() - start
     model = join([p.build_model() for p in packages])
     x_val, y_val = _val_arrays(cfg, bundle)
