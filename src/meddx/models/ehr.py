@@ -130,6 +130,26 @@ class GRUD(nn.Module):
         return out
 
 
+# GRUDEnsemble parameter → the GRUD parameter it stacks along the member axis (Linear weights,
+# stored (out, in), are stacked transposed: the ensemble multiplies by (in, out))
+_STACKED = {"decay_x_w": "decay_x_w", "decay_x_b": "decay_x_b",
+            "decay_h_w": "decay_h.weight", "decay_h_b": "decay_h.bias",
+            "h0_w": "h0.weight", "h0_b": "h0.bias",
+            "w_ih": "cell.weight_ih", "b_ih": "cell.bias_ih",
+            "w_hh": "cell.weight_hh", "b_hh": "cell.bias_hh",
+            "fc1_w": "head.1.weight", "fc1_b": "head.1.bias",
+            "fc2_w": "head.4.weight", "fc2_b": "head.4.bias",
+            "wide_w": "wide.weight", "wide_b": "wide.bias"}
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.detach().T if t.dim() == 2 else t.detach() for t in tensors]).clone()
+
+
+def _unstack(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().T.clone() if t.dim() == 2 else t.detach().clone()
+
+
 class GRUDEnsemble(nn.Module):
     """``members`` GRU-D networks run side by side as one module; the output is the mean of
     their logits (a deep ensemble, Lakshminarayanan et al. 2017).
@@ -151,64 +171,37 @@ class GRUDEnsemble(nn.Module):
                 for _ in range(members)]
         self.n_vars, self.n_static, self.pooling = n_vars, n_static, pooling
         self.members, self.hidden, self.dropout = members, hidden, dropout
-
-        def stack(get: Any) -> nn.Parameter:
-            return nn.Parameter(torch.stack([get(n).detach().clone() for n in nets]))
-
-        self.decay_x_w, self.decay_x_b = stack(lambda n: n.decay_x_w), stack(lambda n: n.decay_x_b)
-        self.decay_h_w = stack(lambda n: n.decay_h.weight.T)
-        self.decay_h_b = stack(lambda n: n.decay_h.bias)
-        self.h0_w, self.h0_b = stack(lambda n: n.h0.weight.T), stack(lambda n: n.h0.bias)
-        self.w_ih, self.b_ih = stack(lambda n: n.cell.weight_ih.T), stack(lambda n: n.cell.bias_ih)
-        self.w_hh, self.b_hh = stack(lambda n: n.cell.weight_hh.T), stack(lambda n: n.cell.bias_hh)
-        self.fc1_w, self.fc1_b = stack(lambda n: n.head[1].weight.T), stack(lambda n: n.head[1].bias)
-        self.fc2_w, self.fc2_b = stack(lambda n: n.head[4].weight.T), stack(lambda n: n.head[4].bias)
-        self.wide_w = stack(lambda n: n.wide.weight.T) if wide else None
-        self.wide_b = stack(lambda n: n.wide.bias) if wide else None
+        for ours, theirs in _STACKED.items():
+            if theirs.startswith("wide.") and not wide:
+                setattr(self, ours, None)
+                continue
+            setattr(self, ours, nn.Parameter(_stack([n.state_dict()[theirs] for n in nets])))
 
     @classmethod
     def from_members(cls, nets: list[GRUD]) -> GRUDEnsemble:
         """One ensemble module from separately trained :class:`GRUD` networks (same options)."""
-        first = nets[0]
         if len(nets) < 2 or not all(isinstance(n, GRUD) for n in nets):
             raise ConfigError("an ensemble needs two or more GRU-D networks")
+        first = nets[0]
         ens = cls(first.n_vars, first.n_static, first.head[4].out_features, len(nets),
                   hidden=first.cell.hidden_size, dropout=first.head[0].p, pooling=first.pooling,
                   wide=first.wide is not None)
-        state = {}
         shapes = {k: v.shape for k, v in ens.member(0).state_dict().items()}
-        for net in nets:
-            if {k: v.shape for k, v in net.state_dict().items()} != shapes:
-                raise ConfigError("ensemble members must share one architecture")
-        names = {"decay_x_w": "decay_x_w", "decay_x_b": "decay_x_b",
-                 "decay_h_w": "decay_h.weight", "decay_h_b": "decay_h.bias",
-                 "h0_w": "h0.weight", "h0_b": "h0.bias", "w_ih": "cell.weight_ih",
-                 "b_ih": "cell.bias_ih", "w_hh": "cell.weight_hh", "b_hh": "cell.bias_hh",
-                 "fc1_w": "head.1.weight", "fc1_b": "head.1.bias", "fc2_w": "head.4.weight",
-                 "fc2_b": "head.4.bias", "wide_w": "wide.weight", "wide_b": "wide.bias"}
-        for ours, theirs in names.items():
-            if getattr(ens, ours) is None:
-                continue
-            parts = [n.state_dict()[theirs].detach() for n in nets]
-            # Linear weights are stored (out, in); the ensemble multiplies by (in, out)
-            state[ours] = torch.stack([t.T if t.dim() == 2 else t for t in parts])
-        ens.load_state_dict(state)
+        states = [n.state_dict() for n in nets]
+        if any({k: v.shape for k, v in st.items()} != shapes for st in states):
+            raise ConfigError("ensemble members must share one architecture")
+        ens.load_state_dict({ours: _stack([st[theirs] for st in states])
+                             for ours, theirs in _STACKED.items()
+                             if getattr(ens, ours) is not None})
         return ens.eval()
 
     def member(self, k: int) -> GRUD:
         """Member ``k`` as a plain :class:`GRUD` (same weights), e.g. to inspect or test it."""
         net = GRUD(self.n_vars, self.n_static, self.fc2_b.shape[-1], self.hidden, self.dropout,
                    self.pooling, self.wide_w is not None)
-        pairs = {"decay_x_w": self.decay_x_w, "decay_x_b": self.decay_x_b,
-                 "decay_h.weight": self.decay_h_w.mT, "decay_h.bias": self.decay_h_b,
-                 "h0.weight": self.h0_w.mT, "h0.bias": self.h0_b,
-                 "cell.weight_ih": self.w_ih.mT, "cell.bias_ih": self.b_ih,
-                 "cell.weight_hh": self.w_hh.mT, "cell.bias_hh": self.b_hh,
-                 "head.1.weight": self.fc1_w.mT, "head.1.bias": self.fc1_b,
-                 "head.4.weight": self.fc2_w.mT, "head.4.bias": self.fc2_b}
-        if self.wide_w is not None:
-            pairs.update({"wide.weight": self.wide_w.mT, "wide.bias": self.wide_b})
-        net.load_state_dict({k_: v[k].detach().clone() for k_, v in pairs.items()})
+        net.load_state_dict({theirs: _unstack(getattr(self, ours)[k])
+                             for ours, theirs in _STACKED.items()
+                             if getattr(self, ours) is not None})
         return net.train(self.training)
 
     @staticmethod
