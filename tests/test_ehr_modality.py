@@ -272,6 +272,11 @@ def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, c
     runs = package.card.training["members"]
     assert [m["seed"] for m in runs] == [0, 1] and len({m["best_score"] for m in runs}) == 2
     assert package.card.calibration is not None  # fitted on the ensemble's output
+    # a member's seed changes its weights and batches, never the split (this folder's split
+    # is drawn with the seed): no member may train on the ensemble's calib or test stays
+    split = (tmp_path / "run" / "splits.json").read_text()
+    assert all((tmp_path / "run" / "members" / str(k) / "splits.json").read_text() == split
+               for k in range(2))
     weights = [(tmp_path / "run" / "members" / str(k) / "model" / "weights.safetensors")
                for k in range(2)]
     before = [w.read_bytes() for w in weights]

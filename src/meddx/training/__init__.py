@@ -152,7 +152,8 @@ def _trainer(cfg: ExperimentConfig, run: Path, progress: bool) -> Any:
 
 
 def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None = None,
-          resume: bool = False, progress: bool = True, post_hoc: bool = True) -> ModelPackage:
+          resume: bool = False, progress: bool = True, post_hoc: bool = True,
+          bundle: DataBundle | None = None) -> ModelPackage:
     """Train the configured model and write the run folder; returns the ModelPackage.
 
     Args:
@@ -161,6 +162,8 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
         resume: continue from ``<out>/checkpoints/last.ckpt`` (loaded with ``weights_only=True``).
         progress: show progress bars.
         post_hoc: fit calibration, operating points and conformal sets on ``calib`` afterwards.
+        bundle: the data already loaded and split for this config (ensemble members share
+            their ensemble's split, whatever their own seed).
     """
     import lightning as L
 
@@ -175,7 +178,7 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     if isinstance(members, int) and members > 1:
         return _train_ensemble(cfg, run, members, resume, progress, post_hoc)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    bundle = load_bundle(cfg)
+    bundle = bundle or load_bundle(cfg)
     dump_config(cfg, run / "config.yaml")
     _save_splits(bundle, run / "splits.json")
     model, net_name, net_options = build_model_for(cfg, bundle)
@@ -216,7 +219,9 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
 def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool,
                     progress: bool, post_hoc: bool) -> ModelPackage:
     """A deep ensemble (``model.options.members`` > 1): each member is trained as its own run
-    (seed + k, ``<run>/members/<k>/``, chosen on val like any run), then the members are joined
+    (seed + k for its weights and batches, ``<run>/members/<k>/``, chosen on val like any run)
+    on the ensemble's own split (loaded once with the ensemble's seed: a member's seed must not
+    move stays between train, val, calib and test), then the members are joined
     into the network's ensemble module (its ``from_members``), packaged once, and the post-hoc
     fits (temperature, operating points, conformal sets) are made on the ensemble's output.
     Separate runs keep the members as different as separately trained networks are, which is
@@ -243,7 +248,8 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
                                     "model.options": {**net_options, "members": 1}})
-        member = train(member_cfg, out=folder, progress=progress, post_hoc=False)
+        member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
+                       bundle=bundle)
         if member is None:  # non-zero DDP rank: rank 0 joins and packages
             return None  # type: ignore[return-value]
         packages.append(member)
