@@ -299,6 +299,31 @@ def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, c
     assert "icu-ens: ensemble of 2, val_auroc = " in " ".join(result.output.split())
 
 
+def test_ensemble_members_can_train_on_part_of_train(tiny_root, tmp_path):
+    """train.member_fraction: each member trains on its own stratified part of the train
+    split; val, calib and test stay the ensemble's."""
+    import json
+
+    from meddx.training import train
+
+    os.environ.setdefault("MEDDX_CACHE", str(tmp_path / "cache"))
+    train({"name": "icu-bag", "seed": 0,
+           "data": {"path": str(tiny_root), "modality": "ehr", "options": {"progress": False}},
+           "model": {"name": "grud", "options": {"hidden": 8, "members": 2}},
+           "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": None,
+                     "precision": "32", "member_fraction": 0.7}},
+          out=tmp_path / "run", progress=False)
+    whole = json.loads((tmp_path / "run" / "splits.json").read_text())
+    parts = [json.loads((tmp_path / "run" / "members" / str(k) / "splits.json").read_text())
+             for k in range(2)]
+    for part in parts:
+        assert {k: part[k] for k in ("val", "calib", "test")} == \
+            {k: whole[k] for k in ("val", "calib", "test")}
+        assert set(part["train"]["ids"]) < set(whole["train"]["ids"])
+        assert len(part["train"]["ids"]) == pytest.approx(0.7 * len(whole["train"]["ids"]), abs=1)
+    assert parts[0]["train"] != parts[1]["train"]
+
+
 # ------------------------------------------------------------------------------ tabular
 @pytest.fixture(scope="module")
 def heart():

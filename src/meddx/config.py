@@ -98,6 +98,9 @@ class TrainConfig(_Frozen):
     threads: int | None = Field(None, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     max_minutes: float | None = Field(None, gt=0)
+    # deep ensembles (model.options.members > 1): each member trains on this fraction of the
+    # train split, drawn with the member's seed (diversity as in bagging); 1.0 = all of it
+    member_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class EvaluationConfig(_Frozen):

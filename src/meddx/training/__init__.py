@@ -221,7 +221,8 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     """A deep ensemble (``model.options.members`` > 1): each member is trained as its own run
     (seed + k for its weights and batches, ``<run>/members/<k>/``, chosen on val like any run)
     on the ensemble's own split (loaded once with the ensemble's seed: a member's seed must not
-    move stays between train, val, calib and test), then the members are joined
+    move stays between train, val, calib and test) — or on ``train.member_fraction`` of its
+    train split, drawn with the member's seed — then the members are joined
     into the network's ensemble module (its ``from_members``), packaged once, and the post-hoc
     fits (temperature, operating points, conformal sets) are made on the ensemble's output.
     Separate runs keep the members as different as separately trained networks are, which is
@@ -249,7 +250,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
                                     "model.options": {**net_options, "members": 1}})
         member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
-                       bundle=bundle)
+                       bundle=_member_bundle(bundle, cfg.train.member_fraction, cfg.seed + k))
         if member is None:  # non-zero DDP rank: rank 0 joins and packages
             return None  # type: ignore[return-value]
         packages.append(member)
@@ -281,6 +282,21 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     if post_hoc:
         package = _post_hoc(package, bundle, cfg)
     return package
+
+
+def _member_bundle(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """The ensemble's bundle, its train split cut to ``fraction`` (stratified, drawn with the
+    member's seed); val, calib, test and the preprocessing stay the ensemble's."""
+    import dataclasses
+
+    from meddx.modalities.base import carve_split
+
+    if fraction >= 1:
+        return bundle
+    train_split = bundle.splits["train"]
+    kept, _ = carve_split(train_split, 1 - fraction, seed,
+                          bundle.task.target_index(train_split.targets), "left out")
+    return dataclasses.replace(bundle, splits={**bundle.splits, "train": kept})
 
 
 def _val_arrays(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[list[Any], Any]:
