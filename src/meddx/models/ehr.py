@@ -157,9 +157,8 @@ class GRUDEnsemble(nn.Module):
     Every parameter carries a leading member axis and the recurrence runs once for all members
     with batched matrix products, so a forward pass costs little more than one member's (the
     loop's per-op overhead, not arithmetic, is what a CPU spends here). ``meddx train`` trains
-    the members as separate runs and joins them with :meth:`from_members`: trained jointly on
-    the same batches (each with its own loss) they came out more alike (val AUROC 0.872-0.874
-    for five, against 0.878 for five separate runs; see docs/ehr.md).
+    the members as separate runs (each a standard run with its own early stopping, resumable)
+    and joins them with :meth:`from_members`; see docs/ehr.md for what that gains.
     """
 
     def __init__(self, n_vars: int, n_static: int, num_outputs: int, members: int,
