@@ -315,7 +315,7 @@ _MANY_REFERENCES = 16
 
 def _plain_references(resource: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     """A RiskAssessment's ``basis`` lists every Observation used (~1,500 for a 48 h ICU stay).
-    Building an R4B object for each costs ~20 ms per answer, so a long basis of plain
+    Building an R4B object for each costs ~30 ms per answer, so a long basis of plain
     references (``{"reference": "<non-empty string>"}``, the only content R4B checks there:
     a Reference with a FHIR string) is checked by that rule here, and R4B validates the
     resource with the first entry. Returns (what R4B should validate, indexes breaking the

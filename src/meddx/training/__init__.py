@@ -3,7 +3,8 @@
 ``train(config, out)`` is the single entry point used by ``meddx train`` and the Python API.
 A run folder holds ``config.yaml``, ``splits.json`` (sample ids per split), ``checkpoints/``
 (``best.ckpt``, ``last.ckpt`` for ``--resume``), ``logs/`` (CSV metrics) and ``model/``
-(the package).
+(the package); an ensemble (``model.options.members``) has one such run per member under
+``members/<k>/`` beside its own ``model/``.
 """
 
 from __future__ import annotations
@@ -225,8 +226,8 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     train split, drawn with the member's seed — then the members are joined
     into the network's ensemble module (its ``from_members``), packaged once, and the post-hoc
     fits (temperature, operating points, conformal sets) are made on the ensemble's output.
-    Separate runs keep the members as different as separately trained networks are, which is
-    where an ensemble's gain comes from. With ``resume``, members already packaged are kept.
+    Each member is a standard run (its own early stopping, checkpoints and log); with
+    ``resume``, members already packaged are kept.
     """
     from meddx.package import load_package
     from meddx.training.module import selection_score
