@@ -80,7 +80,7 @@ class EHRExplainer:
         return attr.detach()[0].numpy()
 
     def _outputs(self, t: torch.Tensor) -> int:
-        """How many outputs the network has (asked once: a forward pass costs ~9 ms)."""
+        """How many outputs the network has (asked once rather than a forward pass per call)."""
         if self._n_outputs is None:
             with torch.no_grad():
                 self._n_outputs = int(self.model(t).shape[-1])

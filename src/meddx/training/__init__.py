@@ -229,6 +229,9 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     Each member is a standard run (its own early stopping, checkpoints and log); with
     ``resume``, members already packaged are kept.
     """
+    import numpy as np
+
+    from meddx.evaluation.posthoc import split_logits
     from meddx.package import load_package
     from meddx.training.module import selection_score
 
@@ -257,10 +260,6 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         packages.append(member)
     wall = time.perf_counter() - start
     model = join([p.build_model() for p in packages])
-    x_val, y_val = _val_arrays(cfg, bundle)
-    with torch.no_grad():
-        logits = torch.cat([model(x) for x in x_val]).float()
-    score = selection_score(bundle.task, y_val, bundle.task.probabilities(logits).numpy())
     card = packages[0].card
     training = {
         "config": cfg.model_dump(mode="json"),
@@ -270,7 +269,6 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
                      "wall_time_s": p.card.training.get("wall_time_s")}
                     for k, p in enumerate(packages)],
         "selection_metric": cfg.train.monitor, "selected_on": "val",
-        "best_score": float(score),
         "wall_time_s": round(sum(p.card.training.get("wall_time_s") or 0 for p in packages), 1),
         "threads": torch.get_num_threads(), "precision": cfg.train.precision, "seed": cfg.seed,
     }
@@ -278,6 +276,11 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
                                                                  "options": net_options},
                                    "training": training})
     package = save_package(run / "model", model, card)
+    val = bundle.splits["val"]
+    logits = torch.from_numpy(split_logits(package, val))
+    score = selection_score(bundle.task, np.asarray(val.targets),
+                            bundle.task.probabilities(logits).numpy())
+    package.update_card(training={**training, "best_score": float(score)})
     logger.info("saved ensemble of %d members to %s (%s on val %.4f; %.0f s)", members,
                 package.path, cfg.train.monitor, score, wall)
     if post_hoc:
@@ -298,18 +301,6 @@ def _member_bundle(bundle: DataBundle, fraction: float, seed: int) -> DataBundle
     kept, _ = carve_split(train_split, 1 - fraction, seed,
                           bundle.task.target_index(train_split.targets), "left out")
     return dataclasses.replace(bundle, splits={**bundle.splits, "train": kept})
-
-
-def _val_arrays(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[list[Any], Any]:
-    """The validation batches (inputs) and targets, as the trainer's loader gives them."""
-    import numpy as np
-
-    _, val_loader = _loaders(cfg, bundle)
-    xs, ys = [], []
-    for x, y in val_loader:
-        xs.append(x)
-        ys.append(np.asarray(y))
-    return xs, np.concatenate(ys)
 
 
 def _clear_checkpoints(folder: Path) -> None:
