@@ -13,7 +13,7 @@ import torch
 
 from conftest import require_data
 from meddx.config import DataConfig
-from meddx.errors import EvaluationError, InputMismatchError
+from meddx.errors import ConfigError, EvaluationError, InputMismatchError
 from meddx.evaluation.icu_score import event1_score, event1_threshold
 from meddx.modalities import get_modality
 from meddx.modalities.ehr import EHRModality, RandomTruncation
@@ -71,6 +71,21 @@ def test_load_splits_metadata_and_spec(bundle):
     hr = spec["variables"].index("HR")
     seen = train[:, len(spec["variables"]) + hr] > 0
     assert abs(train[:, hr][seen].mean()) < 0.05  # standardised with train statistics
+
+
+def test_own_record_lists_from_a_folder(bundle, tiny_root, tmp_path):
+    """split_lists may name a folder of train/val/test.txt (e.g. cross-validation folds)."""
+    ids = sorted(i for s in bundle.splits.values() for i in s.ids)
+    lists = {"train": ids[:40], "val": ids[40:50], "test": ids[50:]}
+    for split, rec in lists.items():
+        (tmp_path / f"{split}.txt").write_text("# fold 0\n" + "\n".join(rec) + "\n")
+    data = DataConfig(path=str(tiny_root), modality="ehr", calib_fraction=0.0,
+                      options={"progress": False, "split_lists": str(tmp_path)})
+    own = EHRModality().load(data, None, None, seed=0)
+    assert {k: sorted(s.ids) for k, s in own.splits.items()} == lists
+    (tmp_path / "val.txt").unlink()
+    with pytest.raises(ConfigError, match="val.txt"):
+        EHRModality().load(data, None, None, seed=0)
 
 
 def test_truncation_equals_reading_fewer_hours(bundle, tiny_root):

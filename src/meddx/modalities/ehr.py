@@ -97,8 +97,10 @@ class EHRModality(Modality):
 
         Args:
             format: source format (``physionet2012``).
-            split_lists: name of packaged record lists (``data/splits/<name>_*.txt``); None:
-                a stratified random split with ``data.val_fraction``/``test_fraction``.
+            split_lists: name of packaged record lists (``data/splits/<name>_*.txt``), or a
+                folder holding your own ``train.txt``, ``val.txt`` and ``test.txt`` (one
+                RecordID per line); None: a stratified random split with
+                ``data.val_fraction``/``test_fraction``.
             on_malformed: ``warn`` (skip, log and list) or ``error`` (stop at the first).
             truncate_min_hours / truncate_probability: random truncation in training.
             progress: show a progress bar while the feature cache is built.
@@ -140,7 +142,9 @@ class EHRModality(Modality):
             for split in ("train", "val", "test"):
                 p = split_list_path(opts.split_lists, split)
                 if not p.is_file():
-                    raise ConfigError(f"no packaged record list {p.name}")
+                    raise ConfigError(f"no record list {p}",
+                                      hint="split_lists is a packaged name (physionet2012) or a "
+                                           "folder with train.txt, val.txt and test.txt")
                 lists[split] = read_split_list(p)
             return lists
         val, test = data.val_fraction, data.test_fraction

@@ -338,7 +338,10 @@ def stay_files(root: str | Path) -> dict[str, Path]:
 
 
 def split_list_path(name: str, split: str) -> Path:
-    """Packaged record list ``data/splits/<name>_<split>.txt``."""
+    """Record list of one split: ``<name>/<split>.txt`` where ``name`` is a folder (your own
+    lists, e.g. cross-validation folds), else the packaged ``data/splits/<name>_<split>.txt``."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser() / f"{split}.txt"
     return Path(str(resources.files("meddx.data").joinpath("splits", f"{name}_{split}.txt")))
 
 
