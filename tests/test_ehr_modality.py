@@ -281,7 +281,11 @@ def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, c
            "model": {"name": "grud", "options": {"hidden": 8, "members": 2}},
            "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": None,
                      "precision": "32"}}
-    package = train(cfg, out=tmp_path / "run", progress=False)
+    with caplog.at_level("INFO"):
+        package = train(cfg, out=tmp_path / "run", progress=False)
+    # Lightning's banner once for the ensemble, not once per member; no advertisement
+    assert caplog.text.count("GPU available") == 1 and "litlogger" not in caplog.text
+    caplog.clear()
     assert isinstance(package.build_model(), GRUDEnsemble)
     assert package.card.network == {"name": "grud", "options": {"hidden": 8, "members": 2}}
     runs = package.card.training["members"]

@@ -29,6 +29,27 @@ __all__ = ["train", "load_bundle", "as_config", "build_model_for"]
 logger = logging.getLogger(__name__)
 
 
+class _LightningBanner(logging.Filter):
+    """Lightning's start-up lines. Its LitLogger advertisement is always dropped; the
+    accelerator and precision lines are dropped while ``repeat`` is set (an ensemble's
+    members after the first: each member is a run of its own and would print them again)."""
+
+    BANNER = ("GPU available", "TPU available", "Using 16bit", "Using bfloat16")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeat = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "litlogger" not in msg and not (self.repeat and msg.startswith(self.BANNER))
+
+
+_BANNER = _LightningBanner()
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_BANNER)
+
+
 def as_config(config: ExperimentConfig | str | Path | dict) -> ExperimentConfig:
     """Accept a config object, a YAML path, or a dict."""
     if isinstance(config, ExperimentConfig):
@@ -253,8 +274,13 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
                                     "model.options": {**net_options, "members": 1}})
-        member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
-                       bundle=_member_bundle(bundle, cfg.train.member_fraction, cfg.seed + k))
+        _BANNER.repeat = bool(packages)  # printed with the first member trained here
+        try:
+            member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
+                           bundle=_member_bundle(bundle, cfg.train.member_fraction,
+                                                 cfg.seed + k))
+        finally:
+            _BANNER.repeat = False
         if member is None:  # non-zero DDP rank: rank 0 joins and packages
             return None  # type: ignore[return-value]
         packages.append(member)
