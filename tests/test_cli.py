@@ -60,6 +60,9 @@ def test_predict_formats_and_worklist_sort(tiny_breast_package, breast_npz, tmp_
     assert {p["id"] for p in preds} == {f"study{i}.npy" for i in range(5)}
     table = run("predict", model, str(folder / "study0.npy")).stdout
     assert "study0.npy" in table
+    # the class columns are named as in the CSV ("p[benign]", folded in a narrow table), not
+    # cut to "p" by rich reading "[benign]" as markup
+    assert table.count("p[") == 2
     rows = list(csv.DictReader(io.StringIO(
         run("predict", model, str(folder), "--format", "csv", "--sort", "risk").stdout)))
     risk = [float(r["p[malignant]"]) for r in rows]

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meddx.errors import ConfigError, MeddxError
@@ -332,13 +333,14 @@ def _print_table(preds: list[Any], failures: list[dict[str, str]]) -> None:
         calibrated = preds[0].calibrated is not None
         table = Table(title=f"{preds[0].model.get('name')} — "
                       + ("calibrated probabilities" if calibrated else "probabilities"))
+        # escaped: "p[died]" and ids or labels with brackets are text, not rich markup
         for col in rows[0]:
-            table.add_column(col, overflow="fold", no_wrap=col == "id")
+            table.add_column(escape(col), overflow="fold", no_wrap=col == "id")
         for r in rows:
-            table.add_row(*["" if v is None else str(v) for v in r.values()])
+            table.add_row(*["" if v is None else escape(str(v)) for v in r.values()])
         console.print(table)
     for f in failures:
-        Console(stderr=True).print(f"[red]failed[/] {f['id']}: {f['error']}")
+        Console(stderr=True).print(f"[red]failed[/] {escape(f['id'])}: {escape(f['error'])}")
 
 
 def register(app: typer.Typer) -> None:
