@@ -71,7 +71,9 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except MeddxError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}")  # "[died]" is text
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meddx.errors import ConfigError
@@ -58,7 +59,7 @@ def evaluate(
                       f"(target {100 * result.conformal['target_coverage']:.0f}%)")
     if result.subgroups is not None and result.subgroups.flagged:
         groups = sorted({f"{r['column']}={r['group']}" for r in result.subgroups.flagged})
-        console.print(f"[yellow]subgroups below overall:[/] {', '.join(groups)}")
+        console.print(f"[yellow]subgroups below overall:[/] {escape(', '.join(groups))}")
     console.print(f"report: {result.report}")
 
 
@@ -122,7 +123,7 @@ def explain(
     attribution = explainer.explain(sample, index)
     path = explainer.plot(sample, attribution, out)
     where = f" (layer {explainer.layer})" if getattr(explainer, "layer", None) else ""
-    console.print(f"explained '{card.task.class_names[index]}'{where}: {path}")
+    console.print(escape(f"explained '{card.task.class_names[index]}'{where}: {path}"))
 
 
 def compare(
