@@ -133,10 +133,10 @@ def run_fold(k: int, lists: dict[str, list[str]], args: argparse.Namespace) -> N
 def report(args: argparse.Namespace) -> dict[str, Any]:
     from icu_mortality import TARGETS, _ranking_ci
 
+    from meddx.catalog import get_entry
     from meddx.evaluation.calibration import expected_calibration_error
     from meddx.evaluation.compare import delong_test
     from meddx.evaluation.icu_score import bootstrap_event1, event1_score, event1_threshold
-    from meddx.catalog import get_entry
 
     task = get_entry("physionet2012").task
     files = sorted(Path(args.runs).glob("fold*/predictions.npz"))
