@@ -23,6 +23,8 @@ Usage::
     nice -n 10 .venv/bin/python benchmarks/icu_cv.py              # all folds, then the report
     .venv/bin/python benchmarks/icu_cv.py --folds 0 2 4 --no-report  # part of the folds
     .venv/bin/python benchmarks/icu_cv.py --report-only           # pool what is there
+    .venv/bin/python benchmarks/icu_cv.py --fold-seed 7 --runs runs/bench_icu_cv_s7 \
+        --name icu_cv_seed7                                       # other folds (repeated CV)
 
 A fold whose predictions are saved (``<runs>/fold<k>/predictions.npz``) is not trained again.
 """
@@ -161,7 +163,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             auroc_fold[n].append(_ranking_ci(task, f["test_y"], p, 0)["auroc"]["value"])
         flags[n] = np.concatenate(fl)
     results: dict[str, Any] = {"folds": len(folds), "n": int(len(y)), "deaths": int(y.sum()),
-                               "targets": TARGETS, "models": {}, "delong": {}}
+                               "fold_seed": args.fold_seed, "targets": TARGETS, "models": {},
+                               "delong": {}}
     for n in names:
         p = pooled[n]["48"]
         m = _ranking_ci(task, y, p, args.bootstrap)
@@ -185,7 +188,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                                                           saps[have])
     results["train_wall_s"] = {n: [json.loads(str(f["walls"]))[n] for f in folds]
                                for n in ("grud", "logistic")}
-    _write(results)
+    _write(results, args.name)
     return results
 
 
@@ -193,15 +196,16 @@ def _fmt(m: dict[str, float]) -> str:
     return f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
 
 
-def _write(r: dict[str, Any]) -> None:
+def _write(r: dict[str, Any], name: str) -> None:
     from meddx.evaluation.evaluator import json_safe
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "icu_cv.json").write_text(json.dumps(json_safe(r), indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(json_safe(r), indent=2))
     label = {"grud": "GRU-D ensemble of 5 (recipe)", "logistic": "logistic",
              "grud_single": "one GRU-D (member 0)"}
     lines = ["# ICU mortality — 5-fold cross-validation over PhysioNet 2012 set-a + set-b", "",
-             f"{r['folds']} folds, out-of-fold predictions pooled: {r['n']} stays, "
+             f"{r['folds']} folds (stratified, seed {r['fold_seed']}), out-of-fold predictions "
+             f"pooled: {r['n']} stays, "
              f"{r['deaths']} deaths. Each fold: the recipe trained on its own train/val, "
              "temperature and the Event 1 threshold (as many calib stays flagged as there were "
              "deaths) fixed on its own calib. 95% CIs: stratified bootstrap of the pooled "
@@ -236,7 +240,7 @@ def _write(r: dict[str, Any]) -> None:
               + ", ".join(f"{v:.0f}" for v in w["logistic"]) + ".",
               "", f"Targets (issue 7, on the fixed test split): AUROC ≥ {r['targets']['auroc']}, "
               f"Event 1 ≥ {r['targets']['event1']}."]
-    (RESULTS / "icu_cv.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -247,13 +251,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--fold-seed", type=int, default=2012, help="seed of the fold assignment")
+    ap.add_argument("--name", default="icu_cv", help="results/<name>.{json,md}")
     ap.add_argument("--no-report", action="store_true", help="train the folds only")
     ap.add_argument("--report-only", action="store_true", help="pool the saved predictions")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     if not args.report_only:
-        lists = fold_lists()
+        lists = fold_lists(args.fold_seed)
         for k in args.folds:
             run_fold(k, lists[k], args)
     if not args.no_report:
