@@ -74,8 +74,15 @@ def test_load_splits_metadata_and_spec(bundle):
     assert abs(train[:, hr][seen].mean()) < 0.05  # standardised with train statistics
 
 
-def test_own_record_lists_from_a_folder(bundle, tiny_root, tmp_path):
+def test_own_record_lists_from_a_folder(bundle, tiny_root, tmp_path, monkeypatch):
     """split_lists may name a folder of train/val/test.txt (e.g. cross-validation folds)."""
+    from meddx.modalities.ehr_io import split_list_path
+
+    # a folder named like the packaged lists in the working directory does not shadow them
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "physionet2012").mkdir()
+    assert split_list_path("physionet2012", "test").name == "physionet2012_test.txt"
+    assert split_list_path("physionet2012", "test").is_file()
     ids = sorted(i for s in bundle.splits.values() for i in s.ids)
     lists = {"train": ids[:40], "val": ids[40:50], "test": ids[50:]}
     for split, rec in lists.items():

@@ -338,11 +338,15 @@ def stay_files(root: str | Path) -> dict[str, Path]:
 
 
 def split_list_path(name: str, split: str) -> Path:
-    """Record list of one split: ``<name>/<split>.txt`` where ``name`` is a folder (your own
-    lists, e.g. cross-validation folds), else the packaged ``data/splits/<name>_<split>.txt``."""
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser() / f"{split}.txt"
-    return Path(str(resources.files("meddx.data").joinpath("splits", f"{name}_{split}.txt")))
+    """Record list of one split: the packaged ``data/splits/<name>_<split>.txt`` for a bare
+    name that has one, else ``<name>/<split>.txt`` where ``name`` is a folder (your own lists,
+    e.g. cross-validation folds). A folder in the working directory that happens to be called
+    ``physionet2012`` does not shadow the packaged lists."""
+    packaged = Path(str(resources.files("meddx.data").joinpath("splits", f"{name}_{split}.txt")))
+    own = Path(name).expanduser()
+    if own.is_dir() and not (Path(name).name == name and packaged.is_file()):
+        return own / f"{split}.txt"
+    return packaged
 
 
 def read_split_list(path: str | Path) -> list[str]:

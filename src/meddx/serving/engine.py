@@ -308,9 +308,10 @@ def tune_gc() -> None:
     A CDS call with a 1 MB FHIR prefetch builds ~100,000 short-lived, acyclic JSON objects
     that reference counting frees anyway. At Python's default (700, 10, 10) each such call ran
     ~25 young, 2.3 middle and 0.2 full collections — the full ones 20-25 ms each, since they
-    walk the request's live objects too — ≈5 ms of CPU a call and most of its latency tail.
-    At 10,000: ~1 young collection a call (0.5 ms); one client, 60 calls of the benchmark's
-    1,494-Observation stay with drivers: p99 57-60 ms against 71-102 ms.
+    walk the request's live objects too — ≈6 ms of CPU a call and most of its latency tail.
+    At 10,000: ~1 young collection a call (0.5 ms). One client, 200 calls of the benchmark's
+    1,494-Observation stay with drivers, interleaved: p99 78 and 84 ms against 114 and 102 ms
+    (``benchmarks/serve_load.py`` measures the default beside it in every run).
     """
     import gc
 

@@ -264,7 +264,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
                           hint="remove model.options.members")
     dump_config(cfg, run / "config.yaml")
     _save_splits(bundle, run / "splits.json")
-    packages, start = [], time.perf_counter()
+    packages, start, trained_here = [], time.perf_counter(), False
     for k in range(members):
         folder = run / "members" / str(k)
         if resume and (folder / "model" / "manifest.json").is_file():
@@ -274,13 +274,14 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
                                     "model.options": {**net_options, "members": 1}})
-        _BANNER.repeat = bool(packages)  # printed with the first member trained here
+        _BANNER.repeat = trained_here  # printed with the first member trained here
         try:
             member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
                            bundle=_member_bundle(bundle, cfg.train.member_fraction,
                                                  cfg.seed + k))
         finally:
             _BANNER.repeat = False
+        trained_here = True
         if member is None:  # non-zero DDP rank: rank 0 joins and packages
             return None  # type: ignore[return-value]
         packages.append(member)
