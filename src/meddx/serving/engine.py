@@ -309,7 +309,7 @@ def tune_gc() -> None:
     that reference counting frees anyway. At Python's default (700, 10, 10) each such call ran
     ~25 young, 2.3 middle and 0.2 full collections — the full ones 20-25 ms each, since they
     walk the request's live objects too — ≈6 ms of CPU a call and most of its latency tail.
-    At 10,000: ~1 young collection a call (0.5 ms). One client, 200 calls of the benchmark's
+    At 10,000: ~1 young collection a call (0.5-0.8 ms in all). One client, 200 calls of the benchmark's
     1,494-Observation stay with drivers, interleaved: p99 78 and 84 ms against 114 and 102 ms
     (``benchmarks/serve_load.py`` measures the default beside it in every run).
     """

@@ -198,7 +198,7 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
         torch.set_num_threads(cfg.train.threads)
     members = cfg.model.options.get("members", 1)
     if isinstance(members, int) and members > 1:
-        return _train_ensemble(cfg, run, members, resume, progress, post_hoc)
+        return _train_ensemble(cfg, run, members, resume, progress, post_hoc, bundle)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = bundle or load_bundle(cfg)
     dump_config(cfg, run / "config.yaml")
@@ -239,7 +239,7 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
 
 
 def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool,
-                    progress: bool, post_hoc: bool) -> ModelPackage:
+                    progress: bool, post_hoc: bool, bundle: DataBundle | None) -> ModelPackage:
     """A deep ensemble (``model.options.members`` > 1): each member is trained as its own run
     (seed + k for its weights and batches, ``<run>/members/<k>/``, chosen on val like any run)
     on the ensemble's own split (loaded once with the ensemble's seed: a member's seed must not
@@ -256,7 +256,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     from meddx.package import load_package
     from meddx.training.module import selection_score
 
-    bundle = load_bundle(cfg)
+    bundle = bundle or load_bundle(cfg)
     template, net_name, net_options = build_model_for(cfg, bundle)
     join = getattr(type(template), "from_members", None)
     if not callable(join):
