@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from meddx.inference import Predictor
-    from meddx.modalities.ehr_explain import EHRExplainer
+    from meddx.modalities.ehr.explain import EHRExplainer
     from meddx.package import load_package
     from meddx.training import load_bundle
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meddx.evaluation.bootstrap import bootstrap_metrics
-from meddx.evaluation.metrics import compute_metrics
+from meddx.statistics.bootstrap import bootstrap_metrics
+from meddx.statistics.metrics import compute_metrics
 from meddx.tasks import TaskSpec
 
 OUT = Path(__file__).parent / "results"

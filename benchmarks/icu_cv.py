@@ -54,7 +54,7 @@ def fold_lists(seed: int = 2012) -> list[dict[str, list[str]]]:
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     from meddx.catalog import get_entry, resolve
-    from meddx.modalities.ehr_io import read_outcomes
+    from meddx.modalities.ehr.io import read_outcomes
 
     paths = resolve(get_entry("physionet2012"))
     outcomes = read_outcomes([p for p in paths if p.is_file() and p.name.startswith("Outcomes")])
@@ -136,9 +136,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     from icu_mortality import TARGETS, _ranking_ci
 
     from meddx.catalog import get_entry
-    from meddx.evaluation.calibration import expected_calibration_error
-    from meddx.evaluation.compare import delong_test
-    from meddx.evaluation.icu_score import bootstrap_event1, event1_score, event1_threshold
+    from meddx.modalities.ehr.score import bootstrap_event1, event1_score, event1_threshold
+    from meddx.statistics.calibration import expected_calibration_error
+    from meddx.statistics.compare import delong_test
 
     task = get_entry("physionet2012").task
     files = sorted(Path(args.runs).glob("fold*/predictions.npz"))

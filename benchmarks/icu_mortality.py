@@ -44,13 +44,13 @@ TARGETS = {"auroc": 0.84, "auroc_stretch": 0.86, "event1": 0.50, "event1_winner"
 
 
 def _probs_from_logits(task: Any, logits: np.ndarray, temperature: float) -> np.ndarray:
-    from meddx.evaluation.calibration import apply_temperature
+    from meddx.statistics.calibration import apply_temperature
 
     return apply_temperature(task, logits, temperature)[:, task.positive_index]
 
 
 def _ranking_ci(task: Any, y: np.ndarray, p: np.ndarray, n_boot: int) -> dict[str, Any]:
-    from meddx.evaluation.bootstrap import bootstrap_metrics
+    from meddx.statistics.bootstrap import bootstrap_metrics
 
     probs = np.stack([1 - p, p], axis=1) if task.positive_index == 1 else np.stack([p, 1 - p], 1)
     m = bootstrap_metrics(task, y, probs, n_resamples=n_boot, seed=0)
@@ -59,8 +59,8 @@ def _ranking_ci(task: Any, y: np.ndarray, p: np.ndarray, n_boot: int) -> dict[st
 
 def _score(task: Any, y_cal: np.ndarray, p_cal: np.ndarray, y: np.ndarray, p: np.ndarray,
            n_boot: int) -> dict[str, Any]:
-    from meddx.evaluation.calibration import expected_calibration_error
-    from meddx.evaluation.icu_score import bootstrap_event1, event1_threshold
+    from meddx.modalities.ehr.score import bootstrap_event1, event1_threshold
+    from meddx.statistics.calibration import expected_calibration_error
 
     out = _ranking_ci(task, y, p, n_boot)
     for key, method in (("event1", "prevalence"), ("event1_argmax", "argmax")):
@@ -104,7 +104,7 @@ def _train(model: str, args: argparse.Namespace) -> tuple[Any, float]:
 
 def _predict(package: Any, bundle: Any, split: str, hours: int | None = None) -> np.ndarray:
     from meddx.inference import Predictor
-    from meddx.modalities.ehr_features import truncate
+    from meddx.modalities.ehr.features import truncate
 
     pred = Predictor(package, backend="torch", bf16=False)
     s = bundle.splits[split]
@@ -115,7 +115,7 @@ def _predict(package: Any, bundle: Any, split: str, hours: int | None = None) ->
 
 
 def _subgroups(task: Any, y: np.ndarray, p: np.ndarray, meta: Any, n_boot: int) -> list[dict]:
-    from meddx.evaluation.subgroups import subgroup_analysis
+    from meddx.statistics.subgroups import subgroup_analysis
 
     probs = np.stack([1 - p, p], axis=1)
     res = subgroup_analysis(task, y, probs, meta[["sex", "age_band", "icu_type"]],
@@ -129,7 +129,7 @@ def _saps(meta: Any, y: np.ndarray, cal_meta: Any, y_cal: np.ndarray, task: Any,
     have_cal = cal_meta["saps_i"].notna().to_numpy()
     s, s_cal = meta["saps_i"].to_numpy()[have], cal_meta["saps_i"].to_numpy()[have_cal]
     # SAPS-I is a score, not a probability: Event 1 and ranking only (no ECE)
-    from meddx.evaluation.icu_score import bootstrap_event1, event1_threshold
+    from meddx.modalities.ehr.score import bootstrap_event1, event1_threshold
 
     scaled = (s - s.min()) / max(s.max() - s.min(), 1)
     out = _ranking_ci(task, y[have], scaled, n_boot)
@@ -160,7 +160,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    from meddx.evaluation.compare import delong_test
+    from meddx.statistics.compare import delong_test
     from meddx.training import load_bundle
 
     bundle = load_bundle(ROOT / "configs" / "physionet2012.yaml")

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from meddx.catalog import get_entry, resolve
-from meddx.modalities.image_folder import load_isic2017
-from meddx.modalities.image_io import read_image, to_model_grid
+from meddx.modalities.image.folder import load_isic2017
+from meddx.modalities.image.io import read_image, to_model_grid
 
 OUT = Path(__file__).parent / "results"
 

@@ -47,7 +47,7 @@ def _args() -> argparse.Namespace:
 
 
 def _score(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int) -> dict[str, Any]:
-    from meddx.evaluation.ecg_score import bootstrap_challenge_score, challenge_score
+    from meddx.modalities.ecg.score import bootstrap_challenge_score, challenge_score
 
     out = challenge_score(y, pred, classes)
     out["bootstrap"] = bootstrap_challenge_score(y, pred, classes, n_boot=n_boot)

@@ -301,7 +301,7 @@ def write(result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------- EHR
 def ehr_prefetch(stay: Path) -> tuple[str, dict[str, Any], int]:
     """A PhysioNet 2012 stay as CDS Hooks prefetch: (patient id, prefetch, Observations)."""
-    from meddx.modalities.ehr_fhir import physionet_to_bundle
+    from meddx.modalities.ehr.fhir import physionet_to_bundle
 
     res = [e["resource"] for e in physionet_to_bundle(stay)["entry"]]
     patient = next(r for r in res if r["resourceType"] == "Patient")

@@ -109,8 +109,8 @@ def synthetic_ecg_observation(seconds: float = 12.0, fs: float = 250.0,
     72 beats per minute over a slow baseline (no bundled data needed)."""
     import numpy as np
 
-    from meddx.modalities.ecg_fhir import record_to_observation
-    from meddx.modalities.ecg_io import from_array
+    from meddx.modalities.ecg.fhir import record_to_observation
+    from meddx.modalities.ecg.io import from_array
 
     t = np.arange(int(seconds * fs)) / fs
     beats = np.exp(-(((t % (60 / 72)) - 0.3) ** 2) / 2e-4)

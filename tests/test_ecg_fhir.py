@@ -16,8 +16,8 @@ from conftest import require_data
 from meddx.errors import DataError
 from meddx.inference.prediction import Prediction
 from meddx.modalities import get_modality
-from meddx.modalities.ecg_fhir import latest_waveform, observation_to_record, record_to_observation
-from meddx.modalities.ecg_io import read_wfdb
+from meddx.modalities.ecg.fhir import latest_waveform, observation_to_record, record_to_observation
+from meddx.modalities.ecg.io import read_wfdb
 from meddx.package import ModelCard
 from meddx.tasks import TaskSpec
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import require_data
 from meddx.errors import DataError, InputMismatchError
-from meddx.modalities.ecg_io import (
+from meddx.modalities.ecg.io import (
     fit_length,
     from_array,
     preprocess,

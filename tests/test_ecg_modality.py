@@ -16,8 +16,8 @@ from conftest import require_data
 from meddx.catalog import get_entry
 from meddx.config import DataConfig
 from meddx.errors import ConfigError, DataError
-from meddx.evaluation.ecg_score import bootstrap_challenge_score, challenge_score
 from meddx.modalities import get_modality
+from meddx.modalities.ecg.score import bootstrap_challenge_score, challenge_score
 from meddx.models import build_network
 
 SPEC = {"modality": "ecg", "leads": ["ECG"], "fs": 150.0, "length": 1500, "stride": 750,
@@ -37,7 +37,7 @@ def bundle(p17: Path):
 
 
 def _split_list(name: str) -> list[str]:
-    f = resources.files("meddx.data").joinpath("splits", f"physionet2017_{name}.txt")
+    f = resources.files("meddx.modalities.ecg").joinpath("splits", f"physionet2017_{name}.txt")
     return f.read_text().split()
 
 

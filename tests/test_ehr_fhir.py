@@ -11,15 +11,15 @@ import torch
 
 from conftest import require_data
 from meddx.errors import DataError
-from meddx.modalities.ehr import EHRModality
-from meddx.modalities.ehr_features import BINS, STATIC_NAMES, decode_values, layout
-from meddx.modalities.ehr_fhir import (
+from meddx.modalities.ehr.features import BINS, STATIC_NAMES, decode_values, layout
+from meddx.modalities.ehr.fhir import (
     physionet_to_bundle,
     risk_assessment,
     risk_band,
     stay_from_fhir,
 )
-from meddx.modalities.ehr_io import series_variables
+from meddx.modalities.ehr.io import series_variables
+from meddx.modalities.ehr.modality import EHRModality
 
 STAYS = ["set-a/132539.txt", "set-a/132570.txt", "set-b/142731.txt"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import require_data
 from meddx.errors import DataError
-from meddx.modalities.ehr_io import (
+from meddx.modalities.ehr.io import (
     read_outcomes,
     read_physionet_stay,
     read_split_list,

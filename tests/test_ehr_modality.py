@@ -15,10 +15,10 @@ import torch
 from conftest import require_data
 from meddx.config import DataConfig
 from meddx.errors import ConfigError, EvaluationError, InputMismatchError
-from meddx.evaluation.icu_score import event1_score, event1_threshold
 from meddx.modalities import get_modality
-from meddx.modalities.ehr import EHRModality, RandomTruncation
-from meddx.modalities.ehr_features import encode, truncate
+from meddx.modalities.ehr.features import encode, truncate
+from meddx.modalities.ehr.modality import EHRModality, RandomTruncation
+from meddx.modalities.ehr.score import event1_score, event1_threshold
 from meddx.models import build_network
 
 N_STAYS = 60
@@ -76,7 +76,7 @@ def test_load_splits_metadata_and_spec(bundle):
 
 def test_own_record_lists_from_a_folder(bundle, tiny_root, tmp_path, monkeypatch):
     """split_lists may name a folder of train/val/test.txt (e.g. cross-validation folds)."""
-    from meddx.modalities.ehr_io import split_list_path
+    from meddx.modalities.ehr.io import split_list_path
 
     # a folder named like the packaged lists in the working directory does not shadow them
     monkeypatch.chdir(tmp_path)
@@ -103,8 +103,8 @@ def test_truncation_equals_reading_fewer_hours(bundle, tiny_root):
     full = m.read(path, spec)
     assert full.meta["hours_used"] >= 24
     # the same stay cut at 12 h by a prediction time: equals truncating the full tensor
-    from meddx.modalities.ehr_features import bin_stay
-    from meddx.modalities.ehr_io import read_physionet_stay
+    from meddx.modalities.ehr.features import bin_stay
+    from meddx.modalities.ehr.io import read_physionet_stay
 
     stay = read_physionet_stay(path)
     stay.prediction_minutes = 11 * 60 + 59
@@ -141,7 +141,7 @@ def test_networks_read_only_the_window(bundle, name):
 def _grud_one_bin_at_a_time(net, x):
     """GRU-D as in Che et al. (2018), one bin at a time: the reference for the vectorised
     forward pass (which moves every hidden-state-free step out of the recurrence)."""
-    from meddx.models.ehr import _split, summary_features
+    from meddx.modalities.ehr.networks import _split, summary_features
 
     values, mask, delta, static, valid = _split(x, net.n_vars, net.n_static)
     gamma_x = torch.exp(-torch.relu(net.decay_x_w[:, None] * delta + net.decay_x_b[:, None]))
@@ -194,7 +194,7 @@ def test_grud_ensemble_is_the_mean_of_its_members(bundle, options):
     """One module, K GRU-D networks: its output is the mean of K plain GRU-D networks carrying
     each member's weights; members start from different weights; joining separately built
     networks gives back exactly their mean."""
-    from meddx.models.ehr import GRUD, GRUDEnsemble
+    from meddx.modalities.ehr.networks import GRUD, GRUDEnsemble
 
     spec = bundle.input_spec
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def test_explainer_names_findings_in_words(bundle, tmp_path):
 
 
 def test_describe_variable_words():
-    from meddx.modalities.ehr_features import describe_variable
+    from meddx.modalities.ehr.features import describe_variable
 
     lactate = np.full(48, np.nan)
     lactate[[2, 10, 20]] = [1.5, 3.0, 4.2]
@@ -253,7 +253,7 @@ def test_describe_variable_words():
 @pytest.mark.slow
 def test_predictor_gives_the_same_risk_from_bundle_and_file(tiny_root, tmp_path):
     from meddx.inference import load_model
-    from meddx.modalities.ehr_fhir import physionet_to_bundle
+    from meddx.modalities.ehr.fhir import physionet_to_bundle
     from meddx.training import train
 
     os.environ.setdefault("MEDDX_CACHE", str(tmp_path / "cache"))
@@ -280,7 +280,7 @@ def test_predictor_gives_the_same_risk_from_bundle_and_file(tiny_root, tmp_path)
 def test_ensemble_is_trained_as_separate_runs_and_resumed(tiny_root, tmp_path, caplog):
     """members: 2 → two runs (seeds 0 and 1) joined into one package, calibrated as a whole;
     --resume keeps members already trained."""
-    from meddx.models.ehr import GRUDEnsemble
+    from meddx.modalities.ehr.networks import GRUDEnsemble
     from meddx.training import train
 
     os.environ.setdefault("MEDDX_CACHE", str(tmp_path / "cache"))

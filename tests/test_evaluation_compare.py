@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from meddx.evaluation.compare import delong_test, mcnemar_test
+from meddx.statistics.compare import delong_test, mcnemar_test
 
 
 def _reference_delong(y, a, b):

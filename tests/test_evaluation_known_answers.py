@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from meddx.evaluation.bootstrap import bootstrap_metrics, resample_weights
-from meddx.evaluation.calibration import (
+from meddx.statistics.bootstrap import bootstrap_metrics, resample_weights
+from meddx.statistics.calibration import (
     TemperatureScaler,
     apply_temperature,
     expected_calibration_error,
 )
-from meddx.evaluation.conformal import ConformalClassifier
+from meddx.statistics.conformal import ConformalClassifier
 from meddx.tasks import TaskSpec
 
 BINARY = TaskSpec(kind="binary", class_names=["disease", "healthy"], positive_class="disease")
@@ -53,7 +53,7 @@ def test_bootstrap_is_seeded_stratified_and_clustered():
     assert (W[:, y == 1].sum(1) == 30).all() and (W[:, y == 0].sum(1) == 70).all()
     # cluster: cases of one patient always share a multiplicity
     patients = [f"p{i // 4}" for i in range(100)]
-    from meddx.evaluation.bootstrap import _units_and_strata
+    from meddx.statistics.bootstrap import _units_and_strata
 
     unit, stratum = _units_and_strata(BINARY, y, patients)
     W = resample_weights(unit, stratum, 50, np.random.default_rng(2))

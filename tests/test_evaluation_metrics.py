@@ -8,8 +8,8 @@ import pytest
 from sklearn import metrics as skm
 
 from meddx.errors import EvaluationError
-from meddx.evaluation.metrics import compute_metrics
-from meddx.evaluation.weighted import weighted_metrics
+from meddx.statistics.metrics import compute_metrics
+from meddx.statistics.weighted import weighted_metrics
 from meddx.tasks import TaskSpec
 
 BINARY = TaskSpec(kind="binary", class_names=["malignant", "benign"], positive_class="malignant")

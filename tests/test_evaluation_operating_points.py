@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from meddx.errors import EvaluationError
-from meddx.evaluation.operating_points import ThresholdSelector
+from meddx.statistics.operating_points import ThresholdSelector
 
 
 def _data(n=1000, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from meddx.evaluation.subgroups import age_bands, subgroup_analysis
+from meddx.statistics.subgroups import age_bands, subgroup_analysis
 from meddx.tasks import TaskSpec
 
 BINARY = TaskSpec(kind="binary", class_names=["melanoma", "other"], positive_class="melanoma")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from meddx.errors import ConfigError
-from meddx.explain.gradcam import ImageExplainer, explain_image, overlay_png
+from meddx.modalities.image.explain import ImageExplainer, explain_image, overlay_png
 from meddx.models import build_network
 from meddx.tasks import TaskSpec
 

@@ -13,12 +13,12 @@ from PIL import Image
 from conftest import require_data
 from meddx.catalog import get_entry, resolve
 from meddx.errors import ConfigError, DataError
-from meddx.modalities.image_folder import (
+from meddx.modalities.image.folder import (
     ISIC2017_TASK,
     load_folder_dataset,
     load_isic2017,
 )
-from meddx.modalities.image_io import read_image, to_model_grid
+from meddx.modalities.image.io import read_image, to_model_grid
 from meddx.tasks import TaskSpec
 
 SPEC = {"channels": 1, "spatial_dims": 2, "size": 16, "normalize": "dtype-range"}

@@ -21,7 +21,7 @@ from pydicom.uid import UID
 
 from conftest import IN_CI, require_data
 from meddx.errors import ConfigError, DataError, InputMismatchError, PayloadTooLargeError
-from meddx.modalities.image_io import (
+from meddx.modalities.image.io import (
     ImageData,
     detect_format,
     image_from_array,
@@ -385,7 +385,7 @@ def test_resize_window_and_options() -> None:
 
 
 def test_check_input_refuses_what_the_model_was_not_trained_on() -> None:
-    from meddx.modalities.image_io import check_input
+    from meddx.modalities.image.io import check_input
 
     spec = {"channels": 1, "spatial_dims": 2, "size": 28, "value_range": [0, 255]}
     check_input(read_image(png_bytes(GRAY), name="ok.png"), spec)  # passes silently

@@ -11,7 +11,7 @@ import torch
 from meddx.config import DataConfig
 from meddx.errors import DataError, InputMismatchError
 from meddx.modalities import get_modality
-from meddx.modalities.image import load_medmnist
+from meddx.modalities.image.modality import load_medmnist
 from meddx.tasks import TaskSpec
 
 BIN = TaskSpec(kind="binary", class_names=["malignant", "normal"], positive_class="malignant")
@@ -107,7 +107,7 @@ def test_read_arrays_checks_shape_channels_and_range() -> None:
 
 
 def test_batch_augment_keeps_shape_and_range() -> None:
-    from meddx.modalities.augment import BatchAugment
+    from meddx.modalities.image.augment import BatchAugment
 
     torch.manual_seed(0)
     for dims in (2, 3):

@@ -12,8 +12,8 @@ from meddx.config import DataConfig
 from meddx.errors import ConfigError, InputMismatchError
 from meddx.inference import load_model
 from meddx.modalities import get_modality
-from meddx.modalities.molecule_descriptors import descriptor_count
-from meddx.modalities.molecule_io import MolBatch, MolInput
+from meddx.modalities.molecule.descriptors import descriptor_count
+from meddx.modalities.molecule.io import MolBatch, MolInput
 from meddx.models import build_network
 from meddx.package import ModelCard, save_package
 from meddx.tasks import TaskSpec

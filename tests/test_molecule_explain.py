@@ -11,7 +11,7 @@ import torch
 from meddx.errors import DataError
 from meddx.inference import load_model
 from meddx.modalities import get_modality
-from meddx.modalities.molecule_io import mol_graph, require_mol
+from meddx.modalities.molecule.io import mol_graph, require_mol
 from meddx.models import build_network
 from meddx.package import ModelCard, save_package
 from meddx.tasks import TaskSpec

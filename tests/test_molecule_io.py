@@ -8,9 +8,9 @@ import torch
 
 from meddx.errors import ConfigError, DataError
 from meddx.modalities import get_modality
-from meddx.modalities.molecule_io import fingerprint, graph_featurizer, parse_smiles, require_mol
+from meddx.modalities.molecule.io import fingerprint, graph_featurizer, parse_smiles, require_mol
+from meddx.modalities.molecule.networks import GRAPH_SPEC
 from meddx.models import build_network
-from meddx.models.molecule import GRAPH_SPEC
 
 GRAPH = {"format": "smiles", "featurizer": "graph", "atom_fdim": 72, "bond_fdim": 14,
          "task_kind": "multilabel", "positive_index": None}

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from meddx.errors import ConfigError, DataError
-from meddx.modalities.image_io import read_image
+from meddx.modalities.image.io import read_image
 from meddx.privacy import deidentify, deidentify_file, deidentify_folder
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "examples_ybr_color.dcm",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from evaluation_support import CHROMIUM, CHROMIUM_ARGS, evaluated
-from meddx.evaluation.bootstrap import bootstrap_metrics
 from meddx.evaluation.evaluator import EvaluationResult
 from meddx.reporting.report import fmt, fmt_ci, render_report
+from meddx.statistics.bootstrap import bootstrap_metrics
 from meddx.tasks import TaskSpec
 
 BAD_WORDS = re.compile(r"\b(nan|NaN|None|null|undefined|inf)\b")
@@ -85,14 +85,14 @@ def test_report_renders_in_headless_chromium(tiny_breast_package):
 def _card(task: TaskSpec, logits: np.ndarray, targets: np.ndarray):
     """A card with post-hoc fits computed the way fit_post_hoc does (no network needed)."""
     from meddx.config import EvaluationConfig
-    from meddx.evaluation.posthoc import _conformal, _fit_temperature, _operating_points
     from meddx.package import ModelCard
+    from meddx.training.posthoc import _conformal, _fit_temperature, _operating_points
 
     cfg = EvaluationConfig()
     fields: dict = {}
     if task.kind != "regression":
         cal = _fit_temperature(task, logits, targets)
-        from meddx.evaluation.calibration import apply_temperature
+        from meddx.statistics.calibration import apply_temperature
 
         probs = apply_temperature(task, logits, cal.temperature)
         points, default = _operating_points(task, targets, probs, cfg)
@@ -137,8 +137,8 @@ def test_every_task_kind_renders_a_clean_report(task):
     import pandas as pd
 
     from meddx.evaluation import sections
-    from meddx.evaluation.posthoc import probabilities
-    from meddx.evaluation.subgroups import subgroup_analysis
+    from meddx.statistics.subgroups import subgroup_analysis
+    from meddx.training.posthoc import probabilities
 
     t, z = _synthetic(task)
     train_t, train_z = _synthetic(task, seed=1)

@@ -11,7 +11,7 @@ import torch
 from meddx.errors import DataError, InputMismatchError
 from meddx.inference import load_model
 from meddx.modalities import get_modality
-from meddx.modalities.sequence import variant_effect
+from meddx.modalities.sequence.modality import variant_effect
 from meddx.models import build_network
 from meddx.package import ModelCard, save_package
 from meddx.tasks import TaskSpec

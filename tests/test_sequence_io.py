@@ -10,8 +10,8 @@ import torch
 
 from meddx.errors import DataError, InputMismatchError
 from meddx.modalities import get_modality
-from meddx.modalities.sequence import RandomReverseComplement, parse_variant
-from meddx.modalities.sequence_io import encode, parse_fasta, read_fasta, reverse_complement
+from meddx.modalities.sequence.io import encode, parse_fasta, read_fasta, reverse_complement
+from meddx.modalities.sequence.modality import RandomReverseComplement, parse_variant
 
 SPEC = {"format": "dna-onehot", "channels": 4, "length": 8, "spatial_dims": 1,
         "task_kind": "binary", "positive_index": 1}

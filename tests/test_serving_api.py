@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from meddx.errors import ConfigError
+from meddx.fhir.resources import check_invariants
 from meddx.serving.app import create_app
 from meddx.serving.auth import new_api_key
-from meddx.serving.fhir import check_invariants
 from meddx.serving.settings import ServeSettings
 from serving_support import bomb_png, breast_png, get_package, live_server
 

@@ -305,8 +305,8 @@ def test_schema_rejects(mutate):
 def test_ecg_adapter_takes_the_latest_waveform():
     import numpy as np
 
-    from meddx.modalities.ecg_fhir import record_to_observation
-    from meddx.modalities.ecg_io import from_array
+    from meddx.modalities.ecg.fhir import record_to_observation
+    from meddx.modalities.ecg.io import from_array
     from meddx.serving.cds import HookRequest, adapter_for
 
     adapter = adapter_for("ecg")

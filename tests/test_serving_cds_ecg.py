@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import require_data
-from meddx.modalities.ecg_fhir import record_to_observation
-from meddx.modalities.ecg_io import read_wfdb
+from meddx.modalities.ecg.fhir import record_to_observation
+from meddx.modalities.ecg.io import read_wfdb
 from meddx.serving.app import create_app
 from meddx.serving.cds import validate_response
 from meddx.serving.settings import ServeSettings

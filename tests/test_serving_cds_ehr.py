@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import require_data
-from meddx.modalities.ehr_fhir import physionet_to_bundle, risk_band
+from meddx.fhir.resources import validate
+from meddx.modalities.ehr.fhir import physionet_to_bundle, risk_band
 from meddx.serving.app import create_app
 from meddx.serving.cds import _allowed, validate_response
-from meddx.serving.fhir import validate
 from meddx.serving.settings import ServeSettings
 from serving_support import PUBLIC, FhirHandler, Keys, cds_settings, loopback_fhir, token
 

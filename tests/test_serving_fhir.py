@@ -9,9 +9,7 @@ import sys
 import pytest
 
 from meddx.errors import DataError, InputMismatchError, ServingError
-from meddx.inference.prediction import Prediction
-from meddx.package import Conformal, ModelCard, OperatingPoint
-from meddx.serving.fhir import (
+from meddx.fhir.resources import (
     attachment_from_resource,
     check_invariants,
     diagnostic_report_bundle,
@@ -19,6 +17,8 @@ from meddx.serving.fhir import (
     risk_band,
     validate,
 )
+from meddx.inference.prediction import Prediction
+from meddx.package import Conformal, ModelCard, OperatingPoint
 from meddx.tasks import TaskSpec
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -51,7 +51,7 @@ def pred() -> Prediction:
 
 
 def test_only_r4b_modules_are_used():
-    import meddx.serving.fhir  # noqa: F401
+    import meddx.fhir.resources  # noqa: F401
 
     loaded = [m for m in sys.modules if m.startswith("fhir.resources.")
               and not m.startswith(("fhir.resources.R4B", "fhir.resources.core"))

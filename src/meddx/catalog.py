@@ -1,7 +1,7 @@
 """Known datasets: name → modality, task, files and checksums, download address, license, citation.
 
-Entries come from package data: ``data/medmnist_catalog.json`` (the 18 MedMNIST v2 subsets)
-and one YAML file per modality family in ``data/catalog/`` (a new modality adds its own file).
+Entries come from package data in the modality folders: ``modalities/image/medmnist_catalog.json``
+(the 18 MedMNIST v2 subsets) and each folder's ``catalog.yaml`` (a new modality adds its own).
 Bundled copies are found under the data root (``MEDDX_DATA``, then ``../shared/data`` from the
 working directory or the repository, then ``~/.cache/meddx/data``); nothing is downloaded unless
 the user asks (:func:`download`).
@@ -97,7 +97,7 @@ class DatasetEntry(BaseModel):
 
 
 def _medmnist_entries() -> dict[str, DatasetEntry]:
-    raw = json.loads(resources.files("meddx.data").joinpath("medmnist_catalog.json").read_text())
+    raw = json.loads(_modalities_folder().joinpath("image", "medmnist_catalog.json").read_text())
     out = {}
     for name, info in raw.items():
         kind = _MEDMNIST_TASKS[info["task"]]
@@ -136,13 +136,19 @@ def _medmnist_entries() -> dict[str, DatasetEntry]:
     return out
 
 
+def _modalities_folder() -> Any:
+    """``meddx/modalities/``, read as package data (each modality folder may hold a
+    ``catalog.yaml`` and ``recipes/``); nothing is imported from it here."""
+    return resources.files("meddx").joinpath("modalities")
+
+
 @lru_cache(maxsize=1)
 def catalog() -> dict[str, DatasetEntry]:
     """All known datasets, by name."""
     entries = _medmnist_entries()
-    folder = resources.files("meddx.data").joinpath("catalog")
-    for item in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not item.name.endswith((".yaml", ".yml")):
+    for folder in sorted(_modalities_folder().iterdir(), key=lambda p: p.name):
+        item = folder.joinpath("catalog.yaml")
+        if not item.is_file():
             continue
         for name, raw in (yaml.safe_load(item.read_text()) or {}).items():
             if name in entries:
@@ -281,10 +287,11 @@ def download(name: str, size: int | None = None, *, progress: bool = True) -> Pa
 
 
 def recipe_for(dataset: str) -> Path | None:
-    """The shipped training recipe for a catalog dataset (``meddx/data/recipes/<name>.yaml``,
-    the settings the benchmarks measured; the repository's ``configs/`` points there), or
-    None when there is none."""
-    from importlib import resources
-
-    path = Path(str(resources.files("meddx") / "data" / "recipes" / f"{dataset}.yaml"))
-    return path if path.is_file() else None
+    """The shipped training recipe for a catalog dataset
+    (``meddx/modalities/<modality>/recipes/<name>.yaml``, the settings the benchmarks measured;
+    the repository's ``configs/`` links to them), or None when there is none."""
+    for folder in _modalities_folder().iterdir():
+        path = Path(str(folder.joinpath("recipes", f"{dataset}.yaml")))
+        if path.is_file():
+            return path
+    return None

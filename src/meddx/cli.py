@@ -1,7 +1,8 @@
 """The ``meddx`` command line (Typer + Rich).
 
-Commands live in ``meddx/commands/<area>.py`` modules, each with ``register(app)``; this file
-only configures logging, wires them and turns :class:`~meddx.errors.MeddxError` into a clear
+Commands live in ``meddx/commands/<area>.py`` modules, each with ``register(app)``, and in the
+modality folders that add their own (``COMMANDS`` in ``meddx/modalities/<name>/__init__.py``,
+e.g. ``meddx fhir`` from the EHR folder); this file only configures logging, wires them and turns :class:`~meddx.errors.MeddxError` into a clear
 message and exit code 2 instead of a stack trace.
 """
 
@@ -32,7 +33,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # one line per command module; a module whose optional dependencies are missing is skipped
-COMMAND_MODULES = ("core", "evaluate", "serve", "fhir", "privacy")
+COMMAND_MODULES = ("core", "evaluate", "serve", "privacy")
 
 
 @app.callback()
@@ -57,6 +58,12 @@ def _register() -> None:
                 continue
             raise
         module.register(app)
+    from meddx.modalities import modality_packages
+    from meddx.registry import load_target
+
+    for package in modality_packages():
+        if getattr(package, "COMMANDS", None):
+            load_target(package.COMMANDS)(app)
 
 
 _register()

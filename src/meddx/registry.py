@@ -10,11 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from meddx.errors import ConfigError
 
-__all__ = ["Registry", "suggest"]
+__all__ = ["Registry", "load_target", "suggest"]
 
 T = TypeVar("T")
 
@@ -25,6 +25,26 @@ def suggest(name: str, choices: list[str]) -> str:
     if close:
         return f"; did you mean '{close[0]}'?"
     return f"; choose one of: {', '.join(sorted(choices))}"
+
+
+def load_target(target: str, what: str | None = None) -> Any:
+    """Import ``"module:attr"`` and return the attribute.
+
+    Raises:
+        ConfigError: the module is missing, or needs a package that is not installed.
+    """
+    module_name, attr = target.split(":", 1)
+    what = what or target
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] == "meddx":
+            raise ConfigError(f"{what} is registered but its module {e.name} is missing") from e
+        raise ConfigError(
+            f"{what} needs a package that is not installed: {e.name}",
+            hint="install meddx with its extras: pip install 'meddx[all]'",
+        ) from e
+    return getattr(module, attr)
 
 
 class Registry(Generic[T]):
@@ -59,19 +79,7 @@ class Registry(Generic[T]):
         if key not in self._loaded:
             target = self._entries[key]
             if isinstance(target, str):
-                module_name, attr = target.split(":", 1)
-                try:
-                    module = importlib.import_module(module_name)
-                except ImportError as e:
-                    if (e.name or "").split(".")[0] == "meddx":
-                        raise ConfigError(
-                            f"{self.kind} '{name}' is registered but its module {e.name} is missing"
-                        ) from e
-                    raise ConfigError(
-                        f"{self.kind} '{name}' needs a package that is not installed: {e.name}",
-                        hint="install meddx with its extras: pip install 'meddx[all]'",
-                    ) from e
-                target = getattr(module, attr)
+                target = load_target(target, f"{self.kind} '{name}'")
             self._loaded[key] = target  # type: ignore[assignment]
         return self._loaded[key]
 

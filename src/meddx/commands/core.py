@@ -246,9 +246,8 @@ def predict(
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
     predictor = load_model(model, backend=backend)
     if variant:
-        from meddx.modalities.sequence import variant_effect
-
-        typer.echo(json.dumps(variant_effect(predictor, variant), indent=2))
+        effect = predictor.modality.variant_effect(predictor, variant)
+        typer.echo(json.dumps(effect, indent=2))
         return
     sources: list[Any] = inline_inputs(predictor.card, smiles, sequence)
     paths = _expand(inputs or [])

@@ -109,17 +109,16 @@ def explain(
     check_flags(card, smiles, sequence)
     sample = predictor.read(chosen)
     index = _explained_class(predictor, sample, class_name)
-    if card.modality == "image":
-        from meddx.explain.gradcam import ImageExplainer
-
-        explainer: Any = ImageExplainer(predictor.model, card.preprocessing, task=card.task,
-                                        network=card.network.get("name"), layer=layer,
-                                        method=method)
-    else:
-        if layer is not None or method != "gradcam":
-            logger.warning("--layer and --method apply to images only; ignored")
-        explainer = predictor.modality.explainer(predictor.model, card.preprocessing,
-                                                 task=card.task)
+    options: dict[str, Any] = {"task": card.task, "network": card.network.get("name")}
+    if layer is not None:
+        options["layer"] = layer
+    if method != "gradcam":
+        options["method"] = method
+    try:
+        explainer = predictor.modality.explainer(predictor.model, card.preprocessing, **options)
+    except TypeError as e:
+        raise ConfigError(f"the {card.modality} explainer takes no --layer / --method",
+                          hint="leave them out for this model") from e
     attribution = explainer.explain(sample, index)
     path = explainer.plot(sample, attribution, out)
     where = f" (layer {explainer.layer})" if getattr(explainer, "layer", None) else ""

@@ -4,7 +4,7 @@ prediction sets, subgroups and paired model comparison.
 ``evaluate(model, dataset=…, split="test", out=DIR)`` runs all of it on a packaged model and
 writes the report; ``fit_post_hoc(package, bundle, eval_config)`` fits temperature, operating
 points and conformal sets on the calibration split (the trainer calls it after training).
-Names are imported on first use so that ``import meddx.evaluation.calibration`` stays light.
+Names are imported on first use so that ``import meddx.statistics.calibration`` stays light.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ __all__ = [
 _WHERE = {
     "evaluate": "meddx.evaluation.evaluator",
     "EvaluationResult": "meddx.evaluation.evaluator",
-    "fit_post_hoc": "meddx.evaluation.posthoc",
-    "compute_metrics": "meddx.evaluation.metrics",
-    "bootstrap_metrics": "meddx.evaluation.bootstrap",
-    "ThresholdSelector": "meddx.evaluation.operating_points",
-    "subgroup_analysis": "meddx.evaluation.subgroups",
-    "delong_test": "meddx.evaluation.compare",
-    "mcnemar_test": "meddx.evaluation.compare",
+    "fit_post_hoc": "meddx.training.posthoc",
+    "compute_metrics": "meddx.statistics.metrics",
+    "bootstrap_metrics": "meddx.statistics.bootstrap",
+    "ThresholdSelector": "meddx.statistics.operating_points",
+    "subgroup_analysis": "meddx.statistics.subgroups",
+    "delong_test": "meddx.statistics.compare",
+    "mcnemar_test": "meddx.statistics.compare",
     "compare_models": "meddx.evaluation.comparison",
 }
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from meddx.errors import ConfigError, EvaluationError
-from meddx.evaluation.compare import delong_test, mcnemar_test
 from meddx.evaluation.evaluator import _check_bundle, _resolve_config, json_safe
-from meddx.evaluation.metrics import binary_view
-from meddx.evaluation.posthoc import probabilities, split_logits
 from meddx.package import ModelPackage, load_package
+from meddx.statistics.compare import delong_test, mcnemar_test
+from meddx.statistics.metrics import binary_view
+from meddx.training.posthoc import probabilities, split_logits
 
 __all__ = ["compare_models"]
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def _predict(package: ModelPackage, dataset: str | None, split: str,
              cache: dict[str, Any]) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """(id → row, targets, calibrated probabilities) of ``package`` on ``split``."""
-    from meddx.training import load_bundle
+    from meddx.modalities.loading import load_bundle
 
     cfg = _resolve_config(package.card, dataset, None)
     key = cfg.data.model_dump_json()

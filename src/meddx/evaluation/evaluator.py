@@ -21,16 +21,16 @@ import numpy as np
 
 from meddx.config import DataConfig, ExperimentConfig, parse_config
 from meddx.errors import ConfigError, EvaluationError
-from meddx.evaluation.bootstrap import bootstrap_metrics
-from meddx.evaluation.posthoc import fit_post_hoc, probabilities, split_logits
 from meddx.evaluation.sections import (
     calibration_section,
     conformal_section,
     error_cases,
     operating_point_section,
 )
-from meddx.evaluation.subgroups import SubgroupResult, subgroup_analysis
 from meddx.package import ModelCard, ModelPackage, load_package
+from meddx.statistics.bootstrap import bootstrap_metrics
+from meddx.statistics.subgroups import SubgroupResult, subgroup_analysis
+from meddx.training.posthoc import fit_post_hoc, probabilities, split_logits
 
 __all__ = ["EvaluationResult", "evaluate", "fit_post_hoc", "json_safe"]
 
@@ -120,7 +120,7 @@ def _check_entry(card: ModelCard, dataset: str) -> None:
 def _resolve_config(card: ModelCard, dataset: str | None,
                     config: ExperimentConfig | str | Path | dict | None) -> ExperimentConfig:
     if config is not None:
-        from meddx.training import as_config
+        from meddx.modalities.loading import as_config
 
         return as_config(config)
     raw = card.training.get("config")
@@ -258,7 +258,7 @@ def evaluate(
         DataError / ConfigError: the dataset cannot be read.
     """
     from meddx.modalities import get_modality
-    from meddx.training import load_bundle
+    from meddx.modalities.loading import load_bundle
 
     package = model_path if isinstance(model_path, ModelPackage) else load_package(model_path)
     card = package.card

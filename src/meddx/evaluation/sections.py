@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from meddx.evaluation.bootstrap import bootstrap_metrics
-from meddx.evaluation.calibration import reliability_curve
-from meddx.evaluation.conformal import prediction_sets
-from meddx.evaluation.metrics import binary_view, compute_metrics
-from meddx.evaluation.posthoc import calibration_error
 from meddx.package import ModelCard
+from meddx.statistics.bootstrap import bootstrap_metrics
+from meddx.statistics.calibration import calibration_error, reliability_curve
+from meddx.statistics.conformal import prediction_sets
+from meddx.statistics.metrics import binary_view, compute_metrics
 from meddx.tasks import TaskSpec
 
 __all__ = ["operating_point_section", "calibration_section", "conformal_section",

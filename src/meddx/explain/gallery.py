@@ -1,5 +1,6 @@
-"""Pictures for the report's error gallery: Grad-CAM overlays for images, the modality's own
-explainer plot for other inputs (ECG, sequence, molecule, EHR), or none with a reason."""
+"""Pictures for the report's error gallery, through each modality's explainer: heat maps over
+the input where the explainer draws them (``explain_batch`` + ``overlay_png``: images), its own
+plot or findings in words otherwise, or none with a reason."""
 
 from __future__ import annotations
 
@@ -19,36 +20,39 @@ __all__ = ["attach_explanations"]
 logger = logging.getLogger(__name__)
 
 
-def _image_pictures(package: Any, modality: Any, split: Any, cases: list[dict[str, Any]],
-                    layer: str | None, method: str) -> None:
-    from meddx.explain.gradcam import ImageExplainer, overlay_png
-
+def _explainer(package: Any, modality: Any, layer: str | None, method: str) -> Any:
     card = package.card
-    explainer = ImageExplainer(package.build_model(), card.preprocessing, task=card.task,
-                               network=card.network.get("name"), layer=layer, method=method)
+    options: dict[str, Any] = {"task": card.task, "network": card.network.get("name")}
+    if layer is not None:
+        options["layer"] = layer
+    if method != "gradcam":
+        options["method"] = method
+    return modality.explainer(package.build_model(), card.preprocessing, **options)
+
+
+def _heatmap_pictures(explainer: Any, package: Any, modality: Any, split: Any,
+                      cases: list[dict[str, Any]], method: str) -> None:
+    """Heat maps over the input (images): one batched explanation per explained class."""
+    card = package.card
     by_class: dict[int, list[dict[str, Any]]] = {}
     for case in cases:
         by_class.setdefault(case["explain_class"], []).append(case)
-    for k, group in by_class.items():  # one batched Grad-CAM per explained class
+    for k, group in by_class.items():
         xs = torch.stack([torch.as_tensor(modality.item_tensor(split.inputs[c["index"]],
                                                                card.preprocessing))
                           for c in group]).float()
-        cams = explainer.explain_batch(xs, k)
-        for case, x, cam in zip(group, xs, cams, strict=True):
-            case["image"] = base64.b64encode(overlay_png(x, cam)).decode("ascii")
+        maps = explainer.explain_batch(xs, k)
+        for case, x, m in zip(group, xs, maps, strict=True):
+            case["image"] = base64.b64encode(explainer.overlay_png(x, m)).decode("ascii")
             case["image_caption"] = (f"{'Grad-CAM++' if method == 'gradcampp' else 'Grad-CAM'} "
                                      f"for '{card.task.class_names[k]}' (layer {explainer.layer})")
 
 
-def _other_pictures(package: Any, modality: Any, split: Any, cases: list[dict[str, Any]]) -> None:
+def _other_pictures(explainer: Any, package: Any, modality: Any, split: Any,
+                    cases: list[dict[str, Any]]) -> None:
     """The modality's explainer: a plot when it draws one, findings in words when it gives
     ``(findings, attributions)`` (EHR, tabular)."""
     card = package.card
-    model = package.build_model()
-    try:
-        explainer = modality.explainer(model, card.preprocessing, task=card.task)
-    except TypeError:  # an explainer that takes no task (class indices are its own)
-        explainer = modality.explainer(model, card.preprocessing)
     plot = getattr(explainer, "plot", None)
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
@@ -75,10 +79,11 @@ def attach_explanations(package: Any, modality: Any, split: Any, cases: list[dic
     if not cases:
         return
     try:
-        if package.card.modality == "image":
-            _image_pictures(package, modality, split, cases, layer, method)
+        explainer = _explainer(package, modality, layer, method)
+        if hasattr(explainer, "explain_batch") and hasattr(explainer, "overlay_png"):
+            _heatmap_pictures(explainer, package, modality, split, cases, method)
         else:
-            _other_pictures(package, modality, split, cases)
+            _other_pictures(explainer, package, modality, split, cases)
     except (MeddxError, NotImplementedError, RuntimeError, ValueError, TypeError,
             AttributeError) as e:
         # an explainer that fails must not take the whole evaluation down with it

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, DataError, MeddxError
-from meddx.evaluation.calibration import apply_temperature
-from meddx.evaluation.conformal import prediction_sets
 from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
 from meddx.package import ModelPackage, load_package
+from meddx.statistics.calibration import apply_temperature
+from meddx.statistics.conformal import prediction_sets
 
 __all__ = ["Predictor", "Prediction", "load_model", "amx_available", "BACKENDS"]
 

@@ -120,7 +120,7 @@ def _split_arrays(package: ModelPackage, split: str, limit: int | None,
                   bundle: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Model-ready inputs (N, …) and targets of a split of the training dataset."""
     from meddx.modalities import get_modality
-    from meddx.training import load_bundle
+    from meddx.modalities.loading import load_bundle
 
     if bundle is None:
         config = package.card.training.get("config")
@@ -214,7 +214,7 @@ def export_onnx(path: str | Path | ModelPackage, *, int8: bool = False, opset: i
                               "export_s": round(time.perf_counter() - start, 2)}
     if int8:
         if bundle is None:
-            from meddx.training import load_bundle
+            from meddx.modalities.loading import load_bundle
 
             bundle = load_bundle(package.card.training.get("config") or {})
         calib, _ = _split_arrays(package, "train", calib_samples, bundle)

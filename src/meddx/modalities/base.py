@@ -209,6 +209,17 @@ class Modality(ABC):
             DataError: unreadable input. InputMismatchError: input that does not fit the model.
         """
 
+    def group_uploads(self, uploads: list[dict[str, Any]]) -> list[Any]:
+        """Sources for :meth:`read` from uploaded files (``{"name", "data"}`` each); the
+        default reads each file as one input. A modality whose inputs span several files
+        (a WFDB header and its signal) groups them here."""
+        return list(uploads)
+
+    def variant_effect(self, predictor: Any, variant: str) -> dict[str, Any]:
+        """The effect of a sequence variant (``meddx predict --variant``); only sequence
+        modalities have one."""
+        raise ConfigError(f"--variant needs a DNA sequence model; this is a '{self.name}' model")
+
     @abstractmethod
     def item_tensor(self, item: Any, input_spec: dict[str, Any]) -> Any:
         """One stored split item → the model input (tensor, or what ``collate`` takes)."""

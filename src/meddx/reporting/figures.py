@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
-from meddx.evaluation.metrics import binary_view  # noqa: E402
+from meddx.statistics.metrics import binary_view  # noqa: E402
 from meddx.tasks import TaskSpec  # noqa: E402
 
 __all__ = ["roc_pr_figure", "reliability_figure", "subgroup_figure", "to_base64"]

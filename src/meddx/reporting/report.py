@@ -141,7 +141,7 @@ def _limitations(result: Any) -> list[str]:
 
 
 def _positives(result: Any) -> int | None:
-    from meddx.evaluation.metrics import binary_view
+    from meddx.statistics.metrics import binary_view
 
     view = binary_view(result.task, result.targets, result.probs) \
         if result.targets is not None else None

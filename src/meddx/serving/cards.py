@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from meddx.serving.fhir import MEDDX_SYSTEM, RESEARCH_NOTICE, risk_assessment, validate
+from meddx.fhir.resources import MEDDX_SYSTEM, RESEARCH_NOTICE, risk_assessment, validate
 
 __all__ = ["build_card", "indicator", "summary_line", "OVERRIDE_REASONS"]
 

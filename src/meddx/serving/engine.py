@@ -11,15 +11,12 @@ once) and a short numeric summary of it.
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
@@ -53,26 +50,6 @@ class Answer:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _preview_png(tensor: Any) -> bytes | None:
-    """The model's view of a 2D input as a PNG (what the heat map is drawn over)."""
-    from PIL import Image
-
-    x = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.float32)
-    if x.ndim == 3 and x.shape[0] in (1, 3):
-        x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-    if x.ndim not in (2, 3):
-        return None
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    im = Image.fromarray((x * 255).astype(np.uint8))
-    scale = max(1, 224 // max(1, min(im.size)))
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _plot_png(explainer: Any, sample: Any, attribution: Any, label: str | None) -> bytes:
     """The explainer's ``plot`` as PNG bytes; the file lives only inside this call."""
     with tempfile.TemporaryDirectory(prefix="meddx-explain-") as tmp:
@@ -81,15 +58,6 @@ def _plot_png(explainer: Any, sample: Any, attribution: Any, label: str | None) 
 
 
 _KEPT_META = ("basis", "patient", "encounter", "n_observations", "below_training_minimum")
-
-
-def _wfdb_records(uploads: list[Upload]) -> list[dict[str, bytes]]:
-    """Group WFDB uploads by record name: ``{"A00001.hea": …, "A00001.mat": …}`` per record."""
-    records: dict[str, dict[str, bytes]] = {}
-    for u in uploads:
-        name = Path(u.name or "upload").name
-        records.setdefault(name.split(".")[0], {})[name] = u.data
-    return list(records.values())
 
 
 class ServedModel:
@@ -150,11 +118,10 @@ class ServedModel:
         accepted = getattr(self.predictor.modality, "upload_content_types", None)
         pixels = [check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
                   for u in uploads]
-        if self.modality == "ecg" and any((u.name or "").lower().endswith(".hea")
-                                          for u in uploads):
-            sources = _wfdb_records(uploads)  # a header and its signal files are one input
-        else:
-            sources = [{"name": u.name, "data": u.data} for u in uploads]
+        # files that make one input together (a WFDB header and its signal) are grouped by
+        # the modality
+        sources = self.predictor.modality.group_uploads(
+            [{"name": u.name, "data": u.data} for u in uploads])
         samples = [self.predictor.read(s) for s in sources]
         if self.modality == "image":
             for s, n in zip(samples, pixels, strict=True):
@@ -213,11 +180,9 @@ class ServedModel:
                     p.explanation = result[1]
                     continue
                 p.explanation = result
-                if self.modality == "image":
-                    from meddx.explain.gradcam import overlay_png
-
-                    a.overlay_png = overlay_png(s.tensor, p.explanation)
-                    a.image_png = _preview_png(s.tensor)
+                if hasattr(self._explainer, "overlay_png"):  # a heat map over the input
+                    a.overlay_png = self._explainer.overlay_png(s, p.explanation)
+                    a.image_png = self._explainer.preview_png(s)
                     continue
                 label = a.extra["explained_class"]
                 if hasattr(self._explainer, "plot"):

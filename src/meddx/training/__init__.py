@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from meddx.catalog import get_entry
-from meddx.config import ExperimentConfig, dump_config, load_config
+from meddx.config import ExperimentConfig, dump_config
 from meddx.errors import ConfigError
 from meddx.modalities import DataBundle, get_modality
+from meddx.modalities.loading import as_config, load_bundle
 from meddx.package import ModelCard, ModelPackage, save_package
 
 __all__ = ["train", "load_bundle", "as_config", "build_model_for"]
@@ -48,35 +48,6 @@ class _LightningBanner(logging.Filter):
 _BANNER = _LightningBanner()
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_BANNER)
-
-
-def as_config(config: ExperimentConfig | str | Path | dict) -> ExperimentConfig:
-    """Accept a config object, a YAML path, or a dict."""
-    if isinstance(config, ExperimentConfig):
-        return config
-    if isinstance(config, dict):
-        from meddx.config import parse_config
-
-        return parse_config(config)
-    return load_config(config)
-
-
-def load_bundle(config: ExperimentConfig | str | Path | dict) -> DataBundle:
-    """Read and split the config's dataset with its modality (calib carved from train)."""
-    cfg = as_config(config)
-    entry = get_entry(cfg.data.dataset) if cfg.data.dataset else None
-    modality_name = cfg.data.modality or (entry.modality if entry else None)
-    if modality_name is None:
-        raise ConfigError("set data.dataset (a catalog name) or data.modality with data.path")
-    if entry is None and not cfg.data.path:
-        raise ConfigError("set data.dataset or data.path")
-    modality = get_modality(modality_name)
-    task = cfg.task or (entry.task if entry else None)
-    bundle = modality.load(cfg.data, entry, task, cfg.seed)
-    for name in ("train", "val"):
-        if name not in bundle.splits or len(bundle.splits[name]) == 0:
-            raise ConfigError(f"dataset has no samples in split '{name}'")
-    return bundle
 
 
 def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn.Module, str, dict]:
@@ -252,9 +223,9 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     """
     import numpy as np
 
-    from meddx.evaluation.posthoc import split_logits
     from meddx.package import load_package
     from meddx.training.module import selection_score
+    from meddx.training.posthoc import split_logits
 
     bundle = bundle or load_bundle(cfg)
     template, net_name, net_options = build_model_for(cfg, bundle)
@@ -405,11 +376,8 @@ def _save_splits(bundle: DataBundle, path: Path) -> None:
 
 def _post_hoc(package: ModelPackage, bundle: DataBundle, cfg: ExperimentConfig) -> ModelPackage:
     """Fit temperature, operating points and conformal sets on ``calib`` (never val or test)."""
-    try:
-        from meddx.evaluation.evaluator import fit_post_hoc
-    except ImportError:
-        logger.warning("evaluation module not available: package left uncalibrated")
-        return package
+    from meddx.training.posthoc import fit_post_hoc
+
     if "calib" not in bundle.splits or len(bundle.splits["calib"]) == 0:
         logger.warning("no calibration split: package left uncalibrated")
         return package

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from meddx import __version__
+from meddx.fhir.resources import validate
 from meddx.serving.auth import Caller
 from meddx.serving.deps import State, rest_caller, state
-from meddx.serving.fhir import validate
 from meddx.serving.routers.predict import predict
 
 __all__ = ["router"]

@@ -22,10 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from meddx.errors import DataError, MeddxError
-from meddx.serving.audit import sha256_bytes
-from meddx.serving.auth import Caller
-from meddx.serving.deps import State, rest_caller, state
-from meddx.serving.fhir import (
+from meddx.fhir.resources import (
     RESEARCH_NOTICE,
     attachment_from_resource,
     device_resource,
@@ -33,6 +30,9 @@ from meddx.serving.fhir import (
     risk_assessment,
     validate,
 )
+from meddx.serving.audit import sha256_bytes
+from meddx.serving.auth import Caller
+from meddx.serving.deps import State, rest_caller, state
 from meddx.serving.inputs import UnsupportedMediaTypeError, Upload
 
 __all__ = ["router", "to_fhir"]

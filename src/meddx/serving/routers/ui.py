@@ -15,8 +15,8 @@ from importlib import resources
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, Response
 
+from meddx.fhir.resources import RESEARCH_NOTICE
 from meddx.serving.deps import State, state
-from meddx.serving.fhir import RESEARCH_NOTICE
 
 __all__ = ["router", "CSP"]
 
