@@ -296,7 +296,7 @@ def test_image_far_smaller_than_the_model_grid_is_422(client, auth):
 
 def test_intensity_outside_the_training_range_is_refused():
     from meddx.errors import InputMismatchError
-    from meddx.serving.inputs import check_plausible
+    from meddx.modalities.image.grid import check_plausible
 
     spec = {"size": 28, "spatial_dims": 2, "intensity_range": [0.2, 0.6]}
     x = np.full((1, 28, 28), 0.95, np.float32)

@@ -1,7 +1,8 @@
 """Known datasets: name → modality, task, files and checksums, download address, license, citation.
 
-Entries come from package data in the modality folders: ``modalities/image/medmnist_catalog.json``
-(the 18 MedMNIST v2 subsets) and each folder's ``catalog.yaml`` (a new modality adds its own).
+Entries come from package data in the modality folders: each folder's ``catalog*.yaml`` (a new
+modality adds its own; ``modalities/image/catalog-medmnist.yaml`` holds the 18 MedMNIST v2
+subsets with their download addresses and MD5s).
 Bundled copies are found under the data root (``MEDDX_DATA``, then ``../shared/data`` from the
 working directory or the repository, then ``~/.cache/meddx/data``); nothing is downloaded unless
 the user asks (:func:`download`).
@@ -10,7 +11,6 @@ the user asks (:func:`download`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import urllib.request
@@ -39,23 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# MedMNIST binary subsets: which class is "disease" (named explicitly, never assumed to be 1).
-_MEDMNIST_POSITIVE = {
-    "breastmnist": "malignant",
-    "pneumoniamnist": "pneumonia",
-    "nodulemnist3d": "malignant",
-    "adrenalmnist3d": "hyperplasia",
-    "vesselmnist3d": "aneurysm",
-    "synapsemnist3d": "excitatory synapse",
-}
-_MEDMNIST_TASKS = {
-    "multi-class": "multiclass",
-    "binary-class": "binary",
-    "multi-label, binary-class": "multilabel",
-    "ordinal-regression": "ordinal",
-}
-
 
 class DatasetEntry(BaseModel):
     """One known dataset.
@@ -96,46 +79,6 @@ class DatasetEntry(BaseModel):
         return [k.format(size=size, suffix=suffix) for k in self.files]
 
 
-def _medmnist_entries() -> dict[str, DatasetEntry]:
-    raw = json.loads(_modalities_folder().joinpath("image", "medmnist_catalog.json").read_text())
-    out = {}
-    for name, info in raw.items():
-        kind = _MEDMNIST_TASKS[info["task"]]
-        labels = info["label"]
-        class_names = [labels[str(i)] for i in range(len(labels))]
-        is3d = name.endswith("3d")
-        sizes = [28, 64] if is3d else [28, 64, 128, 224]
-        md5 = {str(s): info["MD5" if s == 28 else f"MD5_{s}"] for s in sizes}
-        urls = {str(s): info["url" if s == 28 else f"url_{s}"] for s in sizes}
-        out[name] = DatasetEntry(
-            name=name,
-            title=f"MedMNIST v2 {name}",
-            modality="image",
-            task=TaskSpec(
-                kind=kind,
-                class_names=class_names,
-                positive_class=_MEDMNIST_POSITIVE.get(name),
-            ),
-            description=f"{'3D' if is3d else '2D'} {info['n_channels']}-channel, "
-            f"{info['n_samples']['train']}/{info['n_samples']['val']}/{info['n_samples']['test']}"
-            " train/val/test",
-            license=info.get("license", "CC BY 4.0"),
-            citation="Yang et al., MedMNIST v2, Scientific Data 10:41 (2023)",
-            homepage="https://medmnist.com",
-            files={"medmnist/" + name + "{suffix}.npz": {f"md5_{k}": v for k, v in md5.items()}},
-            urls=urls,
-            sizes=sizes,
-            default_size=28,
-            splits=info["n_samples"],
-            options={
-                "format": "medmnist",
-                "spatial_dims": 3 if is3d else 2,
-                "channels": info["n_channels"],
-            },
-        )
-    return out
-
-
 def _modalities_folder() -> Any:
     """``meddx/modalities/``, read as package data (each modality folder may hold a
     ``catalog.yaml`` and ``recipes/``); nothing is imported from it here."""
@@ -145,11 +88,11 @@ def _modalities_folder() -> Any:
 @lru_cache(maxsize=1)
 def catalog() -> dict[str, DatasetEntry]:
     """All known datasets, by name."""
-    entries = _medmnist_entries()
-    for folder in sorted(_modalities_folder().iterdir(), key=lambda p: p.name):
-        item = folder.joinpath("catalog.yaml")
-        if not item.is_file():
-            continue
+    entries: dict[str, DatasetEntry] = {}
+    items = [item for folder in _modalities_folder().iterdir() if folder.is_dir()
+             for item in folder.iterdir() if item.name.startswith("catalog")
+             and item.name.endswith((".yaml", ".yml"))]
+    for item in sorted(items, key=lambda p: str(p)):
         for name, raw in (yaml.safe_load(item.read_text()) or {}).items():
             if name in entries:
                 raise ConfigError(f"dataset '{name}' is defined twice", path=item.name)

@@ -8,22 +8,26 @@ from meddx.errors import ConfigError
 
 __all__ = ["check_flags", "inline_inputs", "one_input"]
 
-# flag → the modality whose reader takes what it carries
-_FLAGS = {"--smiles": "molecule", "--sequence": "sequence"}
 
 
 def check_flags(card: Any, smiles: Any, sequence: Any) -> None:
-    """Refuse ``--smiles`` / ``--sequence`` for a model of another modality (``CCGT`` is both a
-    SMILES and DNA; a reader would take the wrong one without a word).
+    """Refuse ``--smiles`` / ``--sequence`` for a model whose modality does not take text typed
+    with that flag (its ``Modality.inline_flag``; ``CCGT`` is both a SMILES and DNA, and a reader
+    would take the wrong one without a word).
 
     Raises:
         ConfigError: a flag the model's modality does not read.
     """
+    from meddx.modalities import MODALITIES, get_modality
+
+    takes = get_modality(card.modality).inline_flag
     for flag, values in (("--smiles", smiles), ("--sequence", sequence)):
-        want = _FLAGS[flag]
-        if values and card.modality != want:
-            raise ConfigError(f"{flag} is for {want} models; '{card.name}' is a {card.modality} "
-                              "model", hint="give its input as a file argument instead")
+        if values and takes != flag:
+            owners = [n for n in MODALITIES.names()
+                      if getattr(MODALITIES.get(n), "inline_flag", None) == flag]
+            raise ConfigError(f"{flag} is for {' / '.join(owners)} models; '{card.name}' is a "
+                              f"{card.modality} model",
+                              hint="give its input as a file argument instead")
 
 
 def inline_inputs(card: Any, smiles: list[str] | None, sequence: list[str] | None) -> list[str]:

@@ -69,14 +69,16 @@ class CdsAdapter:
         explain: run the explainer when the service explains on cards (the card links to
             the stored picture).
         link_label: the label of the card's link to that picture.
+        input_noun: what the model assessed, in the card's words ("image", "ECG").
         description: the service description shown by the EHR.
     """
 
     hooks: tuple[str, ...] = ("patient-view",)
     risk_assessment: bool = False
     explain: bool = True
-    link_label: str = "Open the image with its heat map"
+    link_label: str = "Open the input with its explanation"
     description: str = "meddx model"
+    input_noun: str = "data"
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:
         """Prefetch templates (key → FHIR query using only context tokens)."""

@@ -184,6 +184,10 @@ class Modality(ABC):
     """
 
     name: ClassVar[str]
+    #: the CLI flag whose text this modality reads (``--smiles``, ``--sequence``), or None
+    inline_flag: ClassVar[str | None] = None
+    #: :meth:`to_fhir` answers with a RiskAssessment of its own (used on CDS cards)
+    fhir_risk_assessment: ClassVar[bool] = False
 
     class Options(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
@@ -214,6 +218,24 @@ class Modality(ABC):
         default reads each file as one input. A modality whose inputs span several files
         (a WFDB header and its signal) groups them here."""
         return list(uploads)
+
+    def check_served(self, sample: Sample, input_spec: dict[str, Any],
+                     pixels: int | None = None) -> None:
+        """Refuse, in the service, an input that cannot be what the model was trained on
+        (``pixels``: the size the upload's header declared, where known). Default: no check.
+
+        Raises:
+            DataError, InputMismatchError: with the reason.
+        """
+        return None
+
+    def fhir_report(self, prediction: Any, card: Any, *, heatmap_png: bytes | None = None,
+                    subject: str | None = None, research_only: bool | None = None
+                    ) -> dict[str, Any] | None:
+        """A FHIR Bundle reporting ``prediction`` as a DiagnosticReport (with the heat map
+        attached), for modalities that report that way; None (the default): the service
+        answers with a RiskAssessment (binary tasks) or :meth:`to_fhir`."""
+        return None
 
     def variant_effect(self, predictor: Any, variant: str) -> dict[str, Any]:
         """The effect of a sequence variant (``meddx predict --variant``); only sequence

@@ -171,14 +171,10 @@ def _note_lines(notes: dict[str, Any]) -> list[str]:
     return out
 
 
-_INPUT_NOUN = {"image": "image", "ecg": "ECG"}
-
-
 def _review_suggestion(pred: Any, card: Any, subject: str | None,
-                       summary: str) -> dict[str, Any] | None:
+                       summary: str, noun: str) -> dict[str, Any] | None:
     if not (_positive(pred) or pred.refer or pred.review) or not subject:
         return None
-    noun = _INPUT_NOUN.get(card.modality, "data")
     request = {
         "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
         "subject": {"reference": subject},
@@ -214,10 +210,11 @@ def _modality_risk_assessment(pred: Any, served_modality: str, card: Any) -> dic
     from meddx.errors import ConfigError
     from meddx.modalities import get_modality
 
-    if served_modality == "image":
+    modality = get_modality(served_modality)
+    if not modality.fhir_risk_assessment:
         return None
     try:
-        resource = get_modality(served_modality).to_fhir(pred, card)
+        resource = modality.to_fhir(pred, card)
     except (ConfigError, NotImplementedError):
         return None
     if not isinstance(resource, dict) or resource.get("resourceType") != "RiskAssessment":
@@ -235,11 +232,12 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
                subject: str | None, notes: list[str], basis: list[str],
                risk_card: bool, summary: str | None = None,
                extra_lines: list[str] | None = None,
-               link_label: str = "Open the image with its heat map") -> dict[str, Any]:
+               link_label: str = "Open the input with its explanation",
+               input_noun: str = "data") -> dict[str, Any]:
     """One CDS Hooks card for one Prediction of ``served`` (a :class:`ServedModel`).
 
-    ``summary``, ``extra_lines`` and ``link_label`` come from the modality's adapter (its own
-    words); without them the generic :func:`summary_line` is used.
+    ``summary``, ``extra_lines``, ``link_label`` and ``input_noun`` come from the modality's
+    adapter (its own words); without them the generic :func:`summary_line` is used.
     """
     card, research = served.card, served.research_only
     label = f"meddx {card.name} v{card.version}"
@@ -263,7 +261,7 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
                          "type": "absolute"}]
     suggestions = [s for s in (
         _risk_suggestion(pred, card, subject, basis, research) if risk_card else None,
-        None if risk_card else _review_suggestion(pred, card, subject, summary),
+        None if risk_card else _review_suggestion(pred, card, subject, summary, input_noun),
     ) if s is not None]
     if suggestions:
         out["suggestions"] = suggestions

@@ -21,7 +21,7 @@ from typing import Any
 from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
 from meddx.serving.audit import sha256_bytes
-from meddx.serving.inputs import Upload, check_plausible, check_upload
+from meddx.serving.inputs import Upload, check_upload
 from meddx.serving.settings import ServeSettings
 
 __all__ = ["Answer", "ServedModel", "ModelHub"]
@@ -123,9 +123,8 @@ class ServedModel:
         sources = self.predictor.modality.group_uploads(
             [{"name": u.name, "data": u.data} for u in uploads])
         samples = [self.predictor.read(s) for s in sources]
-        if self.modality == "image":
-            for s, n in zip(samples, pixels, strict=True):
-                check_plausible(s.tensor, self.card.preprocessing, n)
+        for s, n in zip(samples, pixels, strict=True):
+            self.predictor.modality.check_served(s, self.card.preprocessing, n)
         return samples
 
     def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
@@ -140,9 +139,8 @@ class ServedModel:
                        explain: bool = False) -> list[Answer]:
         """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
         samples = [self.predictor.read(s) for s in sources]
-        if self.modality == "image":
-            for s in samples:
-                check_plausible(s.tensor, self.card.preprocessing, None)
+        for s in samples:
+            self.predictor.modality.check_served(s, self.card.preprocessing, None)
         return self.answer_samples(samples, digests, explain)
 
     def answer_samples(self, samples: list[Any], digests: list[str],

@@ -14,11 +14,10 @@ import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from meddx.errors import DataError, InputMismatchError, PayloadTooLargeError
+from meddx.errors import DataError, PayloadTooLargeError
 
-__all__ = ["Upload", "UnsupportedMediaTypeError", "check_upload", "check_plausible", "sniff",
+__all__ = ["Upload", "UnsupportedMediaTypeError", "check_upload", "sniff",
            "IMAGE_TYPES"]
 
 logger = logging.getLogger(__name__)
@@ -122,39 +121,6 @@ def check_upload(upload: Upload, modality: str, max_pixels: int,
             f"the image declares {pixels:,} pixels; the limit is {max_pixels:,}",
             hint="downsample the image before sending it")
     return pixels
-
-
-def check_plausible(tensor: Any, spec: dict[str, Any], pixels: int | None) -> None:
-    """Refuse model inputs that cannot be what the model was trained on.
-
-    * values that are not finite, or an image that is one flat value (blank);
-    * an image far smaller than the model's grid (under a quarter of its side: upsampling it
-      would invent the detail the model looks at);
-    * a mean intensity outside ``spec["intensity_range"]`` (``[low, high]`` of the training
-      inputs after preprocessing), when the card records it.
-
-    Raises:
-        DataError: non-finite values. InputMismatchError: blank, too small, out of range.
-    """
-    import numpy as np
-
-    x = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError("the input holds NaN or infinite values after preprocessing")
-    if x.size and float(x.max() - x.min()) < 1e-6:
-        raise InputMismatchError("the image is a single flat value (blank)",
-                                 hint="check that the right file was sent")
-    size, dims = spec.get("size"), int(spec.get("spatial_dims", 2))
-    if pixels is not None and size and pixels < (int(size) // 4) ** dims:
-        raise InputMismatchError(
-            f"the image has {pixels} pixels; the model works on {size}^{dims} and would have "
-            "to invent detail", hint="send the original, full-resolution image")
-    rng = spec.get("intensity_range")
-    if rng is not None and not float(rng[0]) <= float(x.mean()) <= float(rng[1]):
-        raise InputMismatchError(
-            f"the image's mean intensity {float(x.mean()):.3g} is outside the range seen in "
-            f"training [{float(rng[0]):.3g}, {float(rng[1]):.3g}]",
-            hint="check the modality, windowing and bit depth of the image")
 
 
 def declared_pixels(data: bytes, kind: str | None) -> int | None:

@@ -12,6 +12,7 @@ class EcgCdsAdapter(CdsAdapter):
     """The patient's latest ECG waveform Observation (``valueSampledData``)."""
 
     description = "rhythm analysis of the patient's latest ECG"
+    input_noun = "ECG"
     link_label = "Open the ECG trace with its attribution strip"
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:

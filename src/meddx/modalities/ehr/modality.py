@@ -91,6 +91,7 @@ class EHRModality(Modality):
     """ICU stays → hourly GRU-D tensors; binary outcome (default: in-hospital death)."""
 
     name = "ehr"
+    fhir_risk_assessment = True
 
     class Options(BaseModel):
         """``data.options`` for EHR datasets.

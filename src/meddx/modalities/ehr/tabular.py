@@ -39,6 +39,7 @@ class TabularModality(Modality):
     """Rows of numeric and categorical columns → a standardised feature vector."""
 
     name = "tabular"
+    fhir_risk_assessment = True
 
     class Options(BaseModel):
         """``data.options`` for tables.

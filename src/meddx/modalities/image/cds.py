@@ -14,6 +14,8 @@ class ImageCdsAdapter(CdsAdapter):
 
     hooks = ("patient-view", "order-select")
     description = "image analysis of the patient's most recent image"
+    input_noun = "image"
+    link_label = "Open the image with its heat map"
     content_types = ("image/png", "image/jpeg", "application/dicom")
 
     def prefetch(self, card: Any, hook: str) -> dict[str, str]:

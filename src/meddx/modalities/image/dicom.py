@@ -22,7 +22,7 @@ from meddx.errors import DataError, MeddxError, PayloadTooLargeError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from meddx.modalities.image.io import ImageData
+    from meddx.modalities.image.data import ImageData
 
 __all__ = ["read_dicom"]
 
@@ -90,7 +90,7 @@ def _read(fp: BinaryIO | str, name: str, max_pixels: int, force: bool) -> ImageD
         out, spatial = np.moveaxis(arr, -1, 0), 2
     else:
         out, spatial = (arr[None], 3) if frames > 1 else (arr[None, 0], 2)
-    from meddx.modalities.image.io import ImageData
+    from meddx.modalities.image.data import ImageData
 
     meta = _meta(ds, photometric, arr.shape, frames, spatial, value_range, notes)
     return ImageData(array=np.ascontiguousarray(out, dtype=np.float32), spatial_dims=spatial,

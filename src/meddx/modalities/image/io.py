@@ -23,7 +23,6 @@ import struct
 import tokenize
 import warnings
 import zlib
-from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from meddx.errors import DataError, PayloadTooLargeError
+from meddx.modalities.image.data import ImageData
 from meddx.modalities.image.dicom import read_dicom
 from meddx.modalities.image.grid import (
     NORMALIZATIONS,
@@ -74,32 +74,6 @@ _MAGIC = (
     (b"BM", "bmp"),
 )
 _HEAD = 4096
-
-
-@dataclass
-class ImageData:
-    """One decoded image.
-
-    Attributes:
-        array: float32, channel-first: ``(C, H, W)`` (2D) or ``(C, D, H, W)`` (3D).
-        spatial_dims: 2 or 3.
-        meta: ``format``, ``modality`` (DICOM Modality or None), ``photometric``,
-            ``original_shape``, ``spacing`` (mm per spatial axis or None), ``value_range``
-            (``[lo, hi]`` of the source's integer range after rescale, or None when unknown),
-            ``n_frames``, ``notes`` (what was converted) and format-specific keys. No PHI.
-    """
-
-    array: np.ndarray
-    spatial_dims: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def channels(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.array.shape[1:])
 
 
 # ------------------------------------------------------------------------------ detection

@@ -285,6 +285,23 @@ class ImageModality(Modality):
 
         return diagnostic_report_bundle(prediction, card)
 
+    def fhir_report(self, prediction: Any, card: Any, *, heatmap_png: bytes | None = None,
+                    subject: str | None = None, research_only: bool | None = None
+                    ) -> dict[str, Any] | None:
+        """A DiagnosticReport (+ Device, + the Grad-CAM overlay as a Media) per image."""
+        from meddx.fhir.resources import diagnostic_report_bundle
+
+        return diagnostic_report_bundle(prediction, card, heatmap_png=heatmap_png,
+                                        subject=subject, research_only=research_only)
+
+    def check_served(self, sample: Sample, input_spec: dict[str, Any],
+                     pixels: int | None = None) -> None:
+        """Blank, far too small or out-of-range images are refused (see
+        :func:`meddx.modalities.image.grid.check_plausible`)."""
+        from meddx.modalities.image.grid import check_plausible
+
+        check_plausible(sample.tensor, input_spec, pixels)
+
 
 def _info(entry: Any, path: Path) -> dict[str, Any]:
     if entry is None:

@@ -36,7 +36,7 @@ def raw_descriptors(smiles: str) -> np.ndarray:
     """Log-compressed RDKit 2D descriptors of a (valid) SMILES; NaN where RDKit fails."""
     from rdkit.Chem import Descriptors
 
-    from meddx.modalities.molecule.io import require_mol
+    from meddx.modalities.molecule.smiles import require_mol
 
     mol = require_mol(smiles)
     values = []

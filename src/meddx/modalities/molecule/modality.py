@@ -119,6 +119,7 @@ class MoleculeModality(Modality):
     """Small molecules from SMILES."""
 
     name = "molecule"
+    inline_flag = "--smiles"
     Options = MoleculeOptions
 
     # ---------------------------------------------------------------- reading

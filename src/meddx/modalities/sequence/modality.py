@@ -156,6 +156,7 @@ class SequenceModality(Modality):
     """DNA sequences as IUPAC fractional one-hot (4 × L)."""
 
     name = "sequence"
+    inline_flag = "--sequence"
     Options = SequenceOptions
 
     # ---------------------------------------------------------------- reading

@@ -104,7 +104,7 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
                 risk_card=adapter.risk_assessment,
                 summary=adapter.summary(a.prediction, served.card),
                 extra_lines=adapter.detail_lines(a.prediction, served.card),
-                link_label=adapter.link_label))
+                link_label=adapter.link_label, input_noun=adapter.input_noun))
         for c in cards:
             st.feedback.issued(c["uuid"], service_id)
     except Exception as e:  # noqa: BLE001 — fail-safe: never a card from a failed assessment

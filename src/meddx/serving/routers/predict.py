@@ -26,7 +26,6 @@ from meddx.fhir.resources import (
     RESEARCH_NOTICE,
     attachment_from_resource,
     device_resource,
-    diagnostic_report_bundle,
     risk_assessment,
     validate,
 )
@@ -99,16 +98,17 @@ async def _json_items(request: Request, modality: str) -> list[Upload | tuple[An
 
 
 def to_fhir(answers: list[Any], served: Any, subject: str | None = None) -> dict[str, Any]:
-    """A FHIR R4 Bundle for the answers: DiagnosticReports for images, RiskAssessments for
-    binary risks, else the modality's own ``to_fhir``."""
+    """A FHIR R4 Bundle for the answers: the modality's DiagnosticReports where it reports
+    that way (images), RiskAssessments for binary risks, else the modality's own ``to_fhir``."""
     card = served.card
     research = served.research_only
+    modality = served.predictor.modality
     entries: list[dict[str, Any]] = []
     for a in answers:
-        if served.modality == "image":
-            b = diagnostic_report_bundle(a.prediction, card, heatmap_png=a.overlay_png,
-                                         subject=subject, research_only=research)
-            entries += b["entry"]
+        report = modality.fhir_report(a.prediction, card, heatmap_png=a.overlay_png,
+                                      subject=subject, research_only=research)
+        if report is not None:
+            entries += report["entry"]
         elif card.task.kind == "binary":
             import uuid
 
