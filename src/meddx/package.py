@@ -198,7 +198,7 @@ def _write_card_and_manifest(path: Path, card: ModelCard) -> None:
 
 def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> ModelPackage:
     """Write weights (fp32 safetensors), the card and the manifest into ``path``."""
-    from meddx import __version__
+    from meddx.version import __version__
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

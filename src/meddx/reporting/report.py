@@ -172,7 +172,7 @@ def _environment() -> Environment:
 
 def render_report(result: Any) -> str:
     """The report's HTML for an :class:`~meddx.evaluation.evaluator.EvaluationResult`."""
-    from meddx import __version__
+    from meddx.version import __version__
 
     context = {
         "r": result, "card": result.card, "task": result.task, "data": result.data,

@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from meddx import __version__
 from meddx.errors import AuthError, MeddxError, OverloadedError
 from meddx.serving.audit import AuditLog, default_audit_path
 from meddx.serving.auth import Authenticator
@@ -31,6 +30,7 @@ from meddx.serving.heatmaps import HeatmapStore
 from meddx.serving.limits import BodyLimitMiddleware, LimitsMiddleware
 from meddx.serving.routers import cds_hooks, fhir, health, predict, ui
 from meddx.serving.settings import ServeSettings
+from meddx.version import __version__
 
 __all__ = ["create_app"]
 

@@ -13,11 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from meddx import __version__
 from meddx.fhir.resources import validate
 from meddx.serving.auth import Caller
 from meddx.serving.deps import State, rest_caller, state
 from meddx.serving.routers.predict import predict
+from meddx.version import __version__
 
 __all__ = ["router"]
 
