@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 # torch first, pinned, so pip takes the CPU wheel and not a multi-GB CUDA build
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# the public API, type-checked with mypy --strict by `make lint` (settings in pyproject.toml)
+MYPY_FILES := src/meddx/__init__.py src/meddx/version.py src/meddx/errors.py src/meddx/registry.py \
+	src/meddx/tasks.py src/meddx/config.py src/meddx/modalities/__init__.py \
+	src/meddx/modalities/base.py src/meddx/modalities/loading.py src/meddx/fhir/cds.py \
+	src/meddx/package.py src/meddx/inference/__init__.py src/meddx/inference/prediction.py
 
 .PHONY: install demo test test-fast bench lint chromium clean readme
 
@@ -29,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/meddx train configs/breastmnist-demo.yaml --out runs/demo
 	$(VENV)/bin/meddx evaluate runs/demo/model --dataset breastmnist --split test --out runs/demo/eval
 
-test: $(STAMP) chromium
+test: lint chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -41,6 +46,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy $(MYPY_FILES)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -80,7 +80,7 @@ class Registry(Generic[T]):
             target = self._entries[key]
             if isinstance(target, str):
                 target = load_target(target, f"{self.kind} '{name}'")
-            self._loaded[key] = target  # type: ignore[assignment]
+            self._loaded[key] = target
         return self._loaded[key]
 
     def names(self) -> list[str]:

@@ -88,6 +88,14 @@ class TaskSpec(BaseModel):
             return None
         return self.class_names.index(self.positive_class)
 
+    @property
+    def _binary_positive(self) -> int:
+        """The positive class's index of a binary task (which always names one)."""
+        pos = self.positive_index
+        if pos is None:
+            raise ConfigError("a binary task needs its positive class named")
+        return pos
+
     # ----------------------------------------------------------------- labels
     def encode(self, raw: Any, sample_id: str | None = None) -> Any:
         """Map one raw label to the model's target encoding.
@@ -147,7 +155,7 @@ class TaskSpec(BaseModel):
         if self.kind == "binary":
             p = torch.sigmoid(logits.reshape(-1))
             out = torch.empty(p.shape[0], 2, dtype=p.dtype, device=p.device)
-            pos = self.positive_index
+            pos = self._binary_positive
             out[:, pos] = p
             out[:, 1 - pos] = 1 - p
             return out
@@ -178,7 +186,7 @@ class TaskSpec(BaseModel):
             t = target.float().reshape(-1)
             pos_weight = None
             if class_weights is not None:
-                pos = self.positive_index
+                pos = self._binary_positive
                 pos_weight = (class_weights[pos] / class_weights[1 - pos]).reshape(1)
             return fn.binary_cross_entropy_with_logits(logits.reshape(-1), t, pos_weight=pos_weight)
         if self.kind == "ordinal":
@@ -209,25 +217,26 @@ class TaskSpec(BaseModel):
             t = np.asarray(targets, dtype=float)
             pos = np.nansum(t, axis=0)
             neg = np.nansum(1 - t, axis=0)
-            return (neg / np.maximum(pos, 1)).astype(np.float32)
+            return np.asarray(neg / np.maximum(pos, 1), dtype=np.float32)
         counts = np.bincount(np.asarray(targets, dtype=int).reshape(-1), minlength=2)
         if self.kind != "binary":
             counts = np.bincount(np.asarray(targets, dtype=int), minlength=self.num_classes)
             w = counts.sum() / np.maximum(counts, 1) / self.num_classes
-            return w.astype(np.float32)
+            return np.asarray(w, dtype=np.float32)
         # binary targets are 0/1 (1 = positive); return weights in class_names order
         w01 = counts.sum() / np.maximum(counts, 1) / 2
         out = np.empty(2, dtype=np.float32)
-        out[self.positive_index] = w01[1]
-        out[1 - self.positive_index] = w01[0]
+        pos = self._binary_positive
+        out[pos] = w01[1]
+        out[1 - pos] = w01[0]
         return out
 
     def target_index(self, targets: np.ndarray) -> np.ndarray:
         """Encoded targets → class index in ``class_names`` order (binary/multiclass/ordinal)."""
         t = np.asarray(targets).astype(int).reshape(-1)
         if self.kind == "binary":
-            pos = self.positive_index
-            return np.where(t == 1, pos, 1 - pos)
+            pos = self._binary_positive
+            return np.asarray(np.where(t == 1, pos, 1 - pos))
         return t
 
     def describe(self) -> str:

@@ -97,7 +97,7 @@ class Predictor:
             batch = torch.from_numpy(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch)
-        return out.float().numpy()
+        return np.asarray(out.float().numpy())
 
     def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +109,7 @@ class Predictor:
         ds = SplitDataset(self.modality, split, self.card.preprocessing, transform=None)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=self.modality.collate)
         outs = []
-        it: Iterable = loader
+        it: Iterable[Any] = loader
         if progress:
             from tqdm import tqdm
 
@@ -187,7 +187,9 @@ class Predictor:
                 sets = np.stack([prediction_sets(both[:, j], card.conformal.method, q[j])
                                  for j in range(basis.shape[1])], axis=1)
             else:
-                sets = prediction_sets(basis, card.conformal.method, float(card.conformal.threshold))
+                q0 = card.conformal.threshold
+                sets = prediction_sets(basis, card.conformal.method,
+                                       float(q0[0] if isinstance(q0, list) else q0))
         model_info = {"name": card.name, "version": card.version, "sha256": self.package.sha256}
         if task.positive_class:
             model_info["positive_class"] = task.positive_class

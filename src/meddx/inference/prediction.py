@@ -58,7 +58,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the explanation array is left out)."""
-        out = {
+        out: dict[str, Any] = {
             "id": self.id,
             "label": self.label,
             "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},

@@ -149,7 +149,7 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class SplitDataset(Dataset):
+class SplitDataset(Dataset[tuple[Any, Any]]):
     """Torch dataset over a split: ``modality.item_tensor`` then the transform."""
 
     def __init__(
@@ -246,11 +246,13 @@ class Modality(ABC):
     def item_tensor(self, item: Any, input_spec: dict[str, Any]) -> Any:
         """One stored split item → the model input (tensor, or what ``collate`` takes)."""
 
-    def transforms(self, train: bool, input_spec: dict[str, Any], augment: Any) -> Callable | None:
+    def transforms(self, train: bool, input_spec: dict[str, Any], augment: Any
+                   ) -> Callable[[Any], Any] | None:
         """Augmentations for training (``train=True``); None for evaluation."""
         return None
 
-    def batch_transforms(self, input_spec: dict[str, Any], augment: Any) -> Callable | None:
+    def batch_transforms(self, input_spec: dict[str, Any], augment: Any
+                         ) -> Callable[[Any], Any] | None:
         """Augmentations applied to a whole training batch at once (fast on CPU); None for none."""
         return None
 

@@ -8,6 +8,7 @@ from train). Training, evaluation, ONNX calibration and the benchmarks all load 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from meddx.catalog import get_entry
 from meddx.config import ExperimentConfig, load_config
@@ -17,7 +18,7 @@ from meddx.modalities import DataBundle, get_modality
 __all__ = ["as_config", "load_bundle"]
 
 
-def as_config(config: ExperimentConfig | str | Path | dict) -> ExperimentConfig:
+def as_config(config: ExperimentConfig | str | Path | dict[str, Any]) -> ExperimentConfig:
     """Accept a config object, a YAML path, or a dict."""
     if isinstance(config, ExperimentConfig):
         return config
@@ -28,7 +29,7 @@ def as_config(config: ExperimentConfig | str | Path | dict) -> ExperimentConfig:
     return load_config(config)
 
 
-def load_bundle(config: ExperimentConfig | str | Path | dict) -> DataBundle:
+def load_bundle(config: ExperimentConfig | str | Path | dict[str, Any]) -> DataBundle:
     """Read and split the config's dataset with its modality (calib carved from train)."""
     cfg = as_config(config)
     entry = get_entry(cfg.data.dataset) if cfg.data.dataset else None
