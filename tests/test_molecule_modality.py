@@ -12,7 +12,7 @@ from meddx.catalog import get_entry
 from meddx.config import DataConfig
 from meddx.errors import DataError
 from meddx.modalities import get_modality
-from meddx.modalities.splitting import scaffold_split
+from meddx.modalities.molecule.scaffold import scaffold_split
 from meddx.tasks import TaskSpec
 
 TOX21_BAD_LINES = [1324, 2292, 2299, 3560, 4567, 4651, 5540, 6725]

@@ -84,7 +84,7 @@ def explain(
     source: str | None = typer.Argument(None, help="Input file (image, DICOM, NIfTI, record …); "
                                         "or use --smiles / --sequence."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
-    smiles: str | None = typer.Option(None, "--smiles", help="A SMILES string (molecule models)."),
+    smiles: str | None = typer.Option(None, "--smiles", help="A SMILES string (models that read SMILES)."),
     sequence: str | None = typer.Option(None, "--sequence",
                                         help="A DNA sequence (sequence models)."),
     method: str = typer.Option("gradcam", help="gradcam or gradcampp (images)."),

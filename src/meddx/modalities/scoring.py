@@ -1,7 +1,7 @@
 """The score an attribution explains: one class's probability, from logits and the task.
 
 Explainers get the network and the package's ``preprocessing`` (input_spec), which records the
-task kind and the positive class index for sequence and molecule models; a :class:`TaskSpec`
+task kind and the positive class index for the modalities' explainers; a :class:`TaskSpec`
 passed explicitly wins.
 """
 

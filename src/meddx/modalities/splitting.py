@@ -1,12 +1,9 @@
-"""Splitting datasets that ship without a fixed split (sequences, molecules).
+"""Splitting datasets that ship without a fixed split (shared by the modality folders).
 
 * :func:`random_split` — stratified random train / val / test indices.
 * :func:`kfold_split` — the test fold of a stratified k-fold partition (cross-validation of small
   sets such as the 106 E. coli promoters).
-* :func:`scaffold_groups` / :func:`scaffold_split` — DeepChem's deterministic Bemis–Murcko
-  scaffold split: molecules are grouped by scaffold, the largest groups fill train, the next
-  ones val, the rest test, so no scaffold lands on two sides (Chemprop's own scaffold split
-  shuffles the groups; this one does not).
+* :func:`by_group` — whole groups (e.g. patients, or a domain's own grouping key) to one side.
 """
 
 from __future__ import annotations
@@ -16,14 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from meddx.errors import ConfigError, DataError
+from meddx.errors import ConfigError
 
 __all__ = [
     "random_split",
     "kfold_split",
-    "scaffold_of",
-    "scaffold_groups",
-    "scaffold_split",
     "limit_indices",
     "by_group",
     "unique_ids",
@@ -87,58 +81,6 @@ def kfold_split(n: int, strat: np.ndarray | None, folds: int, fold: int, val_fra
     s2 = _usable_strata(None if strat is None else np.asarray(strat)[rest], 2)
     train, val = train_test_split(rest, test_size=val_fraction, random_state=seed, stratify=s2)
     return np.sort(train), np.sort(val), np.sort(test)
-
-
-def scaffold_of(mol: object, include_chirality: bool = False) -> str:
-    """Bemis–Murcko scaffold SMILES of an RDKit molecule ('' for acyclic molecules)."""
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-
-    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=include_chirality)
-
-
-def scaffold_groups(scaffolds: Sequence[str]) -> list[list[int]]:
-    """Indices grouped by scaffold, largest group first (ties: DeepChem's order).
-
-    DeepChem sorts ``(len(group), group[0])`` in reverse, so among equal sizes the group whose
-    first member comes later in the file goes first; we keep that for comparability.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(scaffolds):
-        groups.setdefault(s, []).append(i)
-    return sorted(groups.values(), key=lambda g: (len(g), g[0]), reverse=True)
-
-
-def scaffold_split(scaffolds: Sequence[str], fractions: Sequence[float]
-                   ) -> list[np.ndarray]:
-    """Deterministic scaffold split into ``len(fractions)`` parts (DeepChem's ScaffoldSplitter).
-
-    Groups are taken largest first; each goes to the first part whose cumulative cut-off it
-    does not overflow, else to the last part (exactly DeepChem's rule, so a small group may
-    still join train after a larger one overflowed it). Deterministic: no seed.
-
-    Args:
-        scaffolds: one scaffold string per sample.
-        fractions: shares per part, summing to 1 (e.g. ``[0.8, 0.1, 0.1]``).
-
-    Returns:
-        Sorted index arrays, one per part.
-    """
-    if abs(sum(fractions) - 1) > 1e-6 or any(f < 0 for f in fractions):
-        raise ConfigError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
-    n = len(scaffolds)
-    if n == 0:
-        raise DataError("cannot split an empty dataset")
-    cutoffs = np.cumsum(fractions)[:-1] * n
-    parts: list[list[int]] = [[] for _ in fractions]
-    for group in scaffold_groups(scaffolds):
-        target, before = len(parts) - 1, 0
-        for k, cut in enumerate(cutoffs):
-            before += len(parts[k])
-            if before + len(group) <= cut:
-                target = k
-                break
-        parts[target].extend(group)
-    return [np.sort(np.asarray(p, dtype=int)) for p in parts]
 
 
 def by_group(keys: Sequence[str], strat: np.ndarray | None,

@@ -4,7 +4,7 @@
 unless the service runs with ``research_use``, warms each model up, and looks models up by name
 (unknown names get a 404 with a did-you-mean). :meth:`ServedModel.answer` checks every upload
 before decoding it (content type, pixel count), runs the Predictor, and renders Grad-CAM
-overlays with the fp32 torch weights when asked — or, for sequences, molecules and ECGs, the
+overlays with the fp32 torch weights when asked — or, for other modalities, the
 modality's explanation plot (PNG, rendered in a private temporary folder that is removed at
 once) and a short numeric summary of it.
 """
@@ -36,8 +36,8 @@ class Answer:
     Attributes:
         overlay_png: images: the Grad-CAM overlay.
         image_png: images: the model's view of the input.
-        explanation_png: other modalities: the explainer's plot (ISM logo, atoms drawn on the
-            molecule, ECG trace with its attribution strip).
+        explanation_png: other modalities: the explainer's own plot (e.g. a sequence logo or
+            a trace with its attribution strip).
         extra: ``explained_class`` and, beside ``explanation_png``, ``explanation`` (the
             explainer's numeric summary).
     """

@@ -34,11 +34,10 @@ from meddx.modalities.molecule.io import (
     parse_smiles,
     require_mol,
 )
+from meddx.modalities.molecule.scaffold import scaffold_of, scaffold_split
 from meddx.modalities.splitting import (
     limit_indices,
     random_split,
-    scaffold_of,
-    scaffold_split,
 )
 
 __all__ = ["MoleculeModality", "MoleculeOptions"]

@@ -4,7 +4,7 @@ The predict body is either ``multipart/form-data`` (one or more files: PNG, JPEG
 ``.npy``, or what the modality reads) or JSON: a FHIR ``Binary``/``Media``/``DocumentReference``,
 or ``{"inputs": [...]}`` whose items are such resources, ``{"data": base64, "contentType": …}``
 objects, or modality inputs (SMILES strings, FHIR Bundles …). ``?explain=true`` adds the Grad-CAM
-overlay for images (``heatmap_png``, base64) or, for sequences, molecules and ECGs, the
+overlay for images (``heatmap_png``, base64) or, for other modalities, the
 explanation plot (``explanation_png``) and its summary (``explanation``); ``?format=fhir``
 answers with a FHIR R4 Bundle.
 """
