@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# MEDDX_BENCH_RESULTS sends a smoke run's figures elsewhere, leaving the measured ones alone
+RESULTS = Path(os.environ.get("MEDDX_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def environment() -> dict[str, Any]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import RESULTS as OUT  # noqa: E402
 
 from meddx.statistics.bootstrap import bootstrap_metrics
 from meddx.statistics.metrics import compute_metrics
 from meddx.tasks import TaskSpec
-
-OUT = Path(__file__).parent / "results"
 
 
 def _cases() -> list[tuple[str, TaskSpec, np.ndarray, np.ndarray]]:

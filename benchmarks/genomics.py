@@ -29,7 +29,8 @@ import numpy as np
 from _common import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import RESULTS  # noqa: E402
+
 logger = logging.getLogger("benchmarks.genomics")
 
 # Chosen among 3 CNN variants + logistic regression by this same 10-fold CV (0.943 vs 0.896

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import RESULTS  # noqa: E402
+
 HOURS = (6, 12, 24, 36, 48)
 MODELS = ("grud", "logistic")  # "grud_single" is read from the ensemble's members/0
 K = 5

@@ -18,13 +18,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
+from _common import RESULTS as OUT  # noqa: E402
 from PIL import Image
 
 from meddx.catalog import get_entry, resolve
 from meddx.modalities.image.folder import load_isic2017
 from meddx.modalities.image.io import read_image, to_model_grid
-
-OUT = Path(__file__).parent / "results"
 
 
 def rate(fn: Callable[[], object], n: int) -> tuple[float, float]:

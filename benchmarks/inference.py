@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS  # noqa: E402
 
 
 def quick_package(out: Path) -> Path:

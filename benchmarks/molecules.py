@@ -31,7 +31,8 @@ import numpy as np
 from _common import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import RESULTS  # noqa: E402
+
 logger = logging.getLogger("benchmarks.molecules")
 
 DEEPCHEM_VAL = {  # Tox21 mean ROC-AUC, validation (ANCHORS.md)

@@ -44,8 +44,8 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
+from _common import RESULTS  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 ISS = "https://ehr.bench"
 
 
