@@ -13,7 +13,7 @@ MYPY_FILES := src/meddx/__init__.py src/meddx/version.py src/meddx/errors.py src
 	src/meddx/modalities/base.py src/meddx/modalities/loading.py src/meddx/fhir/cds.py \
 	src/meddx/package.py src/meddx/inference/__init__.py src/meddx/inference/prediction.py
 
-.PHONY: install demo test test-fast bench lint chromium clean readme
+.PHONY: install demo test test-fast bench lint docs chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/meddx train configs/breastmnist-demo.yaml --out runs/demo
 	$(VENV)/bin/meddx evaluate runs/demo/model --dataset breastmnist --split test --out runs/demo/eval
 
-test: lint chromium
+test: lint docs chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -48,8 +48,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy $(MYPY_FILES)
 
-clean:
-	rm -rf runs .pytest_cache
+# the documentation site (MkDocs, Material theme) from docs/; --strict: a broken link or a
+# page left out of nav fails the build. Open build/site/index.html.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
-readme:
-	python3 docs/assemble_readme.py
+clean:
+	rm -rf runs build .pytest_cache
