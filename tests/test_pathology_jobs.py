@@ -69,7 +69,7 @@ def server(package, slides, tmp_path_factory):
     settings = ServeSettings(api_keys={"tester": key[1]}, research_use=True, warmup=False,
                              audit_log=tmp / "audit.jsonl", jobs_workers=1, jobs_queue=1,
                              slide_roots=(slides,), job_dir=tmp / "jobs",
-                             max_slide_bytes=2_000_000, request_timeout_s=60)
+                             max_slide_bytes=20_000_000, request_timeout_s=60)
     with live_server(create_app([package.path], settings)) as url:
         yield url, {"Authorization": f"Bearer {key[0]}"}, tmp
 
@@ -146,7 +146,7 @@ def test_bad_slides_are_clear_422s_and_the_server_lives(server, slides) -> None:
 
 
 def test_size_cap_and_paths_outside_the_slide_root(server, slides) -> None:
-    r = _post(server, np.zeros(3_000_000, np.uint8).tobytes())
+    r = _post(server, np.zeros(21_000_000, np.uint8).tobytes())
     assert r.status_code == 413
     for bad in ("../outside.tiff", str(slides.parent / "outside.tiff"), "link.tiff",
                 "/etc/passwd"):

@@ -189,6 +189,10 @@ def _check_slide(path: Path, mpp: float | None) -> None:
                                  "e.g. slide_mpp=0.25 for 40x (the slide-mpp flag; "
                                  "`--mpp` in `meddx wsi`)") from e
         raise DataError(f"the slide cannot be read: {e.message}", hint=e.hint) from e
+    except Exception as e:  # noqa: BLE001 - a reader's own error on a broken file is a 422 too
+        logger.info("slide refused at submission: %s: %s", type(e).__name__, e)
+        raise DataError(f"the slide cannot be read ({type(e).__name__})",
+                        hint="check that the file is a whole-slide image and is complete") from e
 
 
 # ------------------------------------------------------------------------------ routes
