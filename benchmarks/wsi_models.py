@@ -40,10 +40,10 @@ def make_slides(folder: Path, n: int, seed: int) -> Path:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from pathology_model_support import write_slide
+    from meddx.modalities.pathology.slide import open_slide
 
     from meddx.catalog import data_roots
-    from meddx.modalities.pathology.slide import open_slide
+    from pathology_model_support import write_slide
 
     src = next(r / "pathology" / "CMU-1-Small-Region.svs" for r in data_roots()
                if (r / "pathology" / "CMU-1-Small-Region.svs").is_file())
@@ -74,8 +74,8 @@ def make_slides(folder: Path, n: int, seed: int) -> Path:
 
 
 def encoder_speed(n: int = 256, size: int = 112) -> dict[str, float]:
-    from meddx.models import build_network
     from meddx.modalities.pathology.embeddings import StatsEncoder
+    from meddx.models import build_network
 
     tiles = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
     enc = StatsEncoder()
