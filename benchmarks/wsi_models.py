@@ -45,8 +45,10 @@ def make_slides(folder: Path, n: int, seed: int) -> Path:
     from meddx.catalog import data_roots
     from pathology_model_support import write_slide
 
-    src = next(r / "pathology" / "CMU-1-Small-Region.svs" for r in data_roots()
-               if (r / "pathology" / "CMU-1-Small-Region.svs").is_file())
+    src = next((r / "pathology" / "CMU-1-Small-Region.svs" for r in data_roots()
+                if (r / "pathology" / "CMU-1-Small-Region.svs").is_file()), None)
+    if src is None:
+        raise SystemExit("CMU-1-Small-Region.svs not found: set MEDDX_DATA to the shared data")
     with open_slide(src) as s:
         w, h = s.dimensions
         full = s.read_region((0, 0), 0, (w, h))
