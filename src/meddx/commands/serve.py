@@ -51,6 +51,14 @@ def serve(
     cds_explain: bool = typer.Option(True, "--cds-explain/--no-cds-explain",
                                       help="Explanations on CDS cards (heat-map "
                                      "page for images, top findings for EHR)."),
+    jobs_workers: int | None = typer.Option(None, "--jobs-workers", help="Slide jobs running "
+                                            "at once (default: one per core)."),
+    jobs_queue: int = typer.Option(8, "--jobs-queue", help="Slide jobs waiting; more get 429."),
+    slide_root: list[Path] = typer.Option([], "--slide-root", help="Folder whose slides a job "
+                                          "may name by path. Repeatable."),
+    max_slide_mb: float = typer.Option(4096.0, "--max-slide-mb", help="Slide size cap (MB)."),
+    job_dir: Path | None = typer.Option(None, "--job-dir", help="Server-owned folder for job "
+                                        "files (default: a private temporary folder)."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -74,7 +82,9 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
-        cds_explain=cds_explain,
+        cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
+        max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
+        **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

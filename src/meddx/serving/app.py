@@ -28,7 +28,7 @@ from meddx.serving.deps import State
 from meddx.serving.engine import ModelHub
 from meddx.serving.heatmaps import HeatmapStore
 from meddx.serving.limits import BodyLimitMiddleware, LimitsMiddleware
-from meddx.serving.routers import cds_hooks, fhir, health, predict, ui
+from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui
 from meddx.serving.settings import ServeSettings
 from meddx.version import __version__
 
@@ -80,6 +80,8 @@ def _lifespan(st: State):  # noqa: ANN202
         yield
         st.audit.close()
         st.heatmaps.close()
+        if getattr(app.state, "meddx_jobs", None) is not None:
+            app.state.meddx_jobs.close()
 
     return lifespan
 
@@ -118,7 +120,7 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                   lifespan=_lifespan(st))
     app.state.meddx = st
     _install_handlers(app)
-    for r in (predict.router, fhir.router, cds_hooks.router, health.router, ui.router):
+    for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router):
         app.include_router(r)
     static = resources.files("meddx.serving").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
@@ -126,5 +128,6 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                        workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
                        request_timeout_s=settings.request_timeout_s,
                        retry_after_s=settings.retry_after_s)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       streamed={jobs.UPLOAD_PATH: settings.max_slide_bytes})
     return app

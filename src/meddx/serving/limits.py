@@ -53,17 +53,31 @@ class BodyLimitMiddleware:
     Args:
         app: the wrapped ASGI app.
         max_bytes: the cap on the request body, in bytes.
+        streamed: paths (compiled patterns) whose POST bodies are not read here but streamed
+            by their route, with their own cap (slide uploads); a declared length over that cap
+            is still refused here.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 streamed: dict[Any, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed = streamed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cap = next((c for pattern, c in self.streamed.items()
+                    if scope.get("method") == "POST" and pattern.match(scope.get("path", ""))),
+                   None)
         declared = _header(scope, b"content-length")
+        if cap is not None:
+            if declared is not None and declared.isdigit() and int(declared) > cap:
+                await self._too_large(send, int(declared), cap)
+                return
+            await self.app(scope, receive, send)
+            return
         if declared is not None:
             try:
                 length = int(declared)
@@ -87,11 +101,11 @@ class BodyLimitMiddleware:
             more = message.get("more_body", False)
         await self.app(scope, _replay(b"".join(body), receive), send)
 
-    async def _too_large(self, send: Send, length: int | None) -> None:
+    async def _too_large(self, send: Send, length: int | None, cap: int | None = None) -> None:
         logger.info("request body over the cap rejected (%s bytes declared)", length)
         await json_response(
             send, 413, "PayloadTooLargeError",
-            f"request body is larger than the limit of {self.max_bytes} bytes",
+            f"request body is larger than the limit of {cap or self.max_bytes} bytes",
             hint="send a smaller file, or ask the operator to raise --max-body-mb",
             headers={"connection": "close"},
         )

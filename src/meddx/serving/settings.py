@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +96,13 @@ class ServeSettings(BaseModel):
                               "link for images, top findings for others")
     fhir_server_allow: tuple[str, ...] = ()
     fhir_timeout_s: float = 3.0
+    # --- jobs (whole-slide images; see serving/jobs.py)
+    jobs_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0,
+                              description="jobs running at once (one per core)")
+    jobs_queue: int = Field(8, ge=0, description="jobs waiting at once; more get 429")
+    job_dir: Path | None = Field(None, description="server-owned folder for job files")
+    slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
+    max_slide_bytes: int = Field(4 * 1024**3, gt=0)
 
     @field_validator("public_url")
     @classmethod
