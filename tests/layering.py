@@ -31,7 +31,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 # what the layers outside meddx.modalities may import of it: the registry and the contract
 MODALITY_FACE = ("meddx.modalities", "meddx.modalities.base", "meddx.modalities.loading")
-MODALITY_SHARED = ("base", "loading", "networks", "scoring", "splitting")
 
 
 @dataclass(frozen=True)
@@ -103,17 +102,22 @@ def upward(edges: Iterable[Edge], layers: tuple[tuple[str, ...], ...] = LAYERS) 
     return out
 
 
-def modality_leaks(edges: Iterable[Edge], package: str = "meddx.modalities") -> list[str]:
+def modality_leaks(edges: Iterable[Edge], package: str = "meddx.modalities",
+                   modules: set[str] | None = None) -> list[str]:
     """Imports that reach into a modality folder from outside it: from another layer (they must
     go through the registry and the contract), from another modality folder, or from the
-    shared modules of ``modalities/``."""
+    shared modules of ``modalities/``. A folder is a sub-package of ``package``; its plain
+    modules (base, loading, networks …) are the shared part everyone may use."""
+    edges = list(edges)
+    known = modules if modules is not None else {e.target for e in edges} | {
+        e.source for e in edges}
     out = []
     for e in edges:
         if not e.target.startswith(package + "."):
             continue
         folder = e.target[len(package) + 1:].split(".")[0]
-        if folder in MODALITY_SHARED:
-            continue
+        if not any(m.startswith(f"{package}.{folder}.") for m in known):
+            continue  # a shared module of modalities/, not a folder
         inside = e.source.startswith(f"{package}.{folder}.") or e.source == f"{package}.{folder}"
         if not inside:
             out.append(f"{e.source} -> {e.target} (line {e.line}): reaches into modality "

@@ -83,7 +83,8 @@ def test_tissue_mask_and_tiles_find_the_tissue_box(slide_file: Path) -> None:
         index = tile_index(s, mpp=1.0, size=64, min_tissue=0.9)
         assert index.level0_size == 128
         x, y = index.coords[:, 0], index.coords[:, 1]
-        assert len(index) == 4 * 3  # 512x384 level-0 box / 128 px tiles on a 128 grid
+        # the 512x384 box on a 128-px grid: x 256..640 (4 tiles), y 256 and 384 (2 tiles)
+        assert len(index) == 4 * 2
         assert x.min() >= 256 and x.max() + 128 <= 768 and y.min() >= 192 and y.max() + 128 <= 576
         assert (index.tissue >= 0.9).all()
         every = tile_index(s, mpp=1.0, size=64, min_tissue=0)
@@ -104,7 +105,7 @@ def test_iter_tiles_streams_batches_in_index_order(slide_file: Path) -> None:
     with open_slide(slide_file) as s:
         index = tile_index(s, mpp=1.0, size=64, min_tissue=0.9)
         batches = list(iter_tiles(s, index, batch_size=5))
-        assert [len(b[1]) for b in batches] == [5, 5, 2]
+        assert [len(b[1]) for b in batches] == [5, 3]
         assert np.array_equal(np.concatenate([b[0] for b in batches]), index.coords)
         assert batches[0][1].shape == (5, 64, 64, 3)
 

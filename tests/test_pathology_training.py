@@ -65,10 +65,10 @@ def test_slide_model_trains_on_cached_bags_and_evaluates(tmp_path, cache) -> Non
 
 @pytest.mark.slow
 def test_tile_classifier_from_patches_then_as_the_slide_encoder(tmp_path, cache) -> None:
-    from meddx.modalities.pathology.slide import open_slide
-    from meddx.modalities.pathology.tiling import iter_tiles, tile_index
     from PIL import Image
 
+    from meddx.modalities.pathology.slide import open_slide
+    from meddx.modalities.pathology.tiling import iter_tiles, tile_index
     from meddx.training import train
 
     csv = slide_set(tmp_path / "slides", 12, splits=(["train"] * 8 + ["val"] * 2 +

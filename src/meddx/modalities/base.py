@@ -13,6 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -188,6 +189,9 @@ class Modality(ABC):
     inline_flag: ClassVar[str | None] = None
     #: :meth:`to_fhir` answers with a RiskAssessment of its own (used on CDS cards)
     fhir_risk_assessment: ClassVar[bool] = False
+    #: inputs are too large for a synchronous request: the service takes them as jobs
+    #: (:meth:`check_job_source`, :meth:`read_job`)
+    reads_in_jobs: ClassVar[bool] = False
 
     class Options(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
@@ -229,12 +233,29 @@ class Modality(ABC):
         """
         return None
 
+    def check_job_source(self, path: Path, input_spec: dict[str, Any],
+                         options: dict[str, Any]) -> None:
+        """Refuse, when a job is submitted, a file the modality cannot read (header only).
+
+        Raises:
+            DataError: with the reason (the service answers 422).
+        """
+        raise ConfigError(f"modality '{self.name}' takes no jobs")
+
+    def read_job(self, path: Path, input_spec: dict[str, Any], options: dict[str, Any], *,
+                 progress: Callable[[int, int], None] | None = None,
+                 cancel: Any = None) -> Sample:
+        """Read one large input on a job worker, reporting ``progress(done, total)`` and
+        stopping when ``cancel`` (a ``threading.Event``) is set."""
+        raise ConfigError(f"modality '{self.name}' takes no jobs")
+
     def fhir_report(self, prediction: Any, card: Any, *, heatmap_png: bytes | None = None,
-                    subject: str | None = None, research_only: bool | None = None
-                    ) -> dict[str, Any] | None:
+                    subject: str | None = None, research_only: bool | None = None,
+                    **context: Any) -> dict[str, Any] | None:
         """A FHIR Bundle reporting ``prediction`` as a DiagnosticReport (with the heat map
         attached), for modalities that report that way; None (the default): the service
-        answers with a RiskAssessment (binary tasks) or :meth:`to_fhir`."""
+        answers with a RiskAssessment (binary tasks) or :meth:`to_fhir`. ``context``: what
+        the modality put in the sample's ``meta`` (e.g. the number of tiles read)."""
         return None
 
     def variant_effect(self, predictor: Any, variant: str) -> dict[str, Any]:

@@ -286,8 +286,8 @@ class ImageModality(Modality):
         return diagnostic_report_bundle(prediction, card)
 
     def fhir_report(self, prediction: Any, card: Any, *, heatmap_png: bytes | None = None,
-                    subject: str | None = None, research_only: bool | None = None
-                    ) -> dict[str, Any] | None:
+                    subject: str | None = None, research_only: bool | None = None,
+                    **context: Any) -> dict[str, Any] | None:
         """A DiagnosticReport (+ Device, + the Grad-CAM overlay as a Media) per image."""
         from meddx.fhir.resources import diagnostic_report_bundle
 

@@ -155,24 +155,22 @@ class PackageEncoder(Encoder):
     """
 
     def __init__(self, path: str | Path, sha256: str | None = None) -> None:
-        from meddx.package import load_package
-
-        package = load_package(path)
-        card = package.card
-        spec = card.preprocessing
-        if card.modality != "image" or spec.get("spatial_dims") != 2 or spec.get("channels") != 3:
-            raise ConfigError(f"encoder package '{card.name}' is not a 2D RGB image model",
+        card, weights_sha256, model = _read_package(Path(path))
+        spec = card.get("preprocessing", {})
+        if card.get("modality") != "image" or spec.get("spatial_dims") != 2 \
+                or spec.get("channels") != 3:
+            raise ConfigError(f"encoder package '{card.get('name')}' is not a 2D RGB image model",
                               path=str(path), hint="train a tile classifier on RGB patches")
         if spec.get("normalize", "dtype-range") != "dtype-range":
             raise ConfigError("an encoder package must scale tiles to 0..1 (normalize: "
                               f"dtype-range), this one uses {spec.get('normalize')!r}",
                               path=str(path))
-        if sha256 and package.sha256 != sha256:
+        if sha256 and weights_sha256 != sha256:
             raise ConfigError("the tile encoder package differs from the one this model was "
                               "trained with (sha256 mismatch)", path=str(path))
-        self.path, self.sha256 = str(Path(path).resolve()), package.sha256
+        self.path, self.sha256 = str(Path(path).resolve()), weights_sha256
         self.size = int(spec["size"])
-        self.model = package.build_model()
+        self.model = model
         linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
             raise ConfigError("the encoder package's network has no linear head", path=str(path))
@@ -398,6 +396,8 @@ def embed_slide(path: str | Path, encoder: Encoder, tiles: TileSettings, *,
             raise DataError("no tile of the slide holds enough tissue", path=p.name,
                             hint=f"lower min_tissue (now {tiles.min_tissue})")
         done = (lambda n: progress(n, total)) if progress is not None else None
+        if done is not None:
+            done(0)  # the tiles are known: a job says how many before the first is read
         xy, feats = embed_tiles(iter_tiles(slide, index, batch_size=batch_size), encoder,
                                 _normalizer(tiles.stain), done, cancel)
         order = {tuple(c): i for i, c in enumerate(np.asarray(index.coords).tolist())}
@@ -410,3 +410,40 @@ def embed_slide(path: str | Path, encoder: Encoder, tiles: TileSettings, *,
         _save_bag(bag, target, encoder, tiles)
         bag.meta["cache"] = str(target)
     return bag
+
+
+def _read_package(root: Path) -> tuple[dict[str, Any], str, torch.nn.Module]:
+    """A tile classifier's card, weights digest and network, read from its package folder
+    with every file checked against the manifest (the package format of
+    :mod:`meddx.package`, read here with the modality layer's own registry so that a slide
+    model's encoder does not make this folder depend on the layers above it)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from meddx.modalities import get_modality
+    from meddx.modalities.networks import network_builder
+    from meddx.tasks import TaskSpec
+
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        for name in ("card.json", "weights.safetensors"):
+            digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+            if manifest.get(name) != digest:
+                raise ConfigError(f"encoder package file {name} was changed or is not listed "
+                                  "(sha256 mismatch)", path=str(root))
+        card = json.loads((root / "card.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"not a model package: {e}", path=str(root),
+                          hint="give the folder of a trained tile classifier (runs/<name>/model)"
+                          ) from e
+    builder = network_builder(card["network"]["name"])
+    if builder is None:
+        raise ConfigError(f"unknown network '{card['network']['name']}' in the encoder package",
+                          path=str(root))
+    spec = get_modality(card["modality"]).network_spec(card["preprocessing"])
+    outputs = TaskSpec.model_validate(card["task"]).num_outputs
+    model = builder(num_outputs=outputs, **spec, **card["network"].get("options", {}))
+    model.load_state_dict(load_file(str(root / "weights.safetensors")), strict=True)
+    return card, manifest["weights.safetensors"], model.eval()

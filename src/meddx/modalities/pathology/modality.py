@@ -114,6 +114,7 @@ class PathologyModality(Modality):
     """Slides → bags of tile embeddings → slide label."""
 
     name = "pathology"
+    reads_in_jobs = True
     Options = PathologyOptions
     upload_content_types = {"image/tiff", "application/octet-stream"}
 
@@ -142,20 +143,20 @@ class PathologyModality(Modality):
 
     def load(self, data: Any, entry: Any | None, task: Any | None, seed: int) -> DataBundle:
         """Read the slide CSV, embed every slide once (cached), split by the folder rules."""
-        from meddx.modalities.image import folder
+        from meddx.modalities import labelled
 
         opts = self.parse_options({**(entry.options if entry else {}), **data.options})
         frame, root, csv = self._frame(data, opts)
         if task is None:
             labels = [str(v).strip() for v in frame["label"]]
             kind = opts.kind or ("binary" if opts.positive_class else "multiclass")
-            task = folder.infer_folder_task(labels, kind, opts.positive_class)
-        table = folder._table(frame, root, task, csv.name)
-        split_col = folder._split_column(frame, csv.name) if "split" in frame.columns else None
+            task = labelled.infer_folder_task(labels, kind, opts.positive_class)
+        table = labelled.labelled_table(frame, root, task, csv.name)
+        split_col = labelled.split_column(frame, csv.name) if "split" in frame.columns else None
         fractions = {"val": data.val_fraction, "test": data.test_fraction,
                      "calib": data.calib_fraction}
-        splits, notes = folder._make_splits(table, split_col, task, seed, fractions)
-        splits = {k: folder._limit(s, data.limit, task, seed) for k, s in splits.items()}
+        splits, notes = labelled.make_splits(table, split_col, task, seed, fractions)
+        splits = {k: labelled.limit_split(s, data.limit, task, seed) for k, s in splits.items()}
         encoder = make_encoder(opts.encoder)
         stain = self._stain_reference(splits["train"].inputs[0], opts) if opts.stain else None
         tiles = TileSettings(opts.tile_mpp, opts.tile_size, opts.min_tissue, stain)
@@ -311,3 +312,42 @@ class PathologyModality(Modality):
         from meddx.modalities.pathology.fhir import slide_report_bundle
 
         return slide_report_bundle(prediction, card)
+
+    def fhir_report(self, prediction: Any, card: Any, *, heatmap_png: bytes | None = None,
+                    subject: str | None = None, research_only: bool | None = None,
+                    **context: Any) -> dict[str, Any] | None:
+        """The pathology DiagnosticReport with the slide heat map as a Media."""
+        from meddx.modalities.pathology.fhir import slide_report_bundle
+
+        return slide_report_bundle(prediction, card, heatmap_png=heatmap_png, subject=subject,
+                                   research_only=research_only, n_tiles=context.get("n_tiles"))
+
+    # ------------------------------------------------------------------ jobs
+    def check_job_source(self, path: Path, input_spec: dict[str, Any],
+                         options: dict[str, Any]) -> None:
+        """Open the slide once (header only): a corrupt file or one without a resolution is
+        refused with the reason (the latter naming ``slide_mpp`` / ``--slide-mpp``)."""
+        from meddx.modalities.pathology.slide import open_slide
+
+        mpp = options.get("mpp") or input_spec.get("slide_mpp")
+        try:
+            with open_slide(path, mpp=mpp):
+                pass
+        except DataError as e:
+            if "resolution" in e.message.lower():
+                raise DataError("the slide does not say its resolution (µm per pixel)",
+                                hint="add ?slide_mpp=<µm per pixel at level 0> to the request, "
+                                     "e.g. slide_mpp=0.25 for 40x (`--slide-mpp` in "
+                                     "`meddx wsi`)") from e
+            raise DataError(f"the slide cannot be read: {e.message}", hint=e.hint) from e
+        except Exception as e:  # noqa: BLE001 — a reader's own error on a broken file
+            raise DataError(f"the slide cannot be read ({type(e).__name__})",
+                            hint="check that the file is a whole-slide image and is complete"
+                            ) from e
+
+    def read_job(self, path: Path, input_spec: dict[str, Any], options: dict[str, Any], *,
+                 progress: Callable[[int, int], None] | None = None,
+                 cancel: Any = None) -> Sample:
+        """A slide on a job worker: tiles embedded with progress and cancel, not cached."""
+        return self.read_slide(path, input_spec, mpp=options.get("mpp"), progress=progress,
+                               cancel=cancel, use_cache=False)

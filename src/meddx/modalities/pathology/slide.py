@@ -260,6 +260,15 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         found = _open_openslide(p)
         backend, opened = ("openslide", found) if found is not None else (
             "tiffslide", _open_tiffslide(p))
+        if found is not None and found[0].properties.get("openslide.vendor") == "generic-tiff":
+            # OpenSlide's generic TIFF ignores pyramids kept in SubIFDs (OME-TIFF and many
+            # converters write them so): tiffslide reads those levels
+            other = _open_tiffslide(p)
+            if len(other[0].level_dimensions) > len(found[0].level_dimensions):
+                found[0].close()
+                backend, opened = "tiffslide", other
+            else:
+                other[0].close()
     handle, own_mpp, names = opened
     if own_mpp is None and mpp is None:
         with contextlib.suppress(Exception):

@@ -76,14 +76,12 @@ def job_queue(request: Request) -> JobQueue:
 # ----------------------------------------------------------------------------- the work
 def run_job(st: State, job: Job) -> dict[str, Any]:
     """Read, embed, classify and explain one slide (on a worker thread)."""
-    from meddx.modalities.pathology.fhir import slide_report_bundle
     from meddx.serving.audit import sha256_bytes
 
     served = st.hub.get(job.model)
     predictor, card = served.predictor, served.card
-    sample = predictor.modality.read_slide(job.slide, card.preprocessing, mpp=job.mpp,
-                                           progress=job.progress, cancel=job.cancel,
-                                           use_cache=False)
+    sample = predictor.modality.read_job(job.slide, card.preprocessing, {"mpp": job.mpp},
+                                         progress=job.progress, cancel=job.cancel)
     sample.id = job.id  # never the file name
     job.stage = "classifying"
     pred = predictor.predict_samples([sample])[0]
@@ -96,8 +94,8 @@ def run_job(st: State, job: Job) -> dict[str, Any]:
     if gallery is not None:
         (job.folder / "gallery.png").write_bytes(gallery)
     n_tiles = int(sample.meta["n_tiles"])
-    bundle = slide_report_bundle(pred, card, heatmap_png=heat, n_tiles=n_tiles,
-                                 research_only=served.research_only)
+    bundle = predictor.modality.fhir_report(pred, card, heatmap_png=heat, n_tiles=n_tiles,
+                                            research_only=served.research_only)
     base = f"/v1/models/{job.model}/jobs/{job.id}"
     body = pred.to_dict()
     body.pop("id", None)
@@ -175,26 +173,6 @@ def _suffix(name: str | None) -> str:
     return s if s in SLIDE_SUFFIXES else ".tiff"
 
 
-def _check_slide(path: Path, mpp: float | None) -> None:
-    """Open the slide once (header only): corrupt files and missing resolutions are 422s."""
-    from meddx.modalities.pathology.slide import open_slide
-
-    try:
-        with open_slide(path, mpp=mpp):
-            pass
-    except DataError as e:
-        if "mpp" in e.message.lower() or "resolution" in e.message.lower():
-            raise DataError("the slide does not say its resolution (µm per pixel)",
-                            hint="add ?slide_mpp=<µm per pixel at level 0> to the request, "
-                                 "e.g. slide_mpp=0.25 for 40x (the slide-mpp flag; "
-                                 "`--mpp` in `meddx wsi`)") from e
-        raise DataError(f"the slide cannot be read: {e.message}", hint=e.hint) from e
-    except Exception as e:  # noqa: BLE001 - a reader's own error on a broken file is a 422 too
-        logger.info("slide refused at submission: %s: %s", type(e).__name__, e)
-        raise DataError(f"the slide cannot be read ({type(e).__name__})",
-                        hint="check that the file is a whole-slide image and is complete") from e
-
-
 # ------------------------------------------------------------------------------ routes
 @router.post("/models/{name}/jobs", status_code=202)
 async def submit_job(name: str, request: Request,
@@ -204,8 +182,9 @@ async def submit_job(name: str, request: Request,
                      caller: Caller = Depends(rest_caller)) -> JSONResponse:
     """Queue a slide: answers 202 with the job and its ``Location``."""
     served = st.hub.get(name)
-    if served.modality != "pathology":
-        raise InputMismatchError(f"model '{name}' does not read whole-slide images",
+    if not served.predictor.modality.reads_in_jobs:
+        raise InputMismatchError(f"model '{name}' takes no jobs (its inputs are small enough "
+                                 "for a request)",
                                  hint="use POST /v1/models/{name}/predict")
     jobs = job_queue(request)
     jobs.check_room()  # before reading a large upload
@@ -235,7 +214,8 @@ async def submit_job(name: str, request: Request,
                 f"request content type {ctype or 'none'} is not accepted",
                 hint="send the slide as application/octet-stream, a multipart file, or JSON "
                      '{"path": …} for a slide under --slide-root')
-        await run_in_threadpool(_check_slide, slide, mpp)
+        await run_in_threadpool(served.predictor.modality.check_job_source, slide,
+                                served.card.preprocessing, {"mpp": mpp})
         job = jobs.submit(name, _owner(caller), folder, slide, owned, mpp)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
