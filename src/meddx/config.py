@@ -113,6 +113,10 @@ class EvaluationConfig(_Frozen):
     conformal_method: Literal["lac", "aps"] = "lac"
     bootstrap: int = Field(1000, ge=0)
     calibrate: bool = True
+    # out-of-distribution detector fitted with the post-hoc fits (meddx.training.ood):
+    # "auto" = Mahalanobis on the head layer's input where the network has one, else energy
+    ood_detector: Literal["auto", "mahalanobis", "energy", "off"] = "auto"
+    ood_false_alarm: float = Field(0.05, gt=0, lt=1)
 
 
 class ExperimentConfig(_Frozen):

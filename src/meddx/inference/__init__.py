@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, DataError, MeddxError
+from meddx.inference.ood import FeatureTap, load_detector
 from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
 from meddx.package import ModelPackage, load_package
@@ -86,38 +87,84 @@ class Predictor:
             raise ConfigError("package has no model.onnx", hint="run `meddx export MODEL --onnx`")
         self.backend = backend if self._onnx is not None and backend != "auto" else (
             "onnx" if self._onnx is not None else "torch")
+        self.detector = load_detector(package)
+        self._tap = None
+        if self.detector is not None and self.detector.needs_features:
+            layers = dict(self.model.named_modules())
+            if self.detector.spec.layer not in layers:
+                raise ConfigError(f"the card's OOD layer {self.detector.spec.layer!r} is not in "
+                                  "the network")
+            self._tap = FeatureTap(layers[self.detector.spec.layer], self.detector.spec.layer)
 
     # ----------------------------------------------------------------- logits
-    @torch.inference_mode()
     def logits(self, batch: Any) -> np.ndarray:
         """Raw network outputs for a model-ready batch (tensor, or a modality's batch object)."""
+        return self.forward(batch)[0]
+
+    @torch.inference_mode()
+    def forward(self, batch: Any, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, with ``features`` and a Mahalanobis detector, the features it scores.
+
+        The ONNX backend reads the features from the export's second output; an export
+        without one (made before the package had a detector) falls back to a torch pass.
+        """
+        want = features and self._tap is not None
         if self._onnx is not None and isinstance(batch, torch.Tensor | np.ndarray):
-            return self._onnx.logits(np.asarray(batch, dtype=np.float32))
+            z, f = self._onnx.outputs(np.asarray(batch, dtype=np.float32))
+            if not want or f is not None:
+                return z, f if want else None
+            return z, self._torch_forward(batch, True)[1]
+        return self._torch_forward(batch, want)
+
+    def _torch_forward(self, batch: Any, want: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch)
-        return out.float().numpy()
+        f = self._tap.pop() if self._tap is not None else None
+        return out.float().numpy(), f if want else None
+
+    def watch_features(self, layer: str) -> None:
+        """Read the input of ``layer`` on every forward (fitting a detector on this network)."""
+        if self._tap is not None:
+            self._tap.remove()
+        self._tap = FeatureTap(dict(self.model.named_modules())[layer], layer)
+
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray | None:
+        """The detector's scores (higher: less like the training data); None without one."""
+        if self.detector is None:
+            return None
+        return self.detector.scores(logits, features)
 
     def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and raw probabilities for every sample of a :class:`Split`."""
+        z, _ = self.split_outputs(split, batch_size, progress)
+        return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+
+    def split_outputs(self, split: Any, batch_size: int = 256, progress: bool = False,
+                      features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and (with ``features``) the detector's features of every sample of a split."""
         from torch.utils.data import DataLoader
 
         from meddx.modalities.base import SplitDataset
 
         ds = SplitDataset(self.modality, split, self.card.preprocessing, transform=None)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=self.modality.collate)
-        outs = []
+        outs, feats = [], []
         it: Iterable = loader
         if progress:
             from tqdm import tqdm
 
             it = tqdm(loader, desc=f"predict {split.name}", unit="batch")
         for x, _ in it:
-            outs.append(self.logits(x))
+            z, f = self.forward(x, features)
+            outs.append(z)
+            feats.append(f)
         z = np.concatenate(outs) if outs else np.zeros((0, self.task.num_outputs), np.float32)
-        return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+        if not features or not feats or any(f is None for f in feats):
+            return z, None
+        return z, np.concatenate(feats)
 
     # ---------------------------------------------------------------- predict
     def read(self, source: Any) -> Sample:
@@ -146,8 +193,8 @@ class Predictor:
     def predict_samples(self, samples: list[Sample], explain: bool = False,
                         batch_size: int = 64) -> list[Prediction]:
         """Predict for already-read samples (windows aggregated when the modality has them)."""
-        logits = self._sample_logits(samples, batch_size)
-        preds = self.finalize(logits, [s.id for s in samples])
+        logits, scores = self._sample_logits(samples, batch_size)
+        preds = self.finalize(logits, [s.id for s in samples], ood_scores=scores)
         for p, s in zip(preds, samples, strict=True):
             p.notes.update({k: v for k, v in s.meta.items()
                             if k in ALWAYS_NOTES or _small_json(v)})
@@ -155,11 +202,21 @@ class Predictor:
             self._explain(samples, preds)
         return preds
 
-    def _sample_logits(self, samples: list[Sample], batch_size: int) -> np.ndarray:
+    def _sample_logits(self, samples: list[Sample], batch_size: int
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a detector); windowed records (ECG) get the
+        mean of their windows' scores."""
         aggregate = getattr(self.modality, "aggregate_logits", None)
+        feats = self.detector is not None
         if any(s.meta.get("windows") for s in samples) and aggregate is not None:
-            return np.stack([aggregate(self.logits(s.tensor), task=self.task) for s in samples])
-        outs = []
+            rows, scores = [], []
+            for s in samples:
+                z, f = self.forward(s.tensor, feats)
+                rows.append(aggregate(z, task=self.task))
+                if feats:
+                    scores.append(float(np.mean(self.ood_scores(z, f))))
+            return np.stack(rows), np.asarray(scores) if feats else None
+        outs, score_parts = [], []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             items = [(s.tensor, torch.zeros(())) for s in chunk]
@@ -168,11 +225,17 @@ class Predictor:
             except RuntimeError as e:
                 raise DataError("inputs in one batch have different shapes after preprocessing",
                                 hint="check the inputs against the model's expected size") from e
-            outs.append(self.logits(x))
-        return np.concatenate(outs)
+            z, f = self.forward(x, feats)
+            outs.append(z)
+            if feats:
+                score_parts.append(self.ood_scores(z, f))
+        return np.concatenate(outs), np.concatenate(score_parts) if feats else None
 
-    def finalize(self, logits: np.ndarray, ids: Sequence[str]) -> list[Prediction]:
-        """Turn logits into Predictions: probabilities, calibration, decision, conformal set."""
+    def finalize(self, logits: np.ndarray, ids: Sequence[str],
+                 ood_scores: np.ndarray | None = None) -> list[Prediction]:
+        """Turn logits into Predictions: probabilities, calibration, decision, conformal set,
+        and (with ``ood_scores``) the out-of-distribution flag: a flagged input gets no
+        decision at the operating point."""
         task, card = self.task, self.card
         probs = task.probabilities(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
         cal = None
@@ -191,9 +254,16 @@ class Predictor:
         model_info = {"name": card.name, "version": card.version, "sha256": self.package.sha256}
         if task.positive_class:
             model_info["positive_class"] = task.positive_class
-        return [self._one(i, ids[i], probs[i], None if cal is None else cal[i],
-                          None if sets is None else sets[i], model_info)
-                for i in range(len(ids))]
+        preds = [self._one(i, ids[i], probs[i], None if cal is None else cal[i],
+                           None if sets is None else sets[i], model_info)
+                 for i in range(len(ids))]
+        if ood_scores is not None and self.detector is not None:
+            for p, score, flag in zip(preds, ood_scores, self.detector.flags(ood_scores),
+                                      strict=True):
+                p.ood, p.ood_score = bool(flag), float(score)
+                if flag:  # outside what the model knows: no recommendation
+                    p.decision, p.operating_point, p.threshold, p.review = None, None, None, False
+        return preds
 
     def _one(self, i: int, sid: str, p: np.ndarray, c: np.ndarray | None, s: np.ndarray | None,
              model_info: dict[str, str]) -> Prediction:

@@ -1,4 +1,5 @@
-"""Post-hoc fits on the calibration split: temperature, operating points, conformal threshold.
+"""Post-hoc fits on the calibration split: temperature, operating points, conformal threshold,
+and the out-of-distribution detector's threshold (:mod:`meddx.training.ood`).
 
 :func:`fit_post_hoc` is what the trainer calls right after training; everything is fitted on
 ``calib`` (carved from train, never val or test) and written into the package's card. The
@@ -144,3 +145,6 @@ def fit_post_hoc(package: ModelPackage, bundle: Any, eval_config: EvaluationConf
     logger.info("post-hoc fits on %d calibration cases: T=%s, operating points %s, conformal "
                 "q=%s", len(calib), None if calibration is None else
                 round(calibration.temperature, 3), list(points), conformal.threshold)
+    from meddx.training.ood import fit_ood_detector
+
+    fit_ood_detector(package, bundle, cfg)
