@@ -99,15 +99,15 @@ class _WithFeatures(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, layer: str) -> None:
         super().__init__()
         self.model = model
-        self._features: torch.Tensor | None = None
+        self._features: list[torch.Tensor] = []  # a list: no tensor attribute set in export
         dict(model.named_modules())[layer].register_forward_hook(self._keep)
 
     def _keep(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        self._features = inputs[0]
+        self._features.append(inputs[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x)
-        return out, self._features.reshape(out.shape[0], -1)
+        return out, self._features.pop().reshape(out.shape[0], -1)
 
 
 def _export_fp32(model: torch.nn.Module, x: torch.Tensor, out: Path, opset: int,

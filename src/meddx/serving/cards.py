@@ -8,6 +8,9 @@
   conformal set and its coverage, the operating point's sensitivity and specificity, intended use,
   the data used), source label with the model version, a link to the heat map page, suggestions
   where meaningful (an expert review request; recording a RiskAssessment for risk models).
+* an input the package's OOD detector flags (``prediction.ood``) gets an ``info`` card that says
+  the case is outside what the model was trained on and why, with no probabilities, no
+  decision and no suggestion (:func:`ood_card`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from typing import Any
 
 from meddx.fhir.resources import MEDDX_SYSTEM, RESEARCH_NOTICE, risk_assessment, validate
 
-__all__ = ["build_card", "indicator", "summary_line", "OVERRIDE_REASONS"]
+__all__ = ["build_card", "ood_card", "indicator", "summary_line", "OVERRIDE_REASONS",
+           "OOD_SUMMARY"]
+
+OOD_SUMMARY = "outside what this model was trained on: no assessment"
+_OOD_METHOD = {"mahalanobis": "Mahalanobis distance on the network's features",
+               "energy": "energy score of the network's outputs"}
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +239,38 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
+def ood_card(pred: Any, served: Any, label: str, link: str | None = None) -> dict[str, Any]:
+    """The card for an input outside what the model was trained on: no recommendation."""
+    card, spec = served.card, served.card.ood
+    trained_on = card.training_data.get("dataset") or "its training set"
+    lines = [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if served.research_only else []
+    lines += [
+        "**This case is outside what this model was trained on.** The model makes no "
+        "recommendation for it; assess it without the model.",
+        "",
+        f"Why: its out-of-distribution score {pred.ood_score:.4g} is above the threshold "
+        f"{spec.threshold:.4g} ({_OOD_METHOD.get(spec.method, spec.method)}), set so that "
+        f"{spec.false_alarm:.0%} of cases like the training data ({trained_on}) would be "
+        "flagged. Typical causes: another kind of input (other organ, modality or view), "
+        "another scanner or centre, or a corrupt input.",
+        "", f"Intended use: {card.intended_use}"]
+    out: dict[str, Any] = {
+        "uuid": _uuid(), "summary": fit_card_summary(f"{card.name}: {OOD_SUMMARY}"),
+        "indicator": "info", "detail": "\n".join(lines),
+        "source": {"label": label, "topic": {"system": f"{MEDDX_SYSTEM}/model",
+                                             "code": card.name, "display": f"meddx {card.name}"}},
+        "overrideReasons": OVERRIDE_REASONS,
+    }
+    if link:
+        out["links"] = [{"label": "Open the input as the model saw it", "url": link,
+                         "type": "absolute"}]
+    return out
+
+
+def fit_card_summary(text: str) -> str:
+    return text if len(text) < 140 else text[:136] + "..."
+
+
 def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None,
                subject: str | None, notes: list[str], basis: list[str],
                risk_card: bool, summary: str | None = None,
@@ -245,6 +285,8 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
     label = f"meddx {card.name} v{card.version}"
     if research:
         label += f" ({RESEARCH_NOTICE})"
+    if getattr(pred, "ood", None) and card.ood is not None:
+        return ood_card(pred, served, label, link)
     summary = summary or summary_line(pred, card)
     if len(summary) >= 140:
         summary = summary[:136] + "..."
