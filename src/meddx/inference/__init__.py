@@ -119,6 +119,8 @@ class Predictor:
     def _torch_forward(self, batch: Any, want: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
+        if self._tap is not None:
+            self._tap.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch)
         f = self._tap.pop() if self._tap is not None else None

@@ -69,6 +69,14 @@ class FeatureTap:
         self._local = threading.local()
         self._handle = layer.register_forward_hook(self._hook)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FeatureTap:
+        # a deep copy of the network (an explainer's) keeps its hook pointing here; the
+        # Predictor resets the tap before each of its own forwards
+        return self
+
+    def reset(self) -> None:
+        self._local.features, self._local.calls = None, 0
+
     def _hook(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self._local.calls = getattr(self._local, "calls", 0) + 1
         self._local.features = inputs[0]
@@ -76,7 +84,7 @@ class FeatureTap:
     def pop(self) -> np.ndarray | None:
         """Features of the last forward (N, D) as float32, or None; resets the tap."""
         features, calls = getattr(self._local, "features", None), getattr(self._local, "calls", 0)
-        self._local.features, self._local.calls = None, 0
+        self.reset()
         if features is None or calls != 1:
             return None
         return features.detach().float().reshape(features.shape[0], -1).cpu().numpy()
