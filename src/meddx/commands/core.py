@@ -321,7 +321,7 @@ def _warn_dropped(preds: list[Any], failures: list[dict[str, str]]) -> None:
             f"predicted inputs ({why}); each prediction's notes.dropped_lines has its own "
             "counts" + (f"; {len(failures)} input(s) refused, with their reason" if failures
                         else ""))
-    Console(stderr=True).print(f"[yellow]{escape(text)}[/]")
+    Console(stderr=True).print(f"[yellow]{escape(text)}[/]", soft_wrap=True)  # one line
 
 
 def _name(source: Any) -> str:
