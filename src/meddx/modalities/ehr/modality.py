@@ -232,8 +232,8 @@ class EHRModality(Modality):
             s.inputs = encode(feats["values"][idx], feats["static"][idx], feats["hours"][idx], stats)
         spec = self._input_spec(stats, opts)
         info = self._info(entry, feats, lists, outcomes)
-        info["dropped_lines"] = dropped_by_split(feats, splits)
         order = {k: splits[k] for k in ("train", "val", "calib", "test") if k in splits}
+        info["dropped_lines"] = dropped_by_split(feats, order)
         return DataBundle(dataset=entry.name if entry else str(data.path), modality=self.name,
                           task=task, splits=order, input_spec=spec, info=info)
 
