@@ -54,13 +54,14 @@ class _Strict(BaseModel):
 class OperatingPoint(_Strict):
     """A decision threshold on the (calibrated) probability of ``positive_class``."""
 
-    method: str  # "sensitivity" | "specificity" | "youden"
+    method: str  # "sensitivity" | "specificity" | "youden" | "balanced"
     threshold: float
     positive_class: str
     target: float | None = None
     fitted_on: str = "calib"
     calib_sensitivity: float | None = None
     calib_specificity: float | None = None
+    calib_ppv: float | None = None
 
 
 class Calibration(_Strict):

@@ -51,6 +51,9 @@ def serve(
     cds_explain: bool = typer.Option(True, "--cds-explain/--no-cds-explain",
                                       help="Explanations on CDS cards (heat-map "
                                      "page for images, top findings for EHR)."),
+    operating_point: list[str] = typer.Option(
+        [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
+        "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -60,7 +63,13 @@ def serve(
     import uvicorn
 
     from meddx.serving.app import create_app
-    from meddx.serving.settings import LOOPBACK_HOSTS, ServeSettings, load_api_keys, load_trust
+    from meddx.serving.settings import (
+        LOOPBACK_HOSTS,
+        ServeSettings,
+        load_api_keys,
+        load_trust,
+        parse_operating_points,
+    )
 
     if insecure_no_auth:
         if host not in LOOPBACK_HOSTS:
@@ -74,7 +83,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
-        cds_explain=cds_explain,
+        cds_explain=cds_explain, operating_points=parse_operating_points(operating_point),
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

@@ -194,8 +194,12 @@ def _subgroups(package: ModelPackage, bundle: Any, split: str, logits: np.ndarra
 
 def _data_section(bundle: Any, split: str) -> dict[str, Any]:
     info = {k: v for k, v in bundle.info.items() if isinstance(v, str | int | float | bool)}
-    return {"dataset": bundle.dataset, "modality": bundle.modality, "info": info,
-            **bundle.summary()}
+    out = {"dataset": bundle.dataset, "modality": bundle.modality, "info": info,
+           **bundle.summary()}
+    dropped = bundle.info.get("dropped_lines")  # counted by the reader while the data were read
+    if isinstance(dropped, dict) and "by_split" in dropped:
+        out["dropped_lines"] = dropped
+    return out
 
 
 def _write_outputs(result: EvaluationResult, package: ModelPackage, out: Path,

@@ -24,7 +24,8 @@ from meddx.package import ModelPackage, load_package
 from meddx.statistics.calibration import apply_temperature
 from meddx.statistics.conformal import prediction_sets
 
-__all__ = ["Predictor", "Prediction", "load_model", "amx_available", "BACKENDS"]
+__all__ = ["Predictor", "Prediction", "load_model", "amx_available", "choose_operating_point",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # sample metadata that FHIR answers are built from: passed on whatever its size
@@ -42,30 +43,64 @@ def amx_available() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def load_model(path: str | Path, backend: str = "auto", threads: int | None = None) -> Predictor:
+def load_model(path: str | Path, backend: str = "auto", threads: int | None = None,
+               operating_point: str | None = None) -> Predictor:
     """Load and verify a package (sha256, no pickle) and return its Predictor.
 
     Args:
         path: the package folder (``runs/x/model``).
         backend: "auto" (ONNX when present, else torch), "torch", or "onnx".
         threads: intra-op threads (default: torch's).
+        operating_point: the decision rule of this deployment, a name from the card's
+            operating points (default: the card's default).
     """
     if threads:
         torch.set_num_threads(threads)
-    return Predictor(load_package(path), backend=backend)
+    return Predictor(load_package(path), backend=backend, operating_point=operating_point)
+
+
+def choose_operating_point(card: Any, name: str | None) -> str | None:
+    """The operating point a deployment decides at: ``name`` or the card's default.
+
+    Raises:
+        ConfigError: ``name`` is not one of the card's operating points (the message lists
+            them).
+    """
+    if name is None:
+        return card.default_operating_point
+    points = list(card.operating_points)
+    if name not in points:
+        from meddx.registry import suggest
+
+        have = ", ".join(points) if points else "none (the task has no positive class to " \
+            "decide on, or the calibration split lacked a class)"
+        raise ConfigError(f"model '{card.name}' has no operating point '{name}'"
+                          + (suggest(name, points) if points else ""),
+                          hint=f"its card's operating points: {have}")
+    return name
 
 
 class Predictor:
     """Runs one package on user inputs.
 
+    Args:
+        package: the loaded package.
+        backend: ``auto`` | ``torch`` | ``onnx`` | ``onnx-int8``.
+        bf16: bf16 autocast (default: where the CPU has AMX).
+        operating_point: decide at this operating point of the card instead of its default
+            (per deployment: ``meddx predict/serve --operating-point NAME``).
+
     Attributes:
-        package, card, task, modality, model (fp32 torch module), backend ("torch" | "onnx").
+        package, card, task, modality, model (fp32 torch module), backend ("torch" | "onnx"),
+        operating_point_name (the decision rule in use; None: no decision).
     """
 
-    def __init__(self, package: ModelPackage, backend: str = "auto", bf16: bool | None = None):
+    def __init__(self, package: ModelPackage, backend: str = "auto", bf16: bool | None = None,
+                 operating_point: str | None = None):
         self.package = package
         self.card = package.card
         self.task = package.card.task
+        self.operating_point_name = choose_operating_point(self.card, operating_point)
         self.modality = get_modality(package.card.modality)
         self.model = package.build_model()
         self.bf16 = amx_available() if bf16 is None else bf16
@@ -95,6 +130,20 @@ class Predictor:
                 raise ConfigError(f"the card's OOD layer {self.detector.spec.layer!r} is not in "
                                   "the network")
             self._tap = FeatureTap(layers[self.detector.spec.layer], self.detector.spec.layer)
+
+    @property
+    def operating_point(self) -> Any:
+        """The :class:`~meddx.package.OperatingPoint` decisions are made at (None: none)."""
+        name = self.operating_point_name
+        return None if name is None else self.card.operating_points.get(name)
+
+    def use_operating_point(self, name: str | None) -> None:
+        """Decide at the card's operating point ``name`` from now on (None: the default).
+
+        Raises:
+            ConfigError: the card has no such operating point.
+        """
+        self.operating_point_name = choose_operating_point(self.card, name)
 
     # ----------------------------------------------------------------- logits
     def logits(self, batch: Any) -> np.ndarray:
@@ -269,7 +318,7 @@ class Predictor:
 
     def _one(self, i: int, sid: str, p: np.ndarray, c: np.ndarray | None, s: np.ndarray | None,
              model_info: dict[str, str]) -> Prediction:
-        task, card = self.task, self.card
+        task = self.task
         names = task.class_names
         basis = c if c is not None else p
         pred = Prediction(
@@ -291,12 +340,12 @@ class Predictor:
                 }
                 pred.refer = any(len(v) != 1 for v in pred.label_sets.values())
             return pred
-        op = card.operating_point
+        op = self.operating_point
         if op is not None and op.positive_class in names:
             k = names.index(op.positive_class)
             positive = bool(basis[k] >= op.threshold)
             pred.decision = op.positive_class if positive else f"not {op.positive_class}"
-            pred.operating_point = card.default_operating_point
+            pred.operating_point = self.operating_point_name
             pred.threshold = op.threshold
         if s is not None:
             pred.prediction_set = [n for n, keep in zip(names, s, strict=True) if keep]

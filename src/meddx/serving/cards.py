@@ -105,7 +105,8 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
     lines += [f"| Class | {kind} |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in probs.items()]
     lines.append("")
-    risk, op = _risk(pred), card.operating_point
+    # the operating point this deployment decides at (``--operating-point``), not the default
+    risk, op = _risk(pred), card.operating_points.get(pred.operating_point or "")
     if isinstance(pred.decision, str) and risk_card and risk is not None:
         above = _positive(pred)
         kind = "Calibrated risk" if pred.calibrated else "Risk"
@@ -118,7 +119,8 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
                      f"(threshold {pred.threshold:.3f}).")
     if isinstance(pred.decision, str) and op is not None and op.calib_sensitivity is not None:
         lines.append(f"At this threshold on the calibration split: sensitivity "
-                     f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}.")
+                     f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}"
+                     + (f", PPV {op.calib_ppv:.1%}" if op.calib_ppv is not None else "") + ".")
     if pred.prediction_set is not None and card.conformal is not None:
         cover = 1 - card.conformal.alpha
         lines.append(f"{cover:.0%} conformal prediction set: "
@@ -146,6 +148,9 @@ _NOTE_TEXT: dict[str, Any] = {
     "n_observations": lambda v: f"Observations used: {v}.",
     "ignored": lambda v: f"Items left out (unknown code, unit, outside the window …): {len(v)}."
                if v else None,
+    "dropped_lines": lambda v: "Left out, by reason: " + ", ".join(
+        f"{k.replace('_', ' ')} {n}" for k, n in v.get("by_reason", {}).items()) + "."
+        if v and v.get("total") else None,
     "below_training_minimum": lambda v: "**Fewer hours of data than the model was trained "
                                         "with: interpret with caution.**" if v else None,
     "missing_descriptors": lambda v: "Missing: " + ", ".join(map(str, v)) + "." if v else None,

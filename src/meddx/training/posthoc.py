@@ -80,7 +80,8 @@ def _operating_points(task: TaskSpec, targets: np.ndarray, probs: np.ndarray,
                        "them to move at test", len(y), int(y.sum()))
     points, default = {}, None
     for method, target in (("sensitivity", cfg.target_sensitivity),
-                           ("specificity", cfg.target_specificity), ("youden", None)):
+                           ("specificity", cfg.target_specificity), ("youden", None),
+                           ("balanced", None)):
         try:
             sel = ThresholdSelector(method, target or 0.5, task.positive_class).fit(y, p)
         except EvaluationError as e:
