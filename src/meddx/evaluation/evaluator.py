@@ -77,6 +77,7 @@ class EvaluationResult:
     probs_raw: np.ndarray | None = field(default=None, repr=False)
     out: Path | None = None
     report: Path | None = None
+    external: dict[str, Any] | None = None  # set by meddx.evaluation.external.validate
 
     def to_dict(self) -> dict[str, Any]:
         sub = None
@@ -91,6 +92,7 @@ class EvaluationResult:
             "conformal": self.conformal, "subgroups": sub,
             "errors": [{k: v for k, v in e.items() if k != "image"} for e in self.errors],
             "data": self.data, "notes": self.notes,
+            **({"external": self.external} if self.external is not None else {}),
         })
 
 

@@ -133,8 +133,12 @@ def _limitations(result: Any) -> list[str]:
                    f"{result.split}.")
     if result.subgroups is None:
         out.append("No demographic metadata: performance across sex, age or site is unknown.")
-    out.append("Single retrospective dataset; performance on other scanners, sites and "
-               "populations is unknown (external validation needed).")
+    if getattr(result, "external", None) is None:
+        out.append("Single retrospective dataset; performance on other scanners, sites and "
+                   "populations is unknown (external validation needed).")
+    else:
+        out.append("External validation on one dataset: it says how the model transports to "
+                   "these data, not to every other site or population.")
     if "unconfirmed" in str(data.get("info", {}).get("license", "")).lower():
         out.append("The data license is unconfirmed; treat it as research use.")
     return out
