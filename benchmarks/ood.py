@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from _common import environment, write
 
 DATA = Path("/work/shared/data")
@@ -135,7 +134,7 @@ def main() -> None:
                      f"{row['test_false_alarm']:.1%} | {cells} |")
     lines += ["", "DICOM CT+MR holds two slices (CT_small, MR_small): its AUROC rests on two "
               "images; the flagged share says whether each was caught.",
-              f"Reproduce: `nice -n 10 python benchmarks/ood.py` "
+              "Reproduce: `nice -n 10 python benchmarks/ood.py` "
               "(trains the demo model; `--model DIR` reuses one).", ""]
     write("ood", result, "\n".join(lines))
 
