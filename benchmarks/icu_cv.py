@@ -18,6 +18,14 @@ its own fold's threshold) with a bootstrap CI, ECE, and paired DeLong tests of t
 ensemble against the logistic baseline and against its own first member (one GRU-D network,
 packaged in ``members/0``) at 6/12/24/36/48 h of data.
 
+Decision rules: every operating point a package's card holds (``sensitivity@0.8``,
+``specificity@0.9``, ``youden``, ``balanced``), fitted per fold on that fold's calibrated calib
+risks exactly as the trainer fits them (:class:`~meddx.statistics.operating_points.
+ThresholdSelector`), applied to its test stays; pooled Event 1 = min(Se, PPV), sensitivity,
+PPV and alerts per 100 stays with bootstrap CIs, and Event 1 per fold. The recipe's packaged
+default (``evaluation.default_operating_point``) is marked. Computed from the saved
+predictions, so ``--report-only`` adds them to folds trained before they existed.
+
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/icu_cv.py              # all folds, then the report
@@ -189,12 +197,79 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                                                           saps[have])
     results["train_wall_s"] = {n: [json.loads(str(f["walls"]))[n] for f in folds]
                                for n in ("grud", "logistic")}
+    results["decision_rules"] = decision_rules(folds, names, task, args.bootstrap)
     _write(results, args.name)
     return results
 
 
+def decision_rules(folds: list[Any], names: list[str], task: Any, n_boot: int
+                   ) -> dict[str, Any]:
+    """Every card operating point per fold (fitted on calib at 48 h), pooled over the folds."""
+    from meddx.config import load_config
+    from meddx.modalities.ehr.score import event1_score, event1_threshold
+    from meddx.statistics.alerts import alert_figures
+    from meddx.statistics.bootstrap import bootstrap_metrics
+    from meddx.statistics.operating_points import ThresholdSelector, operating_point_name
+
+    ev = load_config(ROOT / "configs" / "physionet2012.yaml").evaluation
+    targets = {"sensitivity": ev.target_sensitivity, "specificity": ev.target_specificity}
+    rules = [(m, targets.get(m)) for m in ("sensitivity", "specificity", "youden", "balanced")]
+    # not a card point: the calib cut that maximises Event 1 itself, to compare with balanced
+    rules.append(("event1_argmax", None))
+    default = operating_point_name(ev.default_operating_point,
+                                   targets.get(ev.default_operating_point))
+    y = np.concatenate([f["test_y"] for f in folds])
+    out: dict[str, Any] = {"default": default, "models": {}}
+    for n in names:
+        rows = {}
+        for method, target in rules:
+            flags, per_fold = [], []
+            for f in folds:
+                if method == "event1_argmax":
+                    thr, _ = event1_threshold(f["calib_y"], f[f"{n}/calib/48"], "argmax")
+                else:
+                    thr = ThresholdSelector(method, target or 0.5).fit(
+                        f["calib_y"], f[f"{n}/calib/48"]).threshold_
+                p = f[f"{n}/test/48"]
+                flags.append((p >= thr).astype(float))
+                per_fold.append(event1_score(f["test_y"], p, thr))
+            fl = np.concatenate(flags)
+            probs = np.stack([1 - fl, fl], axis=1)  # each stay judged by its own fold's rule
+            ci = bootstrap_metrics(task, y, probs, 0.5, n_resamples=n_boot)
+            rows[operating_point_name(method, target)] = {
+                **alert_figures(task, y, probs, 0.5, n_resamples=n_boot),
+                "sensitivity": ci["sensitivity"], "ppv": ci["ppv"],
+                "event1_folds": [r["event1"] for r in per_fold],
+                "alerts_per_100_folds": [100 * r["n_flagged"] / len(f["test_y"])
+                                         for r, f in zip(per_fold, folds, strict=True)]}
+        out["models"][n] = rows
+    return out
+
+
 def _fmt(m: dict[str, float]) -> str:
     return f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
+
+
+def _decision_lines(r: dict[str, Any], label: dict[str, str]) -> list[str]:
+    d = r.get("decision_rules")
+    if not d:
+        return []
+    lines = ["", "Decision rules: each card operating point fitted on each fold's calib (48 h, "
+             "calibrated risk), applied to that fold's test stays, pooled (95% CIs: stratified "
+             f"bootstrap of the pooled stays). Packaged default of the recipe: `{d['default']}`.",
+             "", "| model | operating point | Event 1 = min(Se, PPV) (95% CI) | sensitivity | PPV "
+             "| alerts per 100 stays (95% CI) | Event 1 per fold |",
+             "|---|---|---|---|---|---|---|"]
+    for n, rows in d["models"].items():
+        for op, m in rows.items():
+            mark = " **(default)**" if op == d["default"] else (
+                " (not a card point)" if op == "event1_argmax" else "")
+            lines.append(f"| {label[n]} | {op}{mark} | {_fmt(m['min_sensitivity_ppv'])} | "
+                         f"{_fmt(m['sensitivity'])} | {_fmt(m['ppv'])} | "
+                         f"{m['alerts_per_100']['value']:.1f} ({m['alerts_per_100']['low']:.1f}"
+                         f"-{m['alerts_per_100']['high']:.1f}) | "
+                         + ", ".join(f"{v:.3f}" for v in m["event1_folds"]) + " |")
+    return lines
 
 
 def _write(r: dict[str, Any], name: str) -> None:
@@ -235,6 +310,7 @@ def _write(r: dict[str, Any], name: str) -> None:
     for n, m in r["models"].items():
         lines.append(f"| {label[n]} | " + " | ".join(f"{v:.3f}" for v in m["by_hours"].values())
                      + " |")
+    lines += _decision_lines(r, label)
     w = r["train_wall_s"]
     lines += ["", "Train wall per fold (s, one thread): ensemble "
               + ", ".join(f"{v:.0f}" for v in w["grud"]) + "; logistic "

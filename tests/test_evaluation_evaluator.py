@@ -27,7 +27,10 @@ def _strict(text: str) -> dict:
 def test_trainer_fits_post_hoc_on_calib(tiny_breast_package):
     card = tiny_breast_package.card
     assert card.calibration is not None and card.calibration.fitted_on == "calib"
-    assert set(card.operating_points) == {"sensitivity@0.95", "specificity@0.9", "youden"}
+    assert set(card.operating_points) == {"sensitivity@0.95", "specificity@0.9", "youden",
+                                          "balanced"}
+    bal = card.operating_points["balanced"]
+    assert bal.method == "balanced" and bal.target is None and bal.calib_ppv is not None
     assert card.default_operating_point == "sensitivity@0.95"
     op = card.operating_point
     assert op.positive_class == "malignant" and op.calib_sensitivity >= 0.95

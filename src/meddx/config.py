@@ -108,11 +108,18 @@ class EvaluationConfig(_Frozen):
 
     target_sensitivity: float = Field(0.95, gt=0, lt=1)
     target_specificity: float = Field(0.90, gt=0, lt=1)
-    default_operating_point: Literal["sensitivity", "specificity", "youden"] = "sensitivity"
+    # the card's default decision rule; every binary card holds all four points, and
+    # `meddx predict/serve --operating-point NAME` picks another per deployment
+    default_operating_point: Literal["sensitivity", "specificity", "youden",
+                                     "balanced"] = "sensitivity"
     alpha: float = Field(0.1, gt=0, lt=1)
     conformal_method: Literal["lac", "aps"] = "lac"
     bootstrap: int = Field(1000, ge=0)
     calibrate: bool = True
+    # out-of-distribution detector fitted with the post-hoc fits (meddx.training.ood):
+    # "auto" = Mahalanobis on the head layer's input where the network has one, else energy
+    ood_detector: Literal["auto", "mahalanobis", "energy", "off"] = "auto"
+    ood_false_alarm: float = Field(0.05, gt=0, lt=1)
 
 
 class ExperimentConfig(_Frozen):

@@ -33,6 +33,7 @@ __all__ = [
     "OperatingPoint",
     "Calibration",
     "Conformal",
+    "OODDetector",
     "ModelPackage",
     "save_package",
     "load_package",
@@ -53,13 +54,14 @@ class _Strict(BaseModel):
 class OperatingPoint(_Strict):
     """A decision threshold on the (calibrated) probability of ``positive_class``."""
 
-    method: str  # "sensitivity" | "specificity" | "youden"
+    method: str  # "sensitivity" | "specificity" | "youden" | "balanced"
     threshold: float
     positive_class: str
     target: float | None = None
     fitted_on: str = "calib"
     calib_sensitivity: float | None = None
     calib_specificity: float | None = None
+    calib_ppv: float | None = None
 
 
 class Calibration(_Strict):
@@ -88,6 +90,29 @@ class Conformal(_Strict):
     n_calib: int | None = None
 
 
+class OODDetector(_Strict):
+    """Out-of-distribution detector fitted at training time (see :mod:`meddx.inference.ood`).
+
+    ``method`` "mahalanobis": class-conditional Gaussians (means and shared precision in
+    ``file``) on the input of the network's last linear layer ``layer``, fitted on ``fitted_on``;
+    "energy": ``-logsumexp(logits)``, no file. An input is out of distribution when its score is
+    above ``threshold``, chosen on ``threshold_fitted_on`` for the stated ``false_alarm`` rate.
+    """
+
+    method: str  # "mahalanobis" | "energy"
+    threshold: float
+    false_alarm: float
+    layer: str | None = None
+    feature_dim: int | None = None
+    file: str | None = None
+    fitted_on: str | None = "train"
+    threshold_fitted_on: str = "calib"
+    n_fit: int | None = None
+    n_calib: int | None = None
+    calib_flagged: float | None = None
+    shrinkage: float | None = None
+
+
 class ModelCard(_Strict):
     """Everything a user, reviewer or service needs to know about a packaged model."""
 
@@ -104,6 +129,7 @@ class ModelCard(_Strict):
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
     default_operating_point: str | None = None
     conformal: Conformal | None = None
+    ood: OODDetector | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training_data: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)

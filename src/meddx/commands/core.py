@@ -232,19 +232,27 @@ def predict(
     backend: str = typer.Option("auto", help="auto, torch, onnx or onnx-int8."),
     batch_size: int = typer.Option(64, help="Inputs per batch."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the output to this file."),
+    operating_point: str | None = typer.Option(
+        None, "--operating-point", help="Decide at this operating point of the card "
+        "(e.g. balanced, sensitivity@0.8, youden); default: the card's default."),
 ) -> None:
     """Predict with a package: probabilities, calibrated risk, decision and conformal set.
 
+    Inputs that cannot be assessed are listed with their reason (stderr; in CSV and JSON
+    output too). Lines a reader left out are counted by reason: a warning line here, and
+    ``notes.dropped_lines`` in each prediction.
+
     Examples:\n
       meddx predict runs/breast/model scan1.png scan2.dcm\n
-      meddx predict runs/breast/model studies/ --sort risk --format csv
+      meddx predict runs/breast/model studies/ --sort risk --format csv\n
+      meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv
     """
     from meddx.commands.inputs import inline_inputs
     from meddx.inference import load_model
 
     if fmt not in ("table", "csv", "json"):
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
-    predictor = load_model(model, backend=backend)
+    predictor = load_model(model, backend=backend, operating_point=operating_point)
     if variant:
         effect = predictor.modality.variant_effect(predictor, variant)
         typer.echo(json.dumps(effect, indent=2))
@@ -257,6 +265,7 @@ def predict(
         sources += [{"path": str(p), "fs": fs} for p in paths if p.suffix.lower() == ".csv"]
         paths = [p for p in paths if p.suffix.lower() != ".csv"]
     preds, failures = _run(predictor, sources, paths, batch_size)
+    _warn_dropped(preds, failures)
     if sort == "risk":
         preds.sort(key=lambda p: -(p.risk if p.risk is not None else max(p.probabilities.values())))
     elif sort is not None:
@@ -294,6 +303,27 @@ def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
     return preds, failures
 
 
+def _warn_dropped(preds: list[Any], failures: list[dict[str, str]]) -> None:
+    """One warning line with the lines the reader left out, by reason, over all inputs."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    hit = 0
+    for p in preds:
+        d = (p.notes or {}).get("dropped_lines") or {}
+        if d.get("total"):
+            hit += 1
+            counts.update(d.get("by_reason", {}))
+    if not counts:
+        return
+    why = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.most_common())
+    text = (f"warning: {sum(counts.values())} input lines left out in {hit} of {len(preds)} "
+            f"predicted inputs ({why}); each prediction's notes.dropped_lines has its own "
+            "counts" + (f"; {len(failures)} input(s) refused, with their reason" if failures
+                        else ""))
+    Console(stderr=True).print(f"[yellow]{escape(text)}[/]", soft_wrap=True)  # one line
+
+
 def _name(source: Any) -> str:
     if isinstance(source, dict):
         return Path(source.get("path", "input")).name
@@ -310,6 +340,9 @@ def _row(p: Any) -> dict[str, Any]:
     row["set"] = "|".join(d["prediction_set"]) if d["prediction_set"] else None
     row["refer"] = d["refer"]
     row["review"] = d["review"]
+    dropped = (d.get("notes") or {}).get("dropped_lines")
+    if isinstance(dropped, dict):
+        row["dropped_lines"] = dropped.get("total", 0)
     return row
 
 
@@ -317,10 +350,13 @@ def _render(preds: list[Any], failures: list[dict[str, str]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps({"predictions": [p.to_dict() for p in preds], "errors": failures},
                           indent=2)
-    rows = [_row(p) for p in preds]
+    rows: list[dict[str, Any]] = [_row(p) for p in preds]
+    # inputs that could not be assessed are rows too, with their reason
+    rows += [{"id": f["id"], "error": f["error"]} for f in failures]
     buf = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from meddx.errors import ConfigError
 
-__all__ = ["register", "evaluate", "explain", "compare"]
+__all__ = ["register", "evaluate", "validate", "explain", "compare"]
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -60,6 +60,48 @@ def evaluate(
     if result.subgroups is not None and result.subgroups.flagged:
         groups = sorted({f"{r['column']}={r['group']}" for r in result.subgroups.flagged})
         console.print(f"[yellow]subgroups below overall:[/] {escape(', '.join(groups))}")
+    console.print(f"report: {result.report}")
+
+
+def validate(
+    model: Path = typer.Argument(..., help="Model package folder (runs/x/model)."),
+    data: Path = typer.Argument(..., help="External data: a CSV path,label (or a folder with "
+                                "labels.csv); ICU models: a PhysioNet 2012 folder with its "
+                                "Outcomes file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html and metrics.json."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    explain: bool = typer.Option(False, "--explain", help="Attributions in the error gallery."),
+) -> None:
+    """External validation: evaluate a model on data from somewhere else; the report is marked
+    external and adds calibration-in-the-large, calibration slope and whether each operating
+    point still keeps its promise."""
+    from meddx.evaluation.external import validate as run
+    from meddx.reporting.report import fmt_ci
+
+    result = run(model, data, out=out, bootstrap=bootstrap, seed=seed, explain=explain)
+    table = Table(title=f"{result.model['name']}: external validation on {result.dataset} "
+                        f"(n={result.n})")
+    table.add_column("metric")
+    table.add_column("value (95% CI)", justify="right")
+    for key in _SHOWN:
+        if key in result.metrics:
+            table.add_row(key, fmt_ci(result.metrics[key]))
+    cal = result.external.get("calibration")
+    if cal:
+        table.add_row("calibration-in-the-large", fmt_ci(cal["intercept"]))
+        table.add_row("calibration slope", fmt_ci(cal["slope"]))
+    console.print(table)
+    dropped = result.data.get("dropped_lines")
+    if dropped and dropped.get("total"):
+        why = ", ".join(f"{dropped['reasons'].get(k, k)}: {n}"
+                        for k, n in dropped["by_reason"].items())
+        console.print(escape(f"lines left out while reading: {dropped['total']} ({why})"))
+    left = result.data.get("info", {}).get("left_out_cases")
+    if left:
+        console.print(f"cases left out (unreadable): {left}")
+    for w in result.external["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"report: {result.report}")
 
 
@@ -157,5 +199,6 @@ def compare(
 def register(app: typer.Typer) -> None:
     """Add evaluate, explain and compare to ``app``."""
     app.command("evaluate")(evaluate)
+    app.command("validate")(validate)
     app.command("explain")(explain)
     app.command("compare")(compare)

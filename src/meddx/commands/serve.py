@@ -59,6 +59,9 @@ def serve(
     max_slide_mb: float = typer.Option(4096.0, "--max-slide-mb", help="Slide size cap (MB)."),
     job_dir: Path | None = typer.Option(None, "--job-dir", help="Server-owned folder for job "
                                         "files (default: a private temporary folder)."),
+    operating_point: list[str] = typer.Option(
+        [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
+        "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -68,7 +71,13 @@ def serve(
     import uvicorn
 
     from meddx.serving.app import create_app
-    from meddx.serving.settings import LOOPBACK_HOSTS, ServeSettings, load_api_keys, load_trust
+    from meddx.serving.settings import (
+        LOOPBACK_HOSTS,
+        ServeSettings,
+        load_api_keys,
+        load_trust,
+        parse_operating_points,
+    )
 
     if insecure_no_auth:
         if host not in LOOPBACK_HOSTS:
@@ -85,6 +94,7 @@ def serve(
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
+        operating_points=parse_operating_points(operating_point),
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

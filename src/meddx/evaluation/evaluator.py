@@ -77,6 +77,7 @@ class EvaluationResult:
     probs_raw: np.ndarray | None = field(default=None, repr=False)
     out: Path | None = None
     report: Path | None = None
+    external: dict[str, Any] | None = None  # set by meddx.evaluation.external.validate
 
     def to_dict(self) -> dict[str, Any]:
         sub = None
@@ -91,6 +92,7 @@ class EvaluationResult:
             "conformal": self.conformal, "subgroups": sub,
             "errors": [{k: v for k, v in e.items() if k != "image"} for e in self.errors],
             "data": self.data, "notes": self.notes,
+            **({"external": self.external} if self.external is not None else {}),
         })
 
 
@@ -194,8 +196,12 @@ def _subgroups(package: ModelPackage, bundle: Any, split: str, logits: np.ndarra
 
 def _data_section(bundle: Any, split: str) -> dict[str, Any]:
     info = {k: v for k, v in bundle.info.items() if isinstance(v, str | int | float | bool)}
-    return {"dataset": bundle.dataset, "modality": bundle.modality, "info": info,
-            **bundle.summary()}
+    out = {"dataset": bundle.dataset, "modality": bundle.modality, "info": info,
+           **bundle.summary()}
+    dropped = bundle.info.get("dropped_lines")  # counted by the reader while the data were read
+    if isinstance(dropped, dict) and "by_split" in dropped:
+        out["dropped_lines"] = dropped
+    return out
 
 
 def _write_outputs(result: EvaluationResult, package: ModelPackage, out: Path,

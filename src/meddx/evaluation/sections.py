@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from meddx.package import ModelCard
+from meddx.statistics.alerts import alert_figures
 from meddx.statistics.bootstrap import bootstrap_metrics
 from meddx.statistics.calibration import calibration_error, reliability_curve
 from meddx.statistics.conformal import prediction_sets
@@ -32,7 +33,9 @@ def confusion_counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str
 def operating_point_section(task: TaskSpec, card: ModelCard, targets: np.ndarray,
                             probs: np.ndarray, n_resamples: int, seed: int,
                             patient_ids: Sequence[Any] | None) -> dict[str, dict[str, Any]]:
-    """For each operating point of the card: what its threshold does on this split, with CIs."""
+    """For each operating point of the card: what its threshold does on this split, with CIs
+    (sensitivity … balanced accuracy, ``min_sensitivity_ppv`` — Event 1 — and
+    ``alerts_per_100``: the bedside trade-off between the points)."""
     view = binary_view(task, targets, probs)
     out: dict[str, dict[str, Any]] = {}
     if view is None:
@@ -43,8 +46,11 @@ def operating_point_section(task: TaskSpec, card: ModelCard, targets: np.ndarray
             "method": op.method, "target": op.target, "threshold": op.threshold,
             "positive_class": op.positive_class, "fitted_on": op.fitted_on,
             "calib_sensitivity": op.calib_sensitivity, "calib_specificity": op.calib_specificity,
+            "calib_ppv": op.calib_ppv,
             "default": name == card.default_operating_point,
-            "metrics": {k: ci[k] for k in _OP_METRICS if k in ci},
+            "metrics": {**{k: ci[k] for k in _OP_METRICS if k in ci},
+                        **alert_figures(task, targets, probs, op.threshold, patient_ids,
+                                        n_resamples, seed)},
             "confusion": confusion_counts(view[0], view[1], op.threshold),
         }
     return out

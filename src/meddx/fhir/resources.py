@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from meddx.errors import DataError, InputMismatchError, ServingError
 
 __all__ = [
+    "decision_note",
     "diagnostic_report_bundle",
     "risk_assessment",
     "device_resource",
@@ -249,6 +250,19 @@ def risk_band(risk: float, card: Any, prediction: Any | None = None) -> str:
     return "moderate"
 
 
+def decision_note(prediction: Any) -> str | None:
+    """``"Alert: risk at or above the threshold 23.4% of operating point balanced."``, from a
+    Prediction (or its dict) with a decision; None without one."""
+    p = _pred(prediction)
+    pos = (p.get("model") or {}).get("positive_class")
+    if not isinstance(p.get("decision"), str) or not pos or p.get("threshold") is None:
+        return None
+    above = p["decision"] == pos
+    return (f"{'Alert' if above else 'No alert'}: risk {'at or above' if above else 'below'} "
+            f"the threshold {float(p['threshold']):.1%} of operating point "
+            f"{p.get('operating_point')}.")
+
+
 def risk_assessment(prediction: Any, card: Any, *, subject: str | None = None,
                     basis: list[str] | None = None, device_ref: str | None = None,
                     research_only: bool | None = None) -> dict[str, Any]:
@@ -290,6 +304,9 @@ def risk_assessment(prediction: Any, card: Any, *, subject: str | None = None,
     if basis:
         ra["basis"] = [{"reference": b} for b in basis]
     notes = _notes(research)
+    alert = decision_note(p)
+    if alert:
+        notes.append({"text": alert})
     if p.get("refer"):
         notes.append({"text": "conformal prediction set is not a single class: refer for review"})
     if notes:

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, DataError, MeddxError
+from meddx.inference.ood import FeatureTap, load_detector
 from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
 from meddx.package import ModelPackage, load_package
 from meddx.statistics.calibration import apply_temperature
 from meddx.statistics.conformal import prediction_sets
 
-__all__ = ["Predictor", "Prediction", "load_model", "amx_available", "BACKENDS"]
+__all__ = ["Predictor", "Prediction", "load_model", "amx_available", "choose_operating_point",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # sample metadata that FHIR answers are built from: passed on whatever its size
@@ -41,30 +43,64 @@ def amx_available() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def load_model(path: str | Path, backend: str = "auto", threads: int | None = None) -> Predictor:
+def load_model(path: str | Path, backend: str = "auto", threads: int | None = None,
+               operating_point: str | None = None) -> Predictor:
     """Load and verify a package (sha256, no pickle) and return its Predictor.
 
     Args:
         path: the package folder (``runs/x/model``).
         backend: "auto" (ONNX when present, else torch), "torch", or "onnx".
         threads: intra-op threads (default: torch's).
+        operating_point: the decision rule of this deployment, a name from the card's
+            operating points (default: the card's default).
     """
     if threads:
         torch.set_num_threads(threads)
-    return Predictor(load_package(path), backend=backend)
+    return Predictor(load_package(path), backend=backend, operating_point=operating_point)
+
+
+def choose_operating_point(card: Any, name: str | None) -> str | None:
+    """The operating point a deployment decides at: ``name`` or the card's default.
+
+    Raises:
+        ConfigError: ``name`` is not one of the card's operating points (the message lists
+            them).
+    """
+    if name is None:
+        return card.default_operating_point
+    points = list(card.operating_points)
+    if name not in points:
+        from meddx.registry import suggest
+
+        have = ", ".join(points) if points else "none (the task has no positive class to " \
+            "decide on, or the calibration split lacked a class)"
+        raise ConfigError(f"model '{card.name}' has no operating point '{name}'"
+                          + (suggest(name, points) if points else ""),
+                          hint=f"its card's operating points: {have}")
+    return name
 
 
 class Predictor:
     """Runs one package on user inputs.
 
+    Args:
+        package: the loaded package.
+        backend: ``auto`` | ``torch`` | ``onnx`` | ``onnx-int8``.
+        bf16: bf16 autocast (default: where the CPU has AMX).
+        operating_point: decide at this operating point of the card instead of its default
+            (per deployment: ``meddx predict/serve --operating-point NAME``).
+
     Attributes:
-        package, card, task, modality, model (fp32 torch module), backend ("torch" | "onnx").
+        package, card, task, modality, model (fp32 torch module), backend ("torch" | "onnx"),
+        operating_point_name (the decision rule in use; None: no decision).
     """
 
-    def __init__(self, package: ModelPackage, backend: str = "auto", bf16: bool | None = None):
+    def __init__(self, package: ModelPackage, backend: str = "auto", bf16: bool | None = None,
+                 operating_point: str | None = None):
         self.package = package
         self.card = package.card
         self.task = package.card.task
+        self.operating_point_name = choose_operating_point(self.card, operating_point)
         self.modality = get_modality(package.card.modality)
         self.model = package.build_model()
         self.bf16 = amx_available() if bf16 is None else bf16
@@ -86,38 +122,100 @@ class Predictor:
             raise ConfigError("package has no model.onnx", hint="run `meddx export MODEL --onnx`")
         self.backend = backend if self._onnx is not None and backend != "auto" else (
             "onnx" if self._onnx is not None else "torch")
+        self.detector = load_detector(package)
+        self._tap = None
+        if self.detector is not None and self.detector.needs_features:
+            layers = dict(self.model.named_modules())
+            if self.detector.spec.layer not in layers:
+                raise ConfigError(f"the card's OOD layer {self.detector.spec.layer!r} is not in "
+                                  "the network")
+            self._tap = FeatureTap(layers[self.detector.spec.layer], self.detector.spec.layer)
+
+    @property
+    def operating_point(self) -> Any:
+        """The :class:`~meddx.package.OperatingPoint` decisions are made at (None: none)."""
+        name = self.operating_point_name
+        return None if name is None else self.card.operating_points.get(name)
+
+    def use_operating_point(self, name: str | None) -> None:
+        """Decide at the card's operating point ``name`` from now on (None: the default).
+
+        Raises:
+            ConfigError: the card has no such operating point.
+        """
+        self.operating_point_name = choose_operating_point(self.card, name)
 
     # ----------------------------------------------------------------- logits
-    @torch.inference_mode()
     def logits(self, batch: Any) -> np.ndarray:
         """Raw network outputs for a model-ready batch (tensor, or a modality's batch object)."""
+        return self.forward(batch)[0]
+
+    @torch.inference_mode()
+    def forward(self, batch: Any, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, with ``features`` and a Mahalanobis detector, the features it scores.
+
+        The ONNX backend reads the features from the export's second output; an export
+        without one (made before the package had a detector) falls back to a torch pass.
+        """
+        want = features and self._tap is not None
         if self._onnx is not None and isinstance(batch, torch.Tensor | np.ndarray):
-            return self._onnx.logits(np.asarray(batch, dtype=np.float32))
+            z, f = self._onnx.outputs(np.asarray(batch, dtype=np.float32))
+            if not want or f is not None:
+                return z, f if want else None
+            return z, self._torch_forward(batch, True)[1]
+        return self._torch_forward(batch, want)
+
+    def _torch_forward(self, batch: Any, want: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
+        if self._tap is not None:
+            self._tap.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch)
-        return np.asarray(out.float().numpy())
+        f = self._tap.pop() if self._tap is not None else None
+        return out.float().numpy(), f if want else None
+
+    def watch_features(self, layer: str) -> None:
+        """Read the input of ``layer`` on every forward (fitting a detector on this network)."""
+        if self._tap is not None:
+            self._tap.remove()
+        self._tap = FeatureTap(dict(self.model.named_modules())[layer], layer)
+
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray | None:
+        """The detector's scores (higher: less like the training data); None without one."""
+        if self.detector is None:
+            return None
+        return self.detector.scores(logits, features)
 
     def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and raw probabilities for every sample of a :class:`Split`."""
+        z, _ = self.split_outputs(split, batch_size, progress)
+        return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+
+    def split_outputs(self, split: Any, batch_size: int = 256, progress: bool = False,
+                      features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and (with ``features``) the detector's features of every sample of a split."""
         from torch.utils.data import DataLoader
 
         from meddx.modalities.base import SplitDataset
 
         ds = SplitDataset(self.modality, split, self.card.preprocessing, transform=None)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=self.modality.collate)
-        outs = []
+        outs, feats = [], []
         it: Iterable[Any] = loader
         if progress:
             from tqdm import tqdm
 
             it = tqdm(loader, desc=f"predict {split.name}", unit="batch")
         for x, _ in it:
-            outs.append(self.logits(x))
+            z, f = self.forward(x, features)
+            outs.append(z)
+            feats.append(f)
         z = np.concatenate(outs) if outs else np.zeros((0, self.task.num_outputs), np.float32)
-        return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+        if not features or not feats or any(f is None for f in feats):
+            return z, None
+        return z, np.concatenate(feats)
 
     # ---------------------------------------------------------------- predict
     def read(self, source: Any) -> Sample:
@@ -146,8 +244,8 @@ class Predictor:
     def predict_samples(self, samples: list[Sample], explain: bool = False,
                         batch_size: int = 64) -> list[Prediction]:
         """Predict for already-read samples (windows aggregated when the modality has them)."""
-        logits = self._sample_logits(samples, batch_size)
-        preds = self.finalize(logits, [s.id for s in samples])
+        logits, scores = self._sample_logits(samples, batch_size)
+        preds = self.finalize(logits, [s.id for s in samples], ood_scores=scores)
         for p, s in zip(preds, samples, strict=True):
             p.notes.update({k: v for k, v in s.meta.items()
                             if k in ALWAYS_NOTES or _small_json(v)})
@@ -155,11 +253,21 @@ class Predictor:
             self._explain(samples, preds)
         return preds
 
-    def _sample_logits(self, samples: list[Sample], batch_size: int) -> np.ndarray:
+    def _sample_logits(self, samples: list[Sample], batch_size: int
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a detector); windowed records (ECG) get the
+        mean of their windows' scores."""
         aggregate = getattr(self.modality, "aggregate_logits", None)
+        feats = self.detector is not None
         if any(s.meta.get("windows") for s in samples) and aggregate is not None:
-            return np.stack([aggregate(self.logits(s.tensor), task=self.task) for s in samples])
-        outs = []
+            rows, scores = [], []
+            for s in samples:
+                z, f = self.forward(s.tensor, feats)
+                rows.append(aggregate(z, task=self.task))
+                if feats:
+                    scores.append(float(np.mean(self.ood_scores(z, f))))
+            return np.stack(rows), np.asarray(scores) if feats else None
+        outs, score_parts = [], []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             items = [(s.tensor, torch.zeros(())) for s in chunk]
@@ -168,11 +276,17 @@ class Predictor:
             except RuntimeError as e:
                 raise DataError("inputs in one batch have different shapes after preprocessing",
                                 hint="check the inputs against the model's expected size") from e
-            outs.append(self.logits(x))
-        return np.concatenate(outs)
+            z, f = self.forward(x, feats)
+            outs.append(z)
+            if feats:
+                score_parts.append(self.ood_scores(z, f))
+        return np.concatenate(outs), np.concatenate(score_parts) if feats else None
 
-    def finalize(self, logits: np.ndarray, ids: Sequence[str]) -> list[Prediction]:
-        """Turn logits into Predictions: probabilities, calibration, decision, conformal set."""
+    def finalize(self, logits: np.ndarray, ids: Sequence[str],
+                 ood_scores: np.ndarray | None = None) -> list[Prediction]:
+        """Turn logits into Predictions: probabilities, calibration, decision, conformal set,
+        and (with ``ood_scores``) the out-of-distribution flag: a flagged input gets no
+        decision at the operating point."""
         task, card = self.task, self.card
         probs = task.probabilities(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
         cal = None
@@ -193,13 +307,20 @@ class Predictor:
         model_info = {"name": card.name, "version": card.version, "sha256": self.package.sha256}
         if task.positive_class:
             model_info["positive_class"] = task.positive_class
-        return [self._one(i, ids[i], probs[i], None if cal is None else cal[i],
-                          None if sets is None else sets[i], model_info)
-                for i in range(len(ids))]
+        preds = [self._one(i, ids[i], probs[i], None if cal is None else cal[i],
+                           None if sets is None else sets[i], model_info)
+                 for i in range(len(ids))]
+        if ood_scores is not None and self.detector is not None:
+            for p, score, flag in zip(preds, ood_scores, self.detector.flags(ood_scores),
+                                      strict=True):
+                p.ood, p.ood_score = bool(flag), float(score)
+                if flag:  # outside what the model knows: no recommendation
+                    p.decision, p.operating_point, p.threshold, p.review = None, None, None, False
+        return preds
 
     def _one(self, i: int, sid: str, p: np.ndarray, c: np.ndarray | None, s: np.ndarray | None,
              model_info: dict[str, str]) -> Prediction:
-        task, card = self.task, self.card
+        task = self.task
         names = task.class_names
         basis = c if c is not None else p
         pred = Prediction(
@@ -221,12 +342,12 @@ class Predictor:
                 }
                 pred.refer = any(len(v) != 1 for v in pred.label_sets.values())
             return pred
-        op = card.operating_point
+        op = self.operating_point
         if op is not None and op.positive_class in names:
             k = names.index(op.positive_class)
             positive = bool(basis[k] >= op.threshold)
             pred.decision = op.positive_class if positive else f"not {op.positive_class}"
-            pred.operating_point = card.default_operating_point
+            pred.operating_point = self.operating_point_name
             pred.threshold = op.threshold
         if s is not None:
             pred.prediction_set = [n for n, keep in zip(names, s, strict=True) if keep]

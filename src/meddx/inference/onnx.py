@@ -7,7 +7,9 @@ split, and reports the accuracy change on the test split in ``card.metrics["quan
 The fp32 safetensors weights stay in the package: Grad-CAM always uses them.
 
 :class:`OnnxBackend` is what :class:`meddx.inference.Predictor` uses when ``model.onnx`` is
-present: ``logits(batch) -> np.ndarray``, like the torch path.
+present: ``logits(batch) -> np.ndarray``, like the torch path. A package with a Mahalanobis
+OOD detector is exported with a second output, ``features`` (the input of the layer the
+detector reads), so the ONNX backend flags the same inputs as torch.
 """
 
 from __future__ import annotations
@@ -64,11 +66,17 @@ class OnnxBackend:
         self.variant = variant
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.has_features = "features" in [o.name for o in self.session.get_outputs()]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw outputs for a model-ready float32 batch."""
+        return self.outputs(batch)[0]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and the ``features`` output (None when the export has none)."""
         x = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
-        return self.session.run(None, {self.input_name: x})[0]
+        out = self.session.run(None, {self.input_name: x})
+        return out[0], (out[1] if self.has_features and len(out) > 1 else None)
 
 
 # -------------------------------------------------------------------- export
@@ -85,10 +93,31 @@ def _example(package: ModelPackage, batch: int) -> torch.Tensor:
     return x.float()
 
 
-def _export_fp32(model: torch.nn.Module, x: torch.Tensor, out: Path, opset: int) -> None:
+class _WithFeatures(torch.nn.Module):
+    """The network returning ``(logits, features)``: the input of its OOD layer as well."""
+
+    def __init__(self, model: torch.nn.Module, layer: str) -> None:
+        super().__init__()
+        self.model = model
+        self._features: list[torch.Tensor] = []  # a list: no tensor attribute set in export
+        dict(model.named_modules())[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self._features.append(inputs[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(x)
+        return out, self._features.pop().reshape(out.shape[0], -1)
+
+
+def _export_fp32(model: torch.nn.Module, x: torch.Tensor, out: Path, opset: int,
+                 features_layer: str | None = None) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
+    names = ["logits"]
+    if features_layer is not None:
+        model, names = _WithFeatures(model, features_layer), ["logits", "features"]
     torch.onnx.export(model, (x,), str(out), dynamo=True, external_data=False,
-                      input_names=["input"], output_names=["logits"], opset_version=opset,
+                      input_names=["input"], output_names=names, opset_version=opset,
                       dynamic_shapes=({0: batch},), verbose=False)
 
 
@@ -208,7 +237,10 @@ def export_onnx(path: str | Path | ModelPackage, *, int8: bool = False, opset: i
     x = _example(package, 2)
     out = package.path / ONNX_FILE
     start = time.perf_counter()
-    _export_fp32(model, x, out, opset)
+    ood = package.card.ood
+    layer = ood.layer if ood is not None and ood.method == "mahalanobis" else None
+    _export_fp32(model, x, out, opset, layer)
+    model = package.build_model().float().eval()  # without the export's hook
     report: dict[str, Any] = {"files": [ONNX_FILE], "opset": opset,
                               "max_abs_diff_fp32": _check(model, out, x, atol),
                               "export_s": round(time.perf_counter() - start, 2)}

@@ -32,6 +32,10 @@ class Prediction:
         explanation: a heat map or attribution array (not serialised to JSON).
         model: name, version and weights sha256 of the answering model.
         notes: anything the user must know about this answer (e.g. hours of data used).
+        ood: the input is outside what the model was trained on (its detector's score is
+            above the card's threshold): no decision is made. None: the package has no
+            detector.
+        ood_score: the detector's score (higher: less like the training data).
     """
 
     id: str
@@ -48,6 +52,8 @@ class Prediction:
     explanation: np.ndarray | None = field(default=None, repr=False)
     model: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    ood: bool | None = None
+    ood_score: float | None = None
 
     @property
     def risk(self) -> float | None:
@@ -72,6 +78,8 @@ class Prediction:
             "refer": self.refer,
             "review": self.review,
             "model": self.model,
+            "ood": self.ood,
+            "ood_score": None if self.ood_score is None else round(float(self.ood_score), 6),
         }
         if self.label_sets is not None:
             out["label_sets"] = self.label_sets

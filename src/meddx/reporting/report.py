@@ -133,11 +133,42 @@ def _limitations(result: Any) -> list[str]:
                    f"{result.split}.")
     if result.subgroups is None:
         out.append("No demographic metadata: performance across sex, age or site is unknown.")
-    out.append("Single retrospective dataset; performance on other scanners, sites and "
-               "populations is unknown (external validation needed).")
+    if getattr(result, "external", None) is None:
+        out.append("Single retrospective dataset; performance on other scanners, sites and "
+                   "populations is unknown (external validation needed).")
+    else:
+        out.append("External validation on one dataset: it says how the model transports to "
+                   "these data, not to every other site or population.")
     if "unconfirmed" in str(data.get("info", {}).get("license", "")).lower():
         out.append("The data license is unconfirmed; treat it as research use.")
     return out
+
+
+def _tradeoff(result: Any) -> list[str]:
+    """One line per operating point: alerts per 100 cases, how many of them are right, the
+    share of positive cases caught, and the change against the default point."""
+    ops = result.operating_points or {}
+    pos = result.task.positive_class
+    figures = {}
+    for name, op in ops.items():
+        m = op.get("metrics", {})
+        vals = [m.get(k, {}).get("value") for k in ("alerts_per_100", "ppv", "sensitivity")]
+        if not any(_missing(v) for v in vals[:1] + vals[2:]):
+            figures[name] = vals
+    default = next((n for n, op in ops.items() if op.get("default")), None)
+    lines = []
+    for name in sorted(figures, key=lambda n: n != default):
+        alerts, ppv, sens = figures[name]
+        right = "n/a" if _missing(ppv) else f"{alerts * ppv:.1f}"
+        line = (f"{name}{' (default)' if name == default else ''}: {alerts:.1f} alerts per 100 "
+                f"cases, {right} of them {pos} (PPV {fmt(ppv, 2)}); {sens:.0%} of {pos} cases "
+                "alerted on")
+        if default in figures and name != default:
+            d_alerts, _, d_sens = figures[default]
+            line += (f" — against the default, {alerts - d_alerts:+.1f} alerts per 100 for "
+                     f"{100 * (sens - d_sens):+.0f} points of sensitivity")
+        lines.append(line + ".")
+    return lines
 
 
 def _positives(result: Any) -> int | None:
@@ -177,7 +208,7 @@ def render_report(result: Any) -> str:
     context = {
         "r": result, "card": result.card, "task": result.task, "data": result.data,
         "metric_rows": _metric_rows(result), "class_rows": _per_class_rows(result),
-        "subgroup_table": _subgroup_table(result),
+        "subgroup_table": _subgroup_table(result), "tradeoff": _tradeoff(result),
         "figures": _figures(result), "limitations": _limitations(result),
         "labels": _LABELS, "positives": _positives(result),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -8,6 +8,9 @@
   conformal set and its coverage, the operating point's sensitivity and specificity, intended use,
   the data used), source label with the model version, a link to the heat map page, suggestions
   where meaningful (an expert review request; recording a RiskAssessment for risk models).
+* an input the package's OOD detector flags (``prediction.ood``) gets an ``info`` card that says
+  the case is outside what the model was trained on and why, with no probabilities, no
+  decision and no suggestion (:func:`ood_card`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from typing import Any
 
 from meddx.fhir.resources import MEDDX_SYSTEM, RESEARCH_NOTICE, risk_assessment, validate
 
-__all__ = ["build_card", "indicator", "summary_line", "OVERRIDE_REASONS"]
+__all__ = ["build_card", "ood_card", "indicator", "summary_line", "OVERRIDE_REASONS",
+           "OOD_SUMMARY"]
+
+OOD_SUMMARY = "outside what this model was trained on: no assessment"
+_OOD_METHOD = {"mahalanobis": "Mahalanobis distance on the network's features",
+               "energy": "energy score of the network's outputs"}
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +105,8 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
     lines += [f"| Class | {kind} |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in probs.items()]
     lines.append("")
-    risk, op = _risk(pred), card.operating_point
+    # the operating point this deployment decides at (``--operating-point``), not the default
+    risk, op = _risk(pred), card.operating_points.get(pred.operating_point or "")
     if isinstance(pred.decision, str) and risk_card and risk is not None:
         above = _positive(pred)
         kind = "Calibrated risk" if pred.calibrated else "Risk"
@@ -110,7 +119,8 @@ def detail_markdown(pred: Any, card: Any, research: bool, notes: list[str],
                      f"(threshold {pred.threshold:.3f}).")
     if isinstance(pred.decision, str) and op is not None and op.calib_sensitivity is not None:
         lines.append(f"At this threshold on the calibration split: sensitivity "
-                     f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}.")
+                     f"{op.calib_sensitivity:.1%}, specificity {op.calib_specificity or 0:.1%}"
+                     + (f", PPV {op.calib_ppv:.1%}" if op.calib_ppv is not None else "") + ".")
     if pred.prediction_set is not None and card.conformal is not None:
         cover = 1 - card.conformal.alpha
         lines.append(f"{cover:.0%} conformal prediction set: "
@@ -138,6 +148,9 @@ _NOTE_TEXT: dict[str, Any] = {
     "n_observations": lambda v: f"Observations used: {v}.",
     "ignored": lambda v: f"Items left out (unknown code, unit, outside the window …): {len(v)}."
                if v else None,
+    "dropped_lines": lambda v: "Left out, by reason: " + ", ".join(
+        f"{k.replace('_', ' ')} {n}" for k, n in v.get("by_reason", {}).items()) + "."
+        if v and v.get("total") else None,
     "below_training_minimum": lambda v: "**Fewer hours of data than the model was trained "
                                         "with: interpret with caution.**" if v else None,
     "missing_descriptors": lambda v: "Missing: " + ", ".join(map(str, v)) + "." if v else None,
@@ -228,6 +241,38 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
+def ood_card(pred: Any, served: Any, label: str, link: str | None = None) -> dict[str, Any]:
+    """The card for an input outside what the model was trained on: no recommendation."""
+    card, spec = served.card, served.card.ood
+    trained_on = card.training_data.get("dataset") or "its training set"
+    lines = [f"**{RESEARCH_NOTICE.capitalize()}.**", ""] if served.research_only else []
+    lines += [
+        "**This case is outside what this model was trained on.** The model makes no "
+        "recommendation for it; assess it without the model.",
+        "",
+        f"Why: its out-of-distribution score {pred.ood_score:.4g} is above the threshold "
+        f"{spec.threshold:.4g} ({_OOD_METHOD.get(spec.method, spec.method)}), set so that "
+        f"{spec.false_alarm:.0%} of cases like the training data ({trained_on}) would be "
+        "flagged. Typical causes: another kind of input (other organ, modality or view), "
+        "another scanner or centre, or a corrupt input.",
+        "", f"Intended use: {card.intended_use}"]
+    out: dict[str, Any] = {
+        "uuid": _uuid(), "summary": fit_card_summary(f"{card.name}: {OOD_SUMMARY}"),
+        "indicator": "info", "detail": "\n".join(lines),
+        "source": {"label": label, "topic": {"system": f"{MEDDX_SYSTEM}/model",
+                                             "code": card.name, "display": f"meddx {card.name}"}},
+        "overrideReasons": OVERRIDE_REASONS,
+    }
+    if link:
+        out["links"] = [{"label": "Open the input as the model saw it", "url": link,
+                         "type": "absolute"}]
+    return out
+
+
+def fit_card_summary(text: str) -> str:
+    return text if len(text) < 140 else text[:136] + "..."
+
+
 def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None,
                subject: str | None, notes: list[str], basis: list[str],
                risk_card: bool, summary: str | None = None,
@@ -243,6 +288,8 @@ def build_card(pred: Any, served: Any, *, critical_risk: float, link: str | None
     label = f"meddx {card.name} v{card.version}"
     if research:
         label += f" ({RESEARCH_NOTICE})"
+    if getattr(pred, "ood", None) and card.ood is not None:
+        return ood_card(pred, served, label, link)
     summary = summary or summary_line(pred, card)
     if len(summary) >= 140:
         summary = summary[:136] + "..."

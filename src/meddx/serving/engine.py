@@ -22,7 +22,7 @@ from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
 from meddx.serving.audit import sha256_bytes
 from meddx.serving.inputs import Upload, check_upload
-from meddx.serving.settings import ServeSettings
+from meddx.serving.settings import ALL_MODELS, ServeSettings
 
 __all__ = ["Answer", "ServedModel", "ModelHub"]
 
@@ -91,7 +91,7 @@ class ServedModel:
         card.pop("training", None)
         return {**self.info, "modality": self.modality, "research_only": self.research_only,
                 "intended_use": self.card.intended_use, "license": self.card.license,
-                "card": card}
+                "operating_point": self.predictor.operating_point_name, "card": card}
 
     def warmup(self) -> None:
         """Run the network once on the builder's example input (first calls are slow)."""
@@ -224,8 +224,15 @@ class ModelHub:
                     hint="start the service with --research-use to serve it; every answer will "
                          "then say 'research use only — not for diagnosis'")
             self.models[served.name] = served
-            logger.info("serving %s %s (%s backend)", served.name, served.card.version,
-                        predictor.backend)
+            _decide_at(served, settings.operating_points)
+            logger.info("serving %s %s (%s backend, operating point %s)", served.name,
+                        served.card.version, predictor.backend,
+                        predictor.operating_point_name)
+        unknown = sorted(set(settings.operating_points) - set(self.models) - {ALL_MODELS})
+        if unknown:
+            raise ConfigError(f"--operating-point names model(s) not served: "
+                              f"{', '.join(unknown)}",
+                              hint="served: " + ", ".join(self.models))
 
     def get(self, name: str) -> ServedModel:
         """The model called ``name`` (404 with a suggestion otherwise)."""
@@ -260,6 +267,24 @@ class ModelHub:
         gc.collect()
         gc.freeze()
         tune_gc()
+
+
+def _decide_at(served: ServedModel, points: dict[str, str]) -> None:
+    """Apply this deployment's operating point to one model (``--operating-point``).
+
+    A model named explicitly must have the point; a bare NAME applies to every model that
+    has operating points (a multiclass or regression model has none and keeps deciding as
+    before).
+
+    Raises:
+        ConfigError: the model's card has no such operating point (the message lists them).
+    """
+    name = points.get(served.name)
+    if name is None:
+        name = points.get(ALL_MODELS)
+        if name is None or not served.card.operating_points:
+            return
+    served.predictor.use_operating_point(name)
 
 
 GC_THRESHOLDS = (10_000, 10, 10)

@@ -17,11 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from meddx.errors import ConfigError
 
-__all__ = ["IssuerTrust", "ServeSettings", "load_api_keys", "load_trust", "LOOPBACK_HOSTS"]
+__all__ = ["IssuerTrust", "ServeSettings", "load_api_keys", "load_trust", "LOOPBACK_HOSTS",
+           "parse_operating_points", "ALL_MODELS"]
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+#: key of ``ServeSettings.operating_points`` for "every served model that has operating points"
+ALL_MODELS = "*"
 SAFE_ALGS = ("ES384", "RS384", "ES256", "RS256")
 
 
@@ -74,6 +77,10 @@ class ServeSettings(BaseModel):
     research_use: bool = False
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     warmup: bool = True
+    operating_points: dict[str, str] = Field(
+        default_factory=dict, description="decision rule per deployment: model name → a name "
+        "from its card's operating points; '*' → every model with operating points (a named "
+        "model's entry wins)")
     # --- limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
@@ -135,6 +142,29 @@ class ServeSettings(BaseModel):
     def url_for(self, path: str) -> str:
         """Absolute public URL of ``path`` (the exact JWT audience for that endpoint)."""
         return self.base_url + "/" + path.lstrip("/")
+
+
+def parse_operating_points(values: list[str]) -> dict[str, str]:
+    """``meddx serve --operating-point`` values → ``ServeSettings.operating_points``.
+
+    ``NAME`` applies to every served model that has operating points; ``MODEL=NAME`` to the
+    model whose card is named ``MODEL`` (and wins over a bare ``NAME``).
+
+    Raises:
+        ConfigError: an empty name, or the same model given twice.
+    """
+    out: dict[str, str] = {}
+    for value in values:
+        model, sep, name = value.partition("=")
+        key, name = (model.strip(), name.strip()) if sep else (ALL_MODELS, model.strip())
+        if not key or not name:
+            raise ConfigError(f"--operating-point {value!r}: give NAME or MODEL=NAME",
+                              hint="e.g. --operating-point balanced, or icu=sensitivity@0.8")
+        if key in out:
+            raise ConfigError(f"--operating-point given twice for "
+                              f"{'all models' if key == ALL_MODELS else repr(key)}")
+        out[key] = name
+    return out
 
 
 def load_api_keys(path: str | Path) -> dict[str, str]:

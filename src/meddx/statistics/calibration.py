@@ -17,6 +17,8 @@ __all__ = [
     "calibration_error",
     "expected_calibration_error",
     "reliability_curve",
+    "calibration_intercept_slope",
+    "calibration_transport",
 ]
 
 
@@ -114,3 +116,75 @@ def calibration_error(task: TaskSpec, targets: np.ndarray, probs: np.ndarray) ->
                                                        positive_index=1))
         return float(np.mean(eces)) if eces else float("nan")
     return expected_calibration_error(task.target_index(targets), probs)
+
+
+# ------------------------------------------------------------ transport (external validation)
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _fit_logistic(y: np.ndarray, x: np.ndarray, w: np.ndarray, slope: bool,
+                  iters: int = 50) -> tuple[float, float]:
+    """Weighted logistic recalibration ``logit P(y) = a + b·x`` by Newton's method;
+    ``slope=False`` fixes b = 1 (x is an offset). Returns (a, b)."""
+    a, b = 0.0, 1.0
+    for _ in range(iters):
+        eta = a + b * x
+        mu = 1 / (1 + np.exp(-eta))
+        r, v = w * (y - mu), w * mu * (1 - mu) + 1e-12
+        if slope:
+            g = np.array([r.sum(), (r * x).sum()])
+            h = np.array([[v.sum(), (v * x).sum()], [(v * x).sum(), (v * x * x).sum()]])
+            step = np.linalg.solve(h + 1e-9 * np.eye(2), g)
+            a, b = a + step[0], b + step[1]
+        else:
+            step = r.sum() / v.sum()
+            a += step
+            step = np.array([step])
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return float(a), float(b)
+
+
+def calibration_intercept_slope(y: np.ndarray, p: np.ndarray,
+                                weights: np.ndarray | None = None) -> dict[str, float]:
+    """Calibration-in-the-large and calibration slope of probabilities ``p`` for 0/1 ``y``.
+
+    * ``intercept``: ``a`` of ``logit P(y=1) = a + logit(p)`` (slope fixed at 1): 0 when the
+      mean risk is right, > 0 when the model under-predicts;
+    * ``slope``: ``b`` of ``logit P(y=1) = a + b·logit(p)``: 1 when well calibrated, < 1 when
+      the predictions are too extreme (over-confident; the usual sign of overfitting or of
+      transport to other data), > 1 when too modest;
+    * ``observed_minus_expected``: mean of y minus mean of p.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    x = _logit(p)
+    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64)
+    a0, _ = _fit_logistic(y, x, w, slope=False)
+    _, b = _fit_logistic(y, x, w, slope=True)
+    return {"intercept": a0, "slope": b,
+            "observed_minus_expected": float((w * (y - np.asarray(p))).sum() / w.sum())}
+
+
+def calibration_transport(y: np.ndarray, p: np.ndarray, n_resamples: int = 1000,
+                          seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`calibration_intercept_slope` with 95% percentile bootstrap intervals
+    (resampling cases within each outcome class, as the other intervals of a report)."""
+    y = np.asarray(y).astype(int)
+    point = calibration_intercept_slope(y, p)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    groups = [np.flatnonzero(y == k) for k in (0, 1)]
+    for _ in range(n_resamples):
+        w = np.zeros(len(y))
+        for g in groups:
+            if len(g):
+                np.add.at(w, rng.choice(g, len(g)), 1.0)
+        for k, v in calibration_intercept_slope(y, p, w).items():
+            draws[k].append(v)
+    out = {}
+    for k, v in point.items():
+        lo, hi = (np.percentile(draws[k], [2.5, 97.5]) if n_resamples else (np.nan, np.nan))
+        out[k] = {"value": v, "low": float(lo), "high": float(hi)}
+    return out

@@ -7,7 +7,21 @@ A case is called positive when ``p >= threshold_``.
 * ``sensitivity``: the highest threshold whose sensitivity reaches ``target`` (a screening
   test must not miss disease; among such thresholds the most specific one);
 * ``specificity``: the lowest threshold whose specificity reaches ``target``;
-* ``youden``: the threshold maximising sensitivity + specificity - 1.
+* ``youden``: the threshold maximising sensitivity + specificity - 1;
+* ``balanced``: the threshold where sensitivity equals positive predictive value (PPV).
+
+The balanced point, precisely: flagging the ``k`` highest-risk calibration cases gives
+sensitivity ``TP_k / P`` and PPV ``TP_k / k`` (``P`` positive cases), which are equal exactly
+when ``k = P`` — as many alerts as there are positive cases — whatever the ranking. The
+threshold is therefore the ``P``-th highest probability. Where tied probabilities straddle
+that cut (a whole tie is flagged or not), the cut moves to the score boundary with the
+smallest ``|sensitivity - PPV|``; remaining ties go to the larger ``min(sensitivity, PPV)``,
+then to the higher threshold (fewer alerts). ``min(sensitivity, PPV)`` is the PhysioNet/CinC
+2012 Event 1 score: for every ``k < P`` it is ``TP_k / P <= TP_P / P``, so the balanced point
+scores Event 1 at least as high as any threshold that raises fewer alerts. A threshold that
+raises more can score higher on calib only where the extra cases happen to be mostly
+positive; chasing that (the arg-max of Event 1) fits the noise of a few hundred cases
+(see ``docs/evaluation.md``).
 """
 
 from __future__ import annotations
@@ -20,24 +34,28 @@ from sklearn.metrics import roc_curve
 from meddx.errors import EvaluationError
 from meddx.package import OperatingPoint
 
-__all__ = ["ThresholdSelector", "operating_point_name", "METHODS"]
+__all__ = ["ThresholdSelector", "operating_point_name", "balanced_threshold", "METHODS",
+           "UNTARGETED"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sensitivity", "specificity", "youden")
+METHODS = ("sensitivity", "specificity", "youden", "balanced")
+#: methods that take no target
+UNTARGETED = ("youden", "balanced")
 
 
 def operating_point_name(method: str, target: float | None) -> str:
     """Key of an operating point in the card: ``sensitivity@0.95``, ``youden``."""
-    return method if method == "youden" or target is None else f"{method}@{target:g}"
+    return method if method in UNTARGETED or target is None else f"{method}@{target:g}"
 
 
 class ThresholdSelector:
     """Pick a threshold on calibration data.
 
     Args:
-        method: ``sensitivity``, ``specificity`` or ``youden``.
-        target: the sensitivity or specificity to reach (ignored by ``youden``).
+        method: ``sensitivity``, ``specificity``, ``youden`` or ``balanced``.
+        target: the sensitivity or specificity to reach (ignored by ``youden`` and
+            ``balanced``).
         positive_class: name of the positive class (for :meth:`to_card`).
     """
 
@@ -46,7 +64,7 @@ class ThresholdSelector:
         if method not in METHODS:
             raise EvaluationError(f"unknown operating point method {method!r}",
                                   hint=f"choose one of {', '.join(METHODS)}")
-        if method != "youden" and not 0 < target < 1:
+        if method not in UNTARGETED and not 0 < target < 1:
             raise EvaluationError(f"operating point target must be in (0, 1), got {target}")
         self.method = method
         self.target = target
@@ -67,6 +85,9 @@ class ThresholdSelector:
                 f"and {n_neg} negative cases",
                 hint="use a larger data.calib_fraction",
             )
+        if self.method == "balanced":
+            self.threshold_ = balanced_threshold(y, p)
+            return self._finish(y, p, n_pos)
         fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
         if self.method == "sensitivity":
             i = int(np.argmax(tpr >= self.target - 1e-12))
@@ -76,9 +97,13 @@ class ThresholdSelector:
             i = int(np.argmax(tpr - fpr))
         # roc_curve's first threshold is +inf (nobody positive); keep the card finite
         self.threshold_ = float(min(thresholds[i], 1.0)) if i > 0 else 1.0 + 1e-9
+        return self._finish(y, p, n_pos)
+
+    def _finish(self, y: np.ndarray, p: np.ndarray, n_pos: int) -> ThresholdSelector:
         pred = p >= self.threshold_
         self.calib_sensitivity_ = float(pred[y == 1].mean())
         self.calib_specificity_ = float((~pred[y == 0]).mean())
+        self.calib_ppv_ = float(y[pred].mean()) if pred.any() else 0.0
         self.n_calib_ = int(len(y))
         logger.debug("%s: threshold %.4f on %d cases (%d positive)", self.name, self.threshold_,
                      self.n_calib_, n_pos)
@@ -86,7 +111,8 @@ class ThresholdSelector:
 
     @property
     def name(self) -> str:
-        return operating_point_name(self.method, None if self.method == "youden" else self.target)
+        return operating_point_name(self.method,
+                                    None if self.method in UNTARGETED else self.target)
 
     def predict(self, p_positive: np.ndarray) -> np.ndarray:
         """1 where the case is called positive."""
@@ -103,8 +129,35 @@ class ThresholdSelector:
             method=self.method,
             threshold=self.threshold_,
             positive_class=name,
-            target=None if self.method == "youden" else self.target,
+            target=None if self.method in UNTARGETED else self.target,
             fitted_on="calib",
             calib_sensitivity=self.calib_sensitivity_,
             calib_specificity=self.calib_specificity_,
+            calib_ppv=self.calib_ppv_,
         )
+
+
+def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold where sensitivity equals PPV on ``y``/``p`` (see the module docstring).
+
+    Args:
+        y: 0/1 truth (at least one positive).
+        p: positive-class probabilities.
+
+    Returns:
+        A threshold ``t``: cases with ``p >= t`` are flagged (at least one case is).
+    """
+    y = np.asarray(y).astype(int).reshape(-1)
+    p = np.asarray(p, dtype=float).reshape(-1)
+    n_pos = int(y.sum())
+    order = np.argsort(-p, kind="stable")
+    s, t = p[order], y[order]
+    tp = np.cumsum(t)
+    k = np.arange(1, len(s) + 1)
+    # a cut can only fall between distinct scores: the whole tie is flagged or none of it
+    boundary = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    se, ppv = tp[boundary] / n_pos, tp[boundary] / k[boundary]
+    gap, low = np.abs(se - ppv), np.minimum(se, ppv)
+    # lexsort: last key first — smallest gap, then largest min(Se, PPV), then highest threshold
+    best = np.lexsort((-s[boundary], -low, np.round(gap, 12)))[0]
+    return float(s[boundary[best]])

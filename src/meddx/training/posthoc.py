@@ -1,4 +1,5 @@
-"""Post-hoc fits on the calibration split: temperature, operating points, conformal threshold.
+"""Post-hoc fits on the calibration split: temperature, operating points, conformal threshold,
+and the out-of-distribution detector's threshold (:mod:`meddx.training.ood`).
 
 :func:`fit_post_hoc` is what the trainer calls right after training; everything is fitted on
 ``calib`` (carved from train, never val or test) and written into the package's card. The
@@ -79,7 +80,8 @@ def _operating_points(task: TaskSpec, targets: np.ndarray, probs: np.ndarray,
                        "them to move at test", len(y), int(y.sum()))
     points, default = {}, None
     for method, target in (("sensitivity", cfg.target_sensitivity),
-                           ("specificity", cfg.target_specificity), ("youden", None)):
+                           ("specificity", cfg.target_specificity), ("youden", None),
+                           ("balanced", None)):
         try:
             sel = ThresholdSelector(method, target or 0.5, task.positive_class).fit(y, p)
         except EvaluationError as e:
@@ -144,3 +146,6 @@ def fit_post_hoc(package: ModelPackage, bundle: Any, eval_config: EvaluationConf
     logger.info("post-hoc fits on %d calibration cases: T=%s, operating points %s, conformal "
                 "q=%s", len(calib), None if calibration is None else
                 round(calibration.temperature, 3), list(points), conformal.threshold)
+    from meddx.training.ood import fit_ood_detector
+
+    fit_ood_detector(package, bundle, cfg)

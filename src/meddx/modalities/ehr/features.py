@@ -36,6 +36,7 @@ from meddx.modalities.ehr.io import (
     Issue,
     OnMalformed,
     Stay,
+    count_dropped,
     mapping_table_sha256,
     read_physionet_stay,
     series_variables,
@@ -61,6 +62,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1
+#: format of the feature cache (2: issues carry reason codes, per-record dropped-line counts)
+CACHE_VERSION = 2
 BINS = 48
 STATIC_NAMES = ["age", "male", "female", "height", "height_observed",
                 "icu_coronary", "icu_cardiac_surgery", "icu_medical", "icu_surgical"]
@@ -126,7 +129,7 @@ def bin_stay(stay: Stay, bins: int = BINS) -> Binned:
                 "after the prediction time" if minutes <= bins * 60 else
                 f"after the first {bins} h")
             outside.append(Issue(stay.record_id, None, f"outside the window: {when}",
-                                 f"{name} at {minutes / 60:.2f} h"))
+                                 f"{name} at {minutes / 60:.2f} h", "out_of_window"))
             continue
         b, v = min(int(minutes // 60), bins - 1), index[name]
         agg = table[name].aggregate
@@ -267,10 +270,12 @@ def decode_values(x: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
 def featurize_files(files: Mapping[str, Path], on_malformed: OnMalformed = "warn",
                     progress: bool = True) -> dict[str, Any]:
     """Read and bin every stay file: ``record_ids``, ``values (N,V,T)``, ``static (N,4)``,
-    ``hours (N,)``, ``issues`` (dicts) and ``empty`` (records with no observations)."""
+    ``hours (N,)``, ``issues`` (dicts), ``empty`` (records with no observations) and
+    ``dropped`` (record → lines left out by reason, for every record with any)."""
     from tqdm import tqdm
 
     ids, vals, stats_, hours, issues, empty = [], [], [], [], [], []
+    dropped: dict[str, dict[str, int]] = {}
     for rid, path in tqdm(files.items(), desc="PhysioNet 2012 stays", unit="stay",
                           disable=not progress, mininterval=2.0):
         stay = read_physionet_stay(path, on_malformed)
@@ -279,8 +284,10 @@ def featurize_files(files: Mapping[str, Path], on_malformed: OnMalformed = "warn
             b = bin_stay(stay)
         except DataError:
             empty.append(rid)
+            _count(dropped, rid, stay.issues)
             continue
         issues.extend(i.to_dict() for i in b.outside)
+        _count(dropped, rid, [*stay.issues, *b.outside])
         ids.append(rid)
         vals.append(b.values.astype(np.float32))
         stats_.append(b.static)
@@ -293,12 +300,19 @@ def featurize_files(files: Mapping[str, Path], on_malformed: OnMalformed = "warn
         "hours": np.asarray(hours, dtype=int),
         "issues": issues,
         "empty": empty,
+        "dropped": dropped,
     }
+
+
+def _count(dropped: dict[str, dict[str, int]], rid: str, issues: list[Issue]) -> None:
+    if issues:
+        dropped[rid] = count_dropped(issues)["by_reason"]
 
 
 def _cache_key(files: Mapping[str, Path], on_malformed: str) -> str:
     h = hashlib.sha256()
-    h.update(f"v{FEATURE_VERSION}|{BINS}|{on_malformed}|{mapping_table_sha256()}".encode())
+    h.update(f"v{FEATURE_VERSION}|c{CACHE_VERSION}|{BINS}|{on_malformed}|"
+             f"{mapping_table_sha256()}".encode())
     for rid, p in sorted(files.items()):
         st = p.stat()
         h.update(f"{rid}|{p.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
@@ -309,8 +323,9 @@ def cached_features(files: Mapping[str, Path], cache_root: Path,
                     on_malformed: OnMalformed = "warn", progress: bool = True) -> dict[str, Any]:
     """:func:`featurize_files` once, then from ``cache_root/physionet2012-<key>.npz``.
 
-    The key covers the file list (paths, sizes, times), the mapping table and the feature
-    version, so a change in any of them rebuilds the cache. Bundled data is never written.
+    The key covers the file list (paths, sizes, times), the mapping table, the feature
+    version and the cache format (:data:`CACHE_VERSION`), so a change in any of them rebuilds
+    the cache. Bundled data is never written.
     """
     cache_root.mkdir(parents=True, exist_ok=True)
     path = cache_root / f"physionet2012-{_cache_key(files, on_malformed)}.npz"
@@ -320,6 +335,7 @@ def cached_features(files: Mapping[str, Path], cache_root: Path,
                 "record_ids": z["record_ids"].tolist(), "values": z["values"],
                 "static": z["static"], "hours": z["hours"],
                 "issues": json.loads(str(z["issues"])), "empty": z["empty"].tolist(),
+                "dropped": json.loads(str(z["dropped"])),
             }
     data = featurize_files(files, on_malformed, progress)
     # a name of its own: two runs building the same cache at once must not share a temp file
@@ -329,7 +345,7 @@ def cached_features(files: Mapping[str, Path], cache_root: Path,
     np.savez_compressed(
         tmp, record_ids=np.asarray(data["record_ids"], dtype=str), values=data["values"],
         static=data["static"], hours=data["hours"], issues=np.asarray(json.dumps(data["issues"])),
-        empty=np.asarray(data["empty"], dtype=str),
+        empty=np.asarray(data["empty"], dtype=str), dropped=np.asarray(json.dumps(data["dropped"])),
     )
     tmp.replace(path)
     logger.info("cached features of %d stays in %s", len(data["record_ids"]), path)

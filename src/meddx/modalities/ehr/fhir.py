@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from meddx.errors import DataError
+from meddx.fhir.resources import decision_note
 from meddx.modalities.ehr.io import (
     ICU_TYPES,
     Issue,
@@ -301,30 +302,31 @@ def _read_observation(stay: Stay, ref: str, obs: Mapping[str, Any], start: datet
             if var is not None:
                 break
 
-    def skip(reason: str, malformed: bool = True) -> None:
+    def skip(reason: str, code: str, malformed: bool = True) -> None:
         shown = ", ".join(f"{c.get('system', '')}|{c.get('code', '')}" for c in codings
                           if isinstance(c, Mapping)) or "no coding"
-        issue = Issue(ref, None, reason, shown)
+        issue = Issue(ref, None, reason, shown, code)
         if malformed and on_malformed == "error":
             raise DataError(f"malformed Observation: {issue}", sample_id=stay.record_id)
         stay.issues.append(issue)
 
     if var is None or var.role not in ("series", "static"):
-        return skip("unknown code (not used by the model)", malformed=False)
+        return skip("unknown code (not used by the model)", "unknown_code", malformed=False)
     if obs.get("status") in ("entered-in-error", "cancelled", "registered"):
-        return skip(f"status '{obs.get('status')}'", malformed=False)
+        return skip(f"status '{obs.get('status')}'", "unusable_status", malformed=False)
     value, unit = _value(obs)
     if value is None:
-        return skip("no numeric value")
+        return skip("no numeric value", "no_numeric_value")
     converted = convert_unit(var, value, unit)
     if converted is None:
-        return skip(f"unit '{unit}' does not convert to '{var.ucum}'")
+        return skip(f"unit '{unit}' does not convert to '{var.ucum}'", "unit_not_convertible")
     if not var.plausible(converted):
         return skip(f"implausible {var.parameter} {converted:g} "
-                    f"(accepted {var.plausible_min:g}-{var.plausible_max:g})")
+                    f"(accepted {var.plausible_min:g}-{var.plausible_max:g})",
+                    "implausible_value")
     when = _effective(obs)
     if when is None:
-        return skip("no effective date and time")
+        return skip("no effective date and time", "no_time")
     if var.parameter == "Age":
         stay.age = converted
     elif var.parameter == "Height":
@@ -409,7 +411,8 @@ def stay_from_fhir(source: Any, on_malformed: OnMalformed = "warn") -> Stay:
     if stay.age is None:
         stay.age = _age_from_birthdate(patient.get("birthDate"), start)
     for kind, count in others.items():
-        stay.issues.append(Issue("input", None, f"{count} {kind} resource(s) not used"))
+        stay.issues.append(Issue("input", None, f"{count} {kind} resource(s) not used",
+                                 code="unused_resource", count=count))
     return stay
 
 
@@ -473,6 +476,9 @@ def risk_assessment(prediction: Any, card: Any) -> dict[str, Any]:
         }],
         "note": [{"text": text}],
     }
+    alert = decision_note(prediction)
+    if alert:  # at the operating point of this deployment (`--operating-point`)
+        ra["note"].append({"text": alert})
     if ra["prediction"][0]["rationale"] is None:
         del ra["prediction"][0]["rationale"]
     if notes.get("encounter"):

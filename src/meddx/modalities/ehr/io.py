@@ -3,9 +3,12 @@
 A stay file has one ``Time,Parameter,Value`` line per measurement, ``Time`` as ``HH:MM`` since
 ICU admission. The general descriptors (RecordID, Age, Gender, Height, ICUType, Weight) come
 first at ``00:00``; ``-1`` means missing. Every line that cannot be used is an :class:`Issue`
-carrying the file and line number: with ``on_malformed="error"`` the first one raises a
-:class:`~meddx.errors.DataError`, with ``"warn"`` it is skipped, logged and listed — never
-silently absorbed.
+carrying the file and line number and a reason code (:data:`DROP_REASONS`): with
+``on_malformed="error"`` the first one raises a :class:`~meddx.errors.DataError`, with
+``"warn"`` it is skipped, logged and listed — never silently absorbed.
+:func:`count_dropped` counts them by reason (per stay in ``Sample.meta["dropped_lines"]``, per
+split in ``DataBundle.info["dropped_lines"]``). Blank lines carry nothing and are not counted;
+a descriptor given as ``-1`` at 00:00 is the format's "missing" and is not a dropped line.
 
 Internally time is kept in whole or fractional **minutes** since ICU admission, so that the
 PhysioNet and FHIR paths bin identically.
@@ -17,12 +20,13 @@ import csv
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,6 +36,8 @@ from meddx.errors import ConfigError, DataError
 __all__ = [
     "Variable",
     "Issue",
+    "DROP_REASONS",
+    "count_dropped",
     "Stay",
     "OnMalformed",
     "variables",
@@ -127,21 +133,65 @@ def mapping_table_sha256() -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Why a line of a stay file (or an item of a FHIR input) was left out: code → words.
+DROP_REASONS: dict[str, str] = {
+    # PhysioNet 2012 stay files
+    "wrong_field_count": "not three fields (Time,Parameter,Value)",
+    "unparsable_time": "time not HH:MM",
+    "empty_parameter": "empty parameter name",
+    "unparsable_value": "value not a number",
+    "unknown_parameter": "parameter not in the mapping table",
+    "repeated_descriptor": "descriptor repeated or not at 00:00",
+    "invalid_descriptor": "descriptor with an invalid code",
+    "missing_value": "-1 (missing) inside a time series",
+    "implausible_value": "value outside the plausible range",
+    # both sources: after ICU admission and within the prediction window only
+    "out_of_window": "time outside the prediction window",
+    # FHIR Bundles and CDS prefetch
+    "unknown_code": "Observation code not used by the model",
+    "unusable_status": "Observation status entered-in-error, cancelled or registered",
+    "no_numeric_value": "Observation without a numeric value",
+    "unit_not_convertible": "unit does not convert",
+    "no_time": "Observation without an effective time",
+    "unused_resource": "resource type not used (counted per resource)",
+}
+
+
 @dataclass
 class Issue:
-    """One line or item that was not used, with where it came from and why."""
+    """One line or item that was not used, with where it came from and why.
+
+    ``code`` is a key of :data:`DROP_REASONS`; ``count`` is how many items the issue stands
+    for (1, except for a summary such as "3 MedicationRequest resource(s) not used").
+    """
 
     source: str
     line: int | None
     reason: str
     item: str = ""
+    code: str = ""
+    count: int = 1
 
     def __str__(self) -> str:
         where = f"{self.source}:{self.line}" if self.line is not None else self.source
         return f"{where}: {self.reason}" + (f" ({self.item})" if self.item else "")
 
     def to_dict(self) -> dict[str, object]:
-        return {"source": self.source, "line": self.line, "reason": self.reason, "item": self.item}
+        out: dict[str, object] = {"source": self.source, "line": self.line,
+                                  "reason": self.reason, "item": self.item, "code": self.code}
+        if self.count != 1:
+            out["count"] = self.count
+        return out
+
+
+def count_dropped(issues: Iterable[Issue | Mapping[str, Any]]) -> dict[str, Any]:
+    """Left-out lines by reason: ``{"total": n, "by_reason": {code: n}}`` (most frequent
+    first; an issue without a code counts as ``other``)."""
+    counts: Counter[str] = Counter()
+    for i in issues:
+        code, n = (i.code, i.count) if isinstance(i, Issue) else (i.get("code"), i.get("count", 1))
+        counts[str(code or "other")] += int(n)
+    return {"total": int(sum(counts.values())), "by_reason": dict(counts.most_common())}
 
 
 @dataclass
@@ -200,15 +250,15 @@ def _set_descriptor(stay: Stay, name: str, value: float, issue: Issue,
         return  # documented "missing"
     if name == "Gender":
         if value not in (0, 1):
-            _report(Issue(issue.source, issue.line, "Gender must be 0, 1 or -1", issue.item),
-                    on_malformed, stay.issues)
+            _report(Issue(issue.source, issue.line, "Gender must be 0, 1 or -1", issue.item,
+                          "invalid_descriptor"), on_malformed, stay.issues)
             return
         stay.sex = "male" if value == 1 else "female"
         return
     if name == "ICUType":
         if value not in ICU_TYPES:
-            _report(Issue(issue.source, issue.line, "ICUType must be 1-4", issue.item),
-                    on_malformed, stay.issues)
+            _report(Issue(issue.source, issue.line, "ICUType must be 1-4", issue.item,
+                          "invalid_descriptor"), on_malformed, stay.issues)
             return
         stay.icu_type = int(value)
         return
@@ -216,7 +266,7 @@ def _set_descriptor(stay: Stay, name: str, value: float, issue: Issue,
     if not var.plausible(value):
         _report(Issue(issue.source, issue.line,
                       f"implausible {name} (accepted {var.plausible_min:g}-{var.plausible_max:g})",
-                      issue.item), on_malformed, stay.issues)
+                      issue.item, "implausible_value"), on_malformed, stay.issues)
         return
     if name == "Age":
         stay.age = value
@@ -253,22 +303,29 @@ def read_physionet_stay(path: str | Path, on_malformed: OnMalformed = "warn") ->
             continue
         parts = line.split(",")
         issue = Issue(p.name, number, "", line.strip())
+
+        def drop(reason: str, code: str, number: int = number, text: str = line.strip()) -> None:
+            _report(Issue(p.name, number, reason, text, code), on_malformed, stay.issues)
+
         if len(parts) != 3:
-            _report(Issue(p.name, number, "expected Time,Parameter,Value", line.strip()),
-                    on_malformed, stay.issues)
+            drop("expected Time,Parameter,Value", "wrong_field_count")
             continue
         minutes, name = _parse_time(parts[0]), parts[1].strip()
         try:
             value = float(parts[2])
         except ValueError:
             value = float("nan")
-        if minutes is None or not math.isfinite(value):
-            _report(Issue(p.name, number, "unreadable time or value", line.strip()),
-                    on_malformed, stay.issues)
+        if minutes is None:
+            drop("unreadable time (expected HH:MM)", "unparsable_time")
+            continue
+        if not name:
+            drop("empty parameter name", "empty_parameter")
+            continue
+        if not math.isfinite(value):
+            drop("unreadable value", "unparsable_value")
             continue
         if name not in table:
-            _report(Issue(p.name, number, f"unknown parameter '{name}'", line.strip()),
-                    on_malformed, stay.issues)
+            drop(f"unknown parameter '{name}'", "unknown_parameter")
             continue
         if name in DESCRIPTORS and minutes == 0 and name not in seen_descriptors:
             seen_descriptors.add(name)
@@ -277,14 +334,15 @@ def read_physionet_stay(path: str | Path, on_malformed: OnMalformed = "warn") ->
             _set_descriptor(stay, name, value, issue, on_malformed)
             continue
         if table[name].role != "series":
-            _report(Issue(p.name, number, f"descriptor '{name}' repeated", line.strip()),
-                    on_malformed, stay.issues)
+            drop(f"descriptor '{name}' repeated", "repeated_descriptor")
             continue
-        if value == -1 or not table[name].plausible(value):
+        if value == -1:
+            drop("value -1 (missing) inside the time series", "missing_value")
+            continue
+        if not table[name].plausible(value):
             var = table[name]
-            reason = "value -1 (missing) inside the time series" if value == -1 else (
-                f"implausible {name} (accepted {var.plausible_min:g}-{var.plausible_max:g})")
-            _report(Issue(p.name, number, reason, line.strip()), on_malformed, stay.issues)
+            drop(f"implausible {name} (accepted {var.plausible_min:g}-{var.plausible_max:g})",
+                 "implausible_value")
             continue
         stay.events.append((float(minutes), name, value))
     return stay

@@ -41,8 +41,10 @@ from meddx.modalities.ehr.features import (
 )
 from meddx.modalities.ehr.fhir import risk_assessment, stay_from_fhir
 from meddx.modalities.ehr.io import (
+    DROP_REASONS,
     ICU_TYPES,
     Stay,
+    count_dropped,
     make_split_lists,
     mapping_table_sha256,
     read_outcomes,
@@ -85,6 +87,42 @@ class RandomTruncation:
             return x
         hours = int(torch.randint(self.min_hours, available + 1, ()))
         return truncate(x, hours, self.layout) if hours < available else x
+
+
+def _refusal(error: DataError, stay: Stay) -> DataError:
+    """The "cannot assess" error of a stay, saying which lines were left out and why."""
+    counts = count_dropped(stay.issues)
+    if not counts["total"]:
+        return error
+    why = ", ".join(f"{DROP_REASONS.get(k, k)}: {n}" for k, n in counts["by_reason"].items())
+    return DataError(f"{error.message}; {counts['total']} line(s) were left out ({why})",
+                     hint=error.hint, **error.context)
+
+
+def dropped_by_split(feats: dict[str, Any], splits: dict[str, Split]) -> dict[str, Any]:
+    """Lines left out while the stays were read, by reason: in total, per split (after the
+    calib carve) and for the stays refused for having no usable observation."""
+    per_record: dict[str, dict[str, int]] = feats.get("dropped", {})
+
+    def tally(ids: list[str]) -> dict[str, Any]:
+        counts: Counter[str] = Counter()
+        hit = 0
+        for r in ids:
+            c = per_record.get(str(r))
+            if c:
+                hit += 1
+                counts.update(c)
+        return {"stays": len(ids), "stays_with_dropped_lines": hit,
+                "lines": int(sum(counts.values())), "by_reason": dict(counts.most_common())}
+
+    by_split = {name: tally(list(s.ids)) for name, s in splits.items()}
+    refused = tally(list(feats.get("empty", [])))
+    total: Counter[str] = Counter()
+    for t in (*by_split.values(), refused):
+        total.update(t["by_reason"])
+    return {"total": int(sum(total.values())), "by_reason": dict(total.most_common()),
+            "by_split": by_split, "refused_stays": refused,
+            "reasons": {k: DROP_REASONS.get(k, k) for k in total}}
 
 
 class EHRModality(Modality):
@@ -196,6 +234,7 @@ class EHRModality(Modality):
         spec = self._input_spec(stats, opts)
         info = self._info(entry, feats, lists, outcomes)
         order = {k: splits[k] for k in ("train", "val", "calib", "test") if k in splits}
+        info["dropped_lines"] = dropped_by_split(feats, order)
         return DataBundle(dataset=entry.name if entry else str(data.path), modality=self.name,
                           task=task, splits=order, input_spec=spec, info=info)
 
@@ -203,10 +242,12 @@ class EHRModality(Modality):
     def _log_issues(issues: list[dict[str, Any]]) -> None:
         if not issues:
             return
-        reasons = Counter(str(i["reason"]).split(" (")[0] for i in issues)
+        counts = count_dropped(issues)
         examples = "; ".join(f"{i['source']}:{i['line']} {i['reason']}" for i in issues[:3])
-        logger.warning("%d lines of the stay files were left out (%s); e.g. %s", len(issues),
-                       ", ".join(f"{k}: {v}" for k, v in reasons.most_common(6)), examples)
+        logger.warning("%d lines of the stay files were left out (%s); e.g. %s",
+                       counts["total"], ", ".join(f"{DROP_REASONS.get(k, k)}: {v}" for k, v in
+                                                  list(counts["by_reason"].items())[:6]),
+                       examples)
 
     @staticmethod
     def _split(name: str, ids: list[str], row: dict[str, int], feats: dict[str, Any],
@@ -244,14 +285,12 @@ class EHRModality(Modality):
     @staticmethod
     def _info(entry: Any, feats: dict[str, Any], lists: dict[str, list[str]],
               outcomes: pd.DataFrame) -> dict[str, Any]:
-        reasons = Counter(str(i["reason"]).split(" (")[0] for i in feats["issues"])
         wanted = [r for ids in lists.values() for r in ids]
         return {
             "source": "PhysioNet/CinC Challenge 2012 (set-a + set-b)",
             "license": getattr(entry, "license", "ODC-By 1.0"),
             "citation": getattr(entry, "citation", "Silva et al., CinC 2012"),
             "excluded_no_observations": list(feats["empty"]),
-            "left_out_lines": {"count": len(feats["issues"]), "by_reason": dict(reasons)},
             "saps_i_missing": int(outcomes.loc[wanted, "saps_i"].isna().sum()),
             "notes": "calib carved from train; normalisation fitted on train only; stays with "
                      "no observation cannot be assessed and are left out",
@@ -292,7 +331,10 @@ class EHRModality(Modality):
         if isinstance(source, np.ndarray | torch.Tensor):
             return self._encoded(source, input_spec)
         stay, kind = self._stay(source, input_spec.get("on_malformed", "warn"))
-        b = bin_stay(stay, int(input_spec.get("length", BINS)))
+        try:
+            b = bin_stay(stay, int(input_spec.get("length", BINS)))
+        except DataError as e:
+            raise _refusal(e, stay) from e
         x = encode(b.values, b.static, b.hours, input_spec["stats"])
         used_minutes = [stay.events[i][0] for i in b.used]
         ignored = [i.to_dict() for i in (*stay.issues, *b.outside)]
@@ -303,6 +345,7 @@ class EHRModality(Modality):
             "n_observations": len(b.used),
             "ignored": ignored,
             "n_ignored": len(ignored),
+            "dropped_lines": count_dropped([*stay.issues, *b.outside]),
             "below_training_minimum": b.hours < int(input_spec.get("min_train_hours", 6)),
         }
         if stay.basis:

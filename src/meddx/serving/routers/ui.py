@@ -58,6 +58,15 @@ def _explanation_line(summary: dict | None) -> str:
     return f'<p id="explanation">{html.escape(text)}</p>'
 
 
+def _ood_line(summary: dict) -> str:
+    """The out-of-distribution warning, when the answer is flagged."""
+    if not summary.get("ood"):
+        return ""
+    return ('<p id="ood" class="ood">Outside what this model was trained on (OOD score '
+            f'{float(summary["ood_score"]):.4g}): the model makes no recommendation for this '
+            "case.</p>")
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def index(st: State = Depends(state)) -> HTMLResponse:
     """The upload page."""
@@ -84,9 +93,10 @@ def result_page(rid: str, exp: int = Query(...), sig: str = Query(...),
     body = _static("result.html").format(
         banner=_banner(bool(info.get("research_only"))),
         model=html.escape(f"{info['model']['name']} {info['model']['version']}"),
-        decision=html.escape(str(s.get("decision") or s.get("label"))),
+        decision="none" if s.get("ood") else html.escape(str(s.get("decision") or s.get("label"))),
         set=html.escape("{" + ", ".join(sets) + "}" if sets is not None else "not available"),
         refer="refer for expert review" if s.get("refer") else "",
+        ood=_ood_line(s),
         rows=rows, images=images, explanation=_explanation_line(info.get("explanation")))
     return HTMLResponse(body, headers=_HEADERS)
 

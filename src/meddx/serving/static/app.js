@@ -48,7 +48,9 @@
 
   function render(p, model) {
     $("result").hidden = false;
-    $("decision").textContent = p.decision || p.label;
+    $("ood").hidden = !p.ood;
+    $("ood").textContent = p.ood ? "Outside what this model was trained on (OOD score " + p.ood_score.toPrecision(4) + "): the model makes no recommendation for this case." : "";
+    $("decision").textContent = p.ood ? "none (outside what this model was trained on)" : (p.decision || p.label);
     const probs = p.calibrated || p.probabilities;
     const pos = model && p.model ? p.model.positive_class : null;
     const key = pos && probs[pos] !== undefined ? pos : p.label;

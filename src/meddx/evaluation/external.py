@@ -1,0 +1,243 @@
+"""External validation: a package evaluated on data from somewhere else.
+
+``validate(model, data, out=DIR)`` reads ``data`` **with the package's own preprocessing** (the
+normalisation fitted on the training data, never refitted on the new data), predicts every case
+once, and writes the same report as :func:`~meddx.evaluation.evaluator.evaluate`, marked
+*external*, with what shows a transport failure first: calibration-in-the-large and the
+calibration slope with bootstrap CIs, and for each operating point with a target (e.g.
+``sensitivity@0.95``) whether it still keeps its promise on these data.
+
+Data it reads:
+
+* an ICU model (``ehr``): a folder of PhysioNet 2012 stay files (``*/NNNNNN.txt``) with its
+  ``Outcomes*.txt``; lines the reader cannot use (e.g. ``10:45,,1.9``, an empty parameter name)
+  are skipped and counted by reason in the report — never a crash, never silent; stays with no
+  usable observation cannot be assessed and are counted as refused;
+* any other modality: a CSV ``path,label`` (or a folder holding ``labels.csv``), each input read
+  by the modality's own reader (``Modality.read``); an input that cannot be read is left out
+  and counted with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddx.config import ExperimentConfig, parse_config
+from meddx.errors import DataError, EvaluationError, MeddxError
+from meddx.evaluation.evaluator import EvaluationResult, _write_outputs, evaluate
+from meddx.modalities import DataBundle, Split, get_modality
+from meddx.package import ModelPackage, load_package
+from meddx.statistics.calibration import calibration_transport
+from meddx.statistics.metrics import binary_view
+
+__all__ = ["validate", "external_bundle", "transport_section", "SPLIT"]
+
+logger = logging.getLogger(__name__)
+
+SPLIT = "external"
+
+
+# ------------------------------------------------------------------------------ reading
+def _tally(per_case: list[dict[str, int]]) -> dict[str, Any]:
+    counts: Counter[str] = Counter()
+    for c in per_case:
+        counts.update(c)
+    return {"stays": len(per_case), "stays_with_dropped_lines": sum(1 for c in per_case if c),
+            "lines": int(sum(counts.values())), "by_reason": dict(counts.most_common())}
+
+
+def _ehr_cases(package: ModelPackage, root: Path) -> tuple[list[Any], list[Any], list[str],
+                                                             dict[str, Any]]:
+    from meddx.modalities.ehr.io import (
+        DROP_REASONS,
+        count_dropped,
+        read_outcomes,
+        read_physionet_stay,
+        stay_files,
+    )
+
+    if not root.is_dir():
+        raise DataError("external ICU data must be a folder of PhysioNet 2012 stay files with "
+                        "an Outcomes file", path=str(root))
+    outcome_files = sorted(root.rglob("Outcomes*.txt"))
+    if not outcome_files:
+        raise DataError("no Outcomes*.txt in the external data folder", path=str(root),
+                        hint="the outcomes file gives the labels (RecordID,…,In-hospital_death)")
+    outcomes, files = read_outcomes(outcome_files), stay_files(root)
+    modality, spec, task = get_modality("ehr"), package.card.preprocessing, package.card.task
+    tensors, targets, ids, kept, refused = [], [], [], [], []
+    no_outcome = sorted(set(files) - set(outcomes.index), key=int)
+    for rid in sorted(set(files) & set(outcomes.index), key=int):
+        try:
+            sample = modality.read(files[rid], spec)
+        except DataError:
+            stay = read_physionet_stay(files[rid], "warn")
+            refused.append(count_dropped(stay.issues)["by_reason"])
+            continue
+        tensors.append(sample.tensor)
+        targets.append(task.encode(int(outcomes.loc[rid, "in_hospital_death"]), sample_id=rid))
+        ids.append(rid)
+        kept.append(sample.meta.get("dropped_lines", {}).get("by_reason", {}))
+    by_split, refused_t = {SPLIT: _tally(kept)}, _tally(refused)
+    total: Counter[str] = Counter()
+    for t in (by_split[SPLIT], refused_t):
+        total.update(t["by_reason"])
+    info = {"source": str(root), "format": "PhysioNet/CinC 2012 stay files",
+            "stays_without_outcome": len(no_outcome),
+            "outcomes_without_stay": int(len(set(outcomes.index) - set(files))),
+            "dropped_lines": {"total": int(sum(total.values())),
+                              "by_reason": dict(total.most_common()), "by_split": by_split,
+                              "refused_stays": refused_t,
+                              "reasons": {k: DROP_REASONS.get(k, k) for k in total}}}
+    return tensors, targets, ids, info
+
+
+def _table_cases(package: ModelPackage, data: Path) -> tuple[list[Any], list[Any], list[str],
+                                                               dict[str, Any]]:
+    from meddx.modalities.image.folder import read_labels_csv
+
+    csv = data / "labels.csv" if data.is_dir() else data
+    if not csv.is_file():
+        raise DataError("external data must be a CSV (path,label) or a folder holding "
+                        "labels.csv", path=str(data))
+    table = read_labels_csv(csv)
+    root = csv.parent
+    modality, spec, task = (get_modality(package.card.modality), package.card.preprocessing,
+                            package.card.task)
+    tensors, targets, ids, left_out = [], [], [], Counter()
+    for row in table.itertuples(index=False):
+        path = Path(row.path) if Path(row.path).is_absolute() else root / row.path
+        try:
+            target = task.encode(row.label, sample_id=str(row.path))
+            sample = modality.read(path, spec)
+        except MeddxError as e:
+            left_out[re.sub(r"\s+", " ", e.message)[:80]] += 1
+            logger.warning("external case %s left out: %s", row.path, e.message)
+            continue
+        tensors.append(sample.tensor)
+        targets.append(target)
+        ids.append(Path(str(row.path)).name)
+    info = {"source": str(csv), "format": "labels CSV",
+            "left_out_cases": int(sum(left_out.values())),
+            "left_out_by_reason": dict(left_out.most_common())}
+    return tensors, targets, ids, info
+
+
+def external_bundle(package: ModelPackage, data: str | Path) -> DataBundle:
+    """External data as a bundle with one split, ``external``, read with the package's own
+    preprocessing.
+
+    Raises:
+        DataError: the data cannot be found or read, or no case is left to evaluate.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise DataError("no such external data", path=str(data))
+    reader = _ehr_cases if package.card.modality == "ehr" else _table_cases
+    tensors, targets, ids, info = reader(package, data)
+    if not ids:
+        raise DataError("no case of the external data could be read", path=str(data))
+    split = Split(name=SPLIT, inputs=tensors, targets=np.asarray(targets), ids=ids)
+    card = package.card
+    return DataBundle(dataset=data.name or str(data), modality=card.modality, task=card.task,
+                      splits={SPLIT: split}, input_spec=dict(card.preprocessing), info=info)
+
+
+# --------------------------------------------------------------------------- transport
+def _promise(name: str, op: dict[str, Any]) -> dict[str, Any] | None:
+    method, target = op.get("method"), op.get("target")
+    if method not in ("sensitivity", "specificity") or target is None:
+        return None
+    m = op["metrics"].get(method) or {}
+    value, high = m.get("value"), m.get("high")
+    if value is None or not np.isfinite(value):
+        return None
+    status = "holds" if value >= target else (
+        "broken" if high is not None and np.isfinite(high) and high < target else "uncertain")
+    return {"operating_point": name, "metric": method, "target": target, "value": value,
+            "low": m.get("low"), "high": high, "status": status,
+            "default": bool(op.get("default"))}
+
+
+def transport_section(result: EvaluationResult, n_resamples: int, seed: int
+                      ) -> dict[str, Any]:
+    """Calibration-in-the-large, calibration slope (with CIs) and the operating points'
+    promises on the external data; ``warnings`` in words."""
+    out: dict[str, Any] = {"calibration": None, "promises": [], "warnings": []}
+    view = binary_view(result.task, result.targets, result.probs)
+    if view is not None and 0 < view[0].sum() < len(view[0]):
+        cal = calibration_transport(view[0], view[1], n_resamples, seed)
+        out["calibration"] = cal
+        s, a = cal["slope"], cal["intercept"]
+        if np.isfinite(s["high"]) and s["high"] < 1:
+            out["warnings"].append(f"calibration slope {s['value']:.2f} (95% CI {s['low']:.2f}-"
+                                   f"{s['high']:.2f}) is below 1: the predicted risks are too "
+                                   "extreme on these data")
+        elif np.isfinite(s["low"]) and s["low"] > 1:
+            out["warnings"].append(f"calibration slope {s['value']:.2f} (95% CI {s['low']:.2f}-"
+                                   f"{s['high']:.2f}) is above 1: the predicted risks are too "
+                                   "modest on these data")
+        if np.isfinite(a["low"]) and (a["low"] > 0 or a["high"] < 0):
+            direction = "under" if a["value"] > 0 else "over"
+            out["warnings"].append(f"calibration-in-the-large {a['value']:+.2f} (95% CI "
+                                   f"{a['low']:+.2f} to {a['high']:+.2f}): the model "
+                                   f"{direction}-predicts the mean risk on these data")
+    for name, op in result.operating_points.items():
+        p = _promise(name, op)
+        if p is None:
+            continue
+        out["promises"].append(p)
+        if p["status"] == "broken":
+            out["warnings"].append(
+                f"operating point {name} no longer holds its promise: {p['metric']} "
+                f"{p['value']:.3f} (95% CI {p['low']:.3f}-{p['high']:.3f}) is below the target "
+                f"{p['target']:.2f}")
+    return out
+
+
+# ---------------------------------------------------------------------------- validate
+def _config(package: ModelPackage) -> ExperimentConfig:
+    raw = package.card.training.get("config")
+    return parse_config(raw) if raw else ExperimentConfig(task=package.card.task)
+
+
+def validate(model_path: str | Path | ModelPackage, data: str | Path,
+             out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
+             explain: bool = False, report: bool = True) -> EvaluationResult:
+    """Evaluate a package on external data and write the report marked *external*.
+
+    Args:
+        model_path: the package folder (or a loaded package).
+        data: a PhysioNet-layout folder with its outcomes (ICU models), or a CSV / folder with
+            ``labels.csv`` (other modalities).
+        out: folder for ``report.html`` and ``metrics.json`` (None: no files).
+        bootstrap: resamples for the 95% intervals.
+        seed: bootstrap seed.
+        explain: attributions in the error gallery.
+        report: write ``report.html`` (with ``out``).
+
+    Raises:
+        ModelError, DataError, EvaluationError: see :func:`evaluate` and
+        :func:`external_bundle`.
+    """
+    package = model_path if isinstance(model_path, ModelPackage) else load_package(model_path)
+    bundle = external_bundle(package, data)
+    if bundle.modality != package.card.modality:
+        raise EvaluationError("external data of another modality")
+    result = evaluate(package, split=SPLIT, config=_config(package), bootstrap=bootstrap,
+                      seed=seed, report=False, explain=explain, update_card=False,
+                      subgroups=False, bundle=bundle)
+    result.external = transport_section(result, bootstrap, seed)
+    result.external["trained_on"] = result.model.get("trained_on")
+    result.external["left_out_cases"] = bundle.info.get("left_out_by_reason", {})
+    result.notes += [f"external validation: {w}" for w in result.external["warnings"]]
+    if out is not None:
+        result.out = Path(out)
+        _write_outputs(result, package, Path(out), report)
+    return result
