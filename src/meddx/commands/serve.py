@@ -51,6 +51,9 @@ def serve(
     cds_explain: bool = typer.Option(True, "--cds-explain/--no-cds-explain",
                                       help="Explanations on CDS cards (heat-map "
                                      "page for images, top findings for EHR)."),
+    metrics: str = typer.Option("auth", "--metrics", help="GET /metrics (Prometheus): auth "
+                                "(API key or JWT, as the REST API), open (no auth; private "
+                                "scrape networks only) or off."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -66,6 +69,8 @@ def serve(
         if host not in LOOPBACK_HOSTS:
             raise ConfigError("--insecure-no-auth binds to loopback only", hint="drop --host")
         logger.warning("!!! --insecure-no-auth: NO AUTHENTICATION; loopback only, demo only !!!")
+    if metrics not in ("auth", "open", "off"):
+        raise ConfigError(f"--metrics {metrics!r}: choose auth, open or off")
     issuers = [t for path in cds_jwks for t in load_trust(path, cds_issuer)]
     settings = ServeSettings(
         host=host, port=port, public_url=public_url, issuers=tuple(issuers),
@@ -74,7 +79,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
-        cds_explain=cds_explain,
+        cds_explain=cds_explain, metrics=metrics,
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

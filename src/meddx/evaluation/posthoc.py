@@ -24,6 +24,7 @@ from meddx.evaluation.calibration import (
 from meddx.evaluation.conformal import ConformalClassifier
 from meddx.evaluation.metrics import binary_view, compute_metrics
 from meddx.evaluation.operating_points import ThresholdSelector, operating_point_name
+from meddx.evaluation.reference import training_reference
 from meddx.package import Calibration, Conformal, ModelCard, ModelPackage
 from meddx.tasks import TaskSpec
 
@@ -154,6 +155,7 @@ def fit_post_hoc(package: ModelPackage, bundle: Any, eval_config: EvaluationConf
     points, default = _operating_points(task, targets, probs, cfg)
     conformal = _conformal(task, targets, probs, cfg)
     package.update_card(
+        reference=training_reference(package, calib, probs),
         calibration=None if calibration is None else calibration.model_dump(mode="json"),
         operating_points=points,
         default_operating_point=default,

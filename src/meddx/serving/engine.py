@@ -23,6 +23,7 @@ import numpy as np
 
 from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
+from meddx.serving import context
 from meddx.serving.audit import sha256_bytes
 from meddx.serving.inputs import Upload, check_plausible, check_upload
 from meddx.serving.settings import ServeSettings
@@ -182,6 +183,7 @@ class ServedModel:
                        explain: bool) -> list[Answer]:
         for i, s in enumerate(samples):
             s.id = str(i)  # never echo file names (they may name a patient)
+        context.note_inputs([s.tensor for s in samples])  # for drift monitoring (audit log)
         preds = self.predictor.predict_samples(samples, explain=False)
         for p, s in zip(preds, samples, strict=True):  # provenance the FHIR output needs
             for key in _KEPT_META:

@@ -95,6 +95,10 @@ class ServeSettings(BaseModel):
                               "link for images, top findings for others")
     fhir_server_allow: tuple[str, ...] = ()
     fhir_timeout_s: float = 3.0
+    # --- monitoring
+    metrics: Literal["auth", "open", "off"] = Field(
+        "auth", description="GET /metrics: behind the REST authentication (auth), without "
+        "it for a scraper on a private network (open), or not served and not counted (off)")
 
     @field_validator("public_url")
     @classmethod
