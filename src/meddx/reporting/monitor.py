@@ -91,9 +91,7 @@ def drift_figure(windows: list[dict[str, Any]]) -> str | None:
         axes[0, 1].set_title("Input statistics vs training (PSI)")
         axes[0, 1].legend(fontsize=7, loc="upper left")
         _xticks(axes[0, 1], labels)
-    fig.text(0.01, -0.06, "dashed: 0.1 moderate, 0.25 major; dotted: PSI an unshifted window "
-             "of that size reaches by chance (95th percentile); marker colour = status",
-             fontsize=7, color="#555")
+    fig.tight_layout()
     return to_base64(fig)
 
 
@@ -118,9 +116,10 @@ def distribution_figure(model: dict[str, Any]) -> str | None:
         ax.bar(x + 0.2, live["fractions"], width=0.4, label="live", color="#2980b9")
         ax.set_xticks(x, _bin_labels(hist["edges"]), rotation=45, ha="right", fontsize=6)
         ax.set_title(f"{name}: PSI {_val(live.get('psi')):.3f}", fontsize=9)
-        ax.set_ylabel("share of cases")
         ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("share of cases (reference bins)")
     axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
     return to_base64(fig)
 
 
