@@ -233,6 +233,10 @@ def test_old_package_without_reference_still_reports(package, tmp_path):
     assert any("no training reference" in n for n in m["notes"])
     assert m["overall"]["answers"] == 50 and m["overall"]["risk"]["n"] == 50
     assert "psi" not in m["overall"]["risk"]
+    from meddx.evaluation.reference import add_reference
+
+    again = add_reference(old).card.reference  # refitted from the run's own calib split
+    assert again == package.card.reference
 
 
 def test_outcomes_csv_without_its_columns_is_a_data_error(package, tmp_path):

@@ -39,6 +39,7 @@ __all__ = [
     "psi",
     "psi_null_quantile",
     "training_reference",
+    "add_reference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,3 +217,35 @@ def training_reference(package: Any, split: Any, probs: np.ndarray, max_inputs: 
                             risk_of=risk_of, risk=histogram(risk), n_inputs=n_inputs,
                             inputs=inputs)
     return ref.model_dump(mode="json")
+
+
+def add_reference(path: Any, bundle: Any = None) -> Any:
+    """Fit the training reference into an existing package (one trained before monitoring):
+    the calibration split is read again as training split it (the run's config and seed).
+
+    Args:
+        path: the package folder.
+        bundle: the DataBundle it was trained on (default: loaded from the card's config).
+
+    Returns:
+        The updated :class:`~meddx.package.ModelPackage`.
+    """
+    from meddx.errors import EvaluationError
+    from meddx.evaluation.posthoc import probabilities, split_logits
+    from meddx.package import load_package
+
+    package = load_package(path)
+    if bundle is None:
+        from meddx.training import load_bundle
+
+        config = package.card.training.get("config")
+        if not config:
+            raise EvaluationError("the card holds no training config to read the data with",
+                                  path=str(path))
+        bundle = load_bundle(config)
+    calib = bundle.splits.get("calib")
+    if calib is None or len(calib) == 0:
+        raise EvaluationError("the dataset has no calibration split", path=str(path))
+    probs = probabilities(package.card, split_logits(package, calib))
+    package.update_card(reference=training_reference(package, calib, probs))
+    return package

@@ -95,6 +95,14 @@ class AuditData:
     other_events: int = 0
 
 
+def _open(path: Path, what: str, encoding: str = "utf-8", newline: str | None = None) -> Any:
+    """An opened text file (undecodable bytes replaced), or a DataError naming it."""
+    try:
+        return path.open("r", encoding=encoding, errors="replace", newline=newline)
+    except OSError as e:
+        raise DataError(f"cannot read the {what}", path=str(path)) from e
+
+
 def parse_time(value: Any) -> datetime | None:
     """An ISO 8601 time (naive times are taken as UTC); None when it is not one."""
     if not isinstance(value, str):
@@ -143,13 +151,8 @@ def read_audit(path: str | Path) -> AuditData:
     Raises:
         DataError: the file cannot be opened.
     """
-    p = Path(path)
     out = AuditData()
-    try:
-        f = p.open("r", encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DataError("cannot read the audit log", path=str(p)) from e
-    with f:
+    with _open(Path(path), "audit log") as f:
         for lineno, line in enumerate(f, start=1):
             out.lines += 1
             if not line.strip():
@@ -191,11 +194,7 @@ def read_feedback(path: str | Path) -> tuple[list[Feedback], Skipped]:
     """CDS Hooks feedback lines as :class:`~meddx.serving.cds.FeedbackStore` writes them."""
     entries: list[Feedback] = []
     skipped = Skipped()
-    try:
-        f = Path(path).open("r", encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DataError("cannot read the CDS feedback log", path=str(path)) from e
-    with f:
+    with _open(Path(path), "CDS feedback log") as f:
         for lineno, line in enumerate(f, start=1):
             try:
                 rec = json.loads(line)
@@ -229,11 +228,7 @@ def read_outcomes(path: str | Path) -> tuple[list[tuple[str, int | None, str]], 
     p = Path(path)
     rows: list[tuple[str, int | None, str]] = []
     skipped = Skipped()
-    try:
-        f = p.open("r", encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError("cannot read the outcomes CSV", path=str(p)) from e
-    with f:
+    with _open(p, "outcomes CSV", encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         fields = {c.strip().lower() for c in reader.fieldnames or []}
         if not {"request_id", "outcome"} <= fields:
