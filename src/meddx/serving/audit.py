@@ -93,7 +93,7 @@ class AuditLog:
         ctx = context.current()
         if ctx is not None:
             request_id = request_id or ctx.request_id
-            if ctx.input_stats and len(ctx.input_stats) == len(outputs):
+            if any(ctx.input_stats) and len(ctx.input_stats) == len(outputs):
                 event["input_stats"] = ctx.input_stats
             context.note_outputs(model.get("name"), outputs)
         if request_id:
