@@ -261,7 +261,6 @@ def _brighter(npz: Path, index: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.slow
 def test_monitor_on_a_real_service_run(package, breast_npz, tmp_path):
     """16 test images, then 16 brightened ones, through a real server; outcomes joined by the
     X-Request-ID answers; CDS feedback through the service's FeedbackStore."""
