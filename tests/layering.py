@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.explain",),
     ("meddx.reporting",),
     ("meddx.evaluation",),
+    ("meddx.monitoring",),
     ("meddx.privacy",),
     ("meddx.serving",),
     ("meddx.commands", "meddx.cli"),

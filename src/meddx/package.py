@@ -34,6 +34,8 @@ __all__ = [
     "Calibration",
     "Conformal",
     "OODDetector",
+    "Histogram",
+    "TrainingReference",
     "ModelPackage",
     "save_package",
     "load_package",
@@ -113,6 +115,36 @@ class OODDetector(_Strict):
     shrinkage: float | None = None
 
 
+class Histogram(_Strict):
+    """A distribution summarised for drift checks: inner bin ``edges`` (quantiles of the
+    reference, so bins hold about equal shares), the reference ``fractions`` per bin
+    (``len(edges) + 1`` of them), and its mean, standard deviation and quantiles."""
+
+    edges: list[float]
+    fractions: list[float]
+    mean: float
+    std: float
+    quantiles: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainingReference(_Strict):
+    """What the model saw on the calibration split, for monitoring (``meddx monitor``).
+
+    ``risk`` is the calibrated probability of ``risk_of`` (the positive class, or
+    ``"top-class"``: the top class's probability when the task names none); ``inputs`` holds
+    per-input statistics of the model input tensor (``mean``, ``std``, ``extreme``: the
+    fraction of values at the tensor's own minimum or maximum), empty when the modality's
+    inputs are not tensors.
+    """
+
+    fitted_on: str = "calib"
+    n: int
+    risk_of: str
+    risk: Histogram
+    n_inputs: int = 0
+    inputs: dict[str, Histogram] = Field(default_factory=dict)
+
+
 class ModelCard(_Strict):
     """Everything a user, reviewer or service needs to know about a packaged model."""
 
@@ -130,6 +162,7 @@ class ModelCard(_Strict):
     default_operating_point: str | None = None
     conformal: Conformal | None = None
     ood: OODDetector | None = None
+    reference: TrainingReference | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training_data: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)

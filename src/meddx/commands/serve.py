@@ -62,6 +62,9 @@ def serve(
     operating_point: list[str] = typer.Option(
         [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
         "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
+    metrics: str = typer.Option("auth", "--metrics", help="GET /metrics (Prometheus): auth "
+                                "(API key or JWT, as the REST API), open (no auth; private "
+                                "scrape networks only) or off."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -83,6 +86,8 @@ def serve(
         if host not in LOOPBACK_HOSTS:
             raise ConfigError("--insecure-no-auth binds to loopback only", hint="drop --host")
         logger.warning("!!! --insecure-no-auth: NO AUTHENTICATION; loopback only, demo only !!!")
+    if metrics not in ("auth", "open", "off"):
+        raise ConfigError(f"--metrics {metrics!r}: choose auth, open or off")
     issuers = [t for path in cds_jwks for t in load_trust(path, cds_issuer)]
     settings = ServeSettings(
         host=host, port=port, public_url=public_url, issuers=tuple(issuers),
@@ -95,6 +100,7 @@ def serve(
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         operating_points=parse_operating_points(operating_point),
+        metrics=metrics,
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )

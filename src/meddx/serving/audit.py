@@ -3,6 +3,9 @@
 Each line names the time, the route, the caller (API key id, or JWT ``iss``/``sub``), the model
 (name, version, weights sha256), the sha256 of every input and what was answered. It never holds
 patient identifiers: no file names, no patient ids, no FHIR resource ids — only digests.
+Inside a request it also names the service's request id (``X-Request-ID``) and, per input, the
+statistics of the model input tensor (``input_stats``) that ``meddx monitor`` compares with
+the package's training reference.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from meddx.serving import context
 
 __all__ = ["AuditLog", "sha256_bytes", "default_audit_path"]
 
@@ -39,7 +44,7 @@ def _summary(output: Any) -> Any:
     if not isinstance(output, dict):
         return output
     keep = ("label", "decision", "calibrated", "probabilities", "prediction_set", "refer",
-            "review", "label_sets", "operating_point", "threshold")
+            "review", "label_sets", "operating_point", "threshold", "ood")
     return {k: output[k] for k in keep if k in output and output[k] is not None}
 
 
@@ -85,6 +90,12 @@ class AuditLog:
         event = {"event": "predict", "route": route, "status": status, "caller": caller,
                  "model": {k: model.get(k) for k in ("name", "version", "sha256")},
                  "inputs": inputs, "outputs": [_summary(o) for o in outputs]}
+        ctx = context.current()
+        if ctx is not None:
+            request_id = request_id or ctx.request_id
+            if any(ctx.input_stats) and len(ctx.input_stats) == len(outputs):
+                event["input_stats"] = ctx.input_stats
+            context.note_outputs(model.get("name"), outputs)
         if request_id:
             event["request_id"] = request_id
         if extra:
@@ -97,6 +108,10 @@ class AuditLog:
         """Record an accepted request that was answered with an error."""
         event = {"event": "error", "route": route, "status": status, "caller": caller,
                  "error": error, "model": model, "inputs": inputs or []}
+        ctx = context.current()
+        if ctx is not None:
+            request_id = request_id or ctx.request_id
+            context.note_error(error)
         if request_id:
             event["request_id"] = request_id
         self.write(event)

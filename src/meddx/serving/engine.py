@@ -20,6 +20,7 @@ from typing import Any
 
 from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
+from meddx.serving import context
 from meddx.serving.audit import sha256_bytes
 from meddx.serving.inputs import Upload, check_upload
 from meddx.serving.settings import ALL_MODELS, ServeSettings
@@ -147,6 +148,7 @@ class ServedModel:
                        explain: bool) -> list[Answer]:
         for i, s in enumerate(samples):
             s.id = str(i)  # never echo file names (they may name a patient)
+        context.note_inputs([s.tensor for s in samples])  # for drift monitoring (audit log)
         preds = self.predictor.predict_samples(samples, explain=False)
         for p, s in zip(preds, samples, strict=True):  # provenance the FHIR output needs
             for key in _KEPT_META:

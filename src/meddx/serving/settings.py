@@ -110,6 +110,10 @@ class ServeSettings(BaseModel):
     job_dir: Path | None = Field(None, description="server-owned folder for job files")
     slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
     max_slide_bytes: int = Field(4 * 1024**3, gt=0)
+    # --- monitoring
+    metrics: Literal["auth", "open", "off"] = Field(
+        "auth", description="GET /metrics: behind the REST authentication (auth), without "
+        "it for a scraper on a private network (open), or not served and not counted (off)")
 
     @field_validator("public_url")
     @classmethod
