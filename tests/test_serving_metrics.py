@@ -126,7 +126,7 @@ def test_metrics_need_authentication_by_default(scraped):
 
 
 def test_request_id_and_input_stats_in_audit_log(scraped, package):
-    from meddx.evaluation.reference import input_stats
+    from meddx.training.reference import input_stats
 
     lines = [json.loads(x) for x in scraped["settings"].audit_log.read_text().splitlines()]
     by_id = {x.get("request_id"): x for x in lines}

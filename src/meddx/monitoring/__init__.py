@@ -2,7 +2,7 @@
 
 The service side (Prometheus ``/metrics``, request ids, per-request input statistics in the
 audit log) lives in :mod:`meddx.serving`; the training reference in
-:mod:`meddx.evaluation.reference`.
+:mod:`meddx.training.reference`.
 """
 
 from __future__ import annotations
