@@ -31,11 +31,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fuzz_support as F  # noqa: E402
 from _common import environment, write  # noqa: E402
 
+import fuzz_support as F  # noqa: E402
 
-class _Hang(Exception):
+
+class _Hang(BaseException):  # not an Exception: run_case must not take it for a crash
     pass
 
 
@@ -47,8 +48,7 @@ def _worker(name: str, conn: Any, timeout: float) -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.CRITICAL)
     signal.signal(signal.SIGALRM, _alarm)
-    F.corpus(name)  # load seeds (and libraries) before the first timed case
-    F.ehr_spec() if name in ("physionet_text", "fhir_bundle") else None
+    F.run_case(name, -1)  # seeds, specs and libraries loaded before the first timed case
     conn.send("ready")
     while True:
         seed = conn.recv()
