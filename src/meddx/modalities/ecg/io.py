@@ -102,9 +102,20 @@ def _is_file(path: Path) -> bool:
                         path=str(path)[:120]) from e
 
 
+MAX_HEADER_LINE = 1024  # characters; record and signal lines are well under 200
+
+
 def _check_header(header: Path) -> None:
-    """Refuse a header whose record line states no sampling rate (wfdb would assume 250 Hz)."""
-    for line in header.read_text(errors="replace").splitlines():
+    """Refuse a header whose record line states no sampling rate (wfdb would assume 250 Hz),
+    or with a record/signal line so long that wfdb's line patterns take seconds to fail on it
+    (a 20,000-character line: 6 s)."""
+    lines = header.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_HEADER_LINE and not line.lstrip().startswith("#"):
+            raise DataError(f"WFDB header line {number} is {len(line):,} characters long; "
+                            f"record and signal lines are under {MAX_HEADER_LINE}",
+                            path=str(header), hint="the header is corrupt")
+    for line in lines:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
