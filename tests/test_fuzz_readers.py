@@ -121,6 +121,18 @@ def test_wfdb_unknown_format_code_is_refused(a00002):
         _ecg({**a00002, "A00002.hea": header})
 
 
+def test_wfdb_header_with_a_huge_line_is_refused_at_once(a00002):
+    """A 20,000-character signal line kept wfdb's line patterns busy for 6 s (a fuzzing hang)."""
+    import time
+
+    header = a00002["A00002.hea"].replace(b"\nA00002.mat",
+                                          b"\n" + b"1" * 20_000 + b"\nA00002.mat")
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="line 2 is 20,000 characters long"):
+        _ecg({**a00002, "A00002.hea": header})
+    assert time.perf_counter() - t0 < 1.0
+
+
 def test_ecg_array_of_text_is_refused():
     with pytest.raises(DataError, match="not an array of numbers"):
         _ecg({"data": [["a", "b", "c"]], "fs": 100})

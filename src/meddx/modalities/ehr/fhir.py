@@ -287,7 +287,7 @@ def _value(obs: Mapping[str, Any]) -> tuple[float | None, str | None]:
         v = q.get("value")
         unit = q.get("code") if q.get("system") == UCUM and q.get("code") else q.get("unit")
         if unit is not None and not isinstance(unit, str):
-            unit = json.dumps(unit, default=str)[:40]  # then reported as a unit that does not convert
+            unit = json.dumps(unit, default=str)[:40]  # reported: a unit that does not convert
         return (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None), unit
     if "valueInteger" in obs and isinstance(obs["valueInteger"], int):
         return float(obs["valueInteger"]), None
