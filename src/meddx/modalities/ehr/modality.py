@@ -16,6 +16,7 @@ Reading pipeline (one code path for every source)::
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -298,6 +299,15 @@ class EHRModality(Modality):
 
     # ---------------------------------------------------------------- reading
     def _stay(self, source: Any, on_malformed: Any) -> tuple[Stay, str]:
+        if isinstance(source, dict) and "resourceType" not in source \
+                and isinstance(source.get("data"), bytes | bytearray):  # an uploaded file
+            data = bytes(source["data"])
+            if data.lstrip()[:1] == b"{":
+                return stay_from_fhir(data, on_malformed), "fhir"
+            with tempfile.TemporaryDirectory(prefix="meddx-ehr-") as tmp:
+                p = Path(tmp) / "upload.txt"  # never the client's name (it may name a patient)
+                p.write_bytes(data)
+                return read_physionet_stay(p, on_malformed), "physionet2012"
         if isinstance(source, dict | bytes):
             return stay_from_fhir(source, on_malformed), "fhir"
         if isinstance(source, str) and source.lstrip().startswith("{"):
