@@ -44,6 +44,7 @@ PACKAGES: tuple[str, ...] = (
     "sequence",
     "molecule",
     "ehr",
+    "pathology",
 )
 
 
