@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_data
-from pathology_support import synthetic_tissue, truncate, write_pyramid
 from PIL import Image
 
+from conftest import require_data
 from meddx.errors import ConfigError, DataError
 from meddx.modalities.pathology import slide as slide_module
 from meddx.modalities.pathology.slide import open_slide
+from pathology_support import synthetic_tissue, truncate, write_pyramid
 
 CMU1 = "pathology/CMU-1-Small-Region.svs"
 

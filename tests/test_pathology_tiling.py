@@ -6,12 +6,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import require_data
-from pathology_support import synthetic_tissue, write_pyramid
 
+from conftest import require_data
 from meddx.errors import ConfigError, DataError
 from meddx.modalities.pathology.slide import open_slide
 from meddx.modalities.pathology.tiling import TileIndex, iter_tiles, tile_index, tissue_mask
+from pathology_support import synthetic_tissue, write_pyramid
 
 # 768x512 slide at 0.5 µm/px; tissue fills x 128-384, y 64-320 (a 4x4 block of 64 px tiles)
 BOX = (128, 64, 384, 320)

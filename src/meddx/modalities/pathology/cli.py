@@ -85,6 +85,7 @@ def tiles(
     writes ``tiles/cmu1/CMU-1-Small-Region.tiles.csv`` and ``…thumbnail.png``. For a file that
     does not record its resolution add ``--slide-mpp 0.25``.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from meddx.modalities.pathology.slide import open_slide
@@ -113,7 +114,7 @@ def tiles(
             columns = (TextColumn("tiles"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                        TimeRemainingColumn())
             t_read = time.perf_counter()
-            with Progress(*columns, transient=True) as progress:
+            with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("tiles", total=len(index))
                 for coords, batch in iter_tiles(slide, index, batch_size=batch_size):
                     for (x, y), tile in zip(coords.tolist(), batch, strict=True):

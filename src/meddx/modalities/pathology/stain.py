@@ -3,7 +3,7 @@
 :class:`MacenkoNormalizer` wraps ``torchstain``'s NumPy implementation of Macenko et al. (ISBI
 2009) in scikit-learn manners: ``fit`` a reference tile, then ``transform`` tiles so their
 haematoxylin and eosin look like the reference's. :func:`hed_jitter` is the HED-space colour
-augmentation of Tellez et al. (2018), over scikit-image's ``rgb2hed`` / ``hed2rgb``.
+augmentation of Tellez et al. (2018) with scikit-image's colour-deconvolution matrices.
 """
 
 from __future__ import annotations
@@ -122,29 +122,33 @@ def hed_jitter(batch: np.ndarray, sigma: float = 0.05,
                rng: np.random.Generator | int | None = None) -> np.ndarray:
     """HED colour augmentation (Tellez et al., 2018).
 
-    Each image's haematoxylin, eosin and DAB channels (Ruifrok-Johnston deconvolution) are
-    scaled by ``1 + a`` and shifted by ``b``, with ``a, b ~ U(-sigma, sigma)`` drawn per image
-    and channel, then converted back to RGB.
+    Each image's haematoxylin, eosin and DAB channels (Ruifrok-Johnston colour deconvolution,
+    scikit-image's ``hed_from_rgb`` / ``rgb_from_hed`` matrices and scale, as in its ``rgb2hed``)
+    are scaled by ``1 + a`` and shifted by ``b``, with ``a, b ~ U(-sigma, sigma)`` drawn per
+    image and channel, then converted back to RGB. Unlike ``rgb2hed`` the negative stain values
+    of near-white pixels are not clipped, so ``sigma=0`` gives the image back.
 
     Args:
         batch: uint8 RGB, ``(h, w, 3)`` or ``(n, h, w, 3)``.
-        sigma: strength of the jitter (0.05 is light, 0.2 strong).
+        sigma: strength of the jitter (0.05 is Tellez's "light", 0.2 "strong").
         rng: a NumPy generator or seed.
 
     Returns:
         uint8 RGB of the same shape.
     """
-    from skimage.color import hed2rgb, rgb2hed
+    from skimage.color import hed_from_rgb, rgb_from_hed
 
     if sigma < 0:
         raise ConfigError(f"sigma must be non-negative, got {sigma}")
     images, single = _as_batch(batch, "hed_jitter")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    log_adjust = np.log(1e-6)  # scikit-image's scale of the stain channels
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        hed = rgb2hed(image)
+        rgb = np.maximum(image.astype(np.float64) / 255.0, 1e-6)
+        hed = (np.log(rgb) / log_adjust) @ hed_from_rgb
         a = rng.uniform(-sigma, sigma, 3)
         b = rng.uniform(-sigma, sigma, 3)
-        rgb = hed2rgb(hed * (1 + a) + b)
-        out[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+        back = np.exp(((hed * (1 + a) + b) * log_adjust) @ rgb_from_hed)
+        out[i] = np.clip(np.rint(back * 255.0), 0, 255).astype(np.uint8)
     return out[0] if single else out
