@@ -38,7 +38,7 @@ MPP_FLAG = "--slide-mpp"
 # a level is "at" a resolution when its downsample is within 1 % (Aperio levels are 4.0003 …)
 _LEVEL_TOLERANCE = 1.01
 # blocks read for a thumbnail are at most this many level pixels on a side (bounded memory)
-_BLOCK = 2048
+_BLOCK = 1024
 
 
 class _Reader:
@@ -328,7 +328,7 @@ class Slide:
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """The whole slide, longest side ``max_side`` (never upsampled), as ``(h, w, 3)`` uint8.
 
-        Read from the coarsest level that is fine enough, block by block (at most 2048 level
+        Read from the coarsest level that is fine enough, block by block (at most 1024 level
         pixels a side at a time), so memory stays bounded even on a slide without a pyramid.
         """
         if max_side < 1:
