@@ -169,6 +169,24 @@ def _is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
+def _prefer_subifd_pyramid(path: Path, reader: Any) -> Any:
+    """OpenSlide's generic TIFF ignores pyramid levels kept in SubIFDs (as OME-TIFF and many
+    converters write them): when tiffslide sees more levels of the same file, read with it."""
+    if reader._slide.properties.get("openslide.vendor") != "generic-tiff":
+        return reader
+    try:
+        import tiffslide
+
+        other = _TiffSlideReader(path, tiffslide)
+    except Exception:  # noqa: BLE001 — tiffslide cannot read it: OpenSlide it is
+        return reader
+    if len(other.level_dimensions) > len(reader.level_dimensions):
+        reader.close()
+        return other
+    other.close()
+    return reader
+
+
 def _open_reader(path: Path, backend: str | None) -> tuple[str, _Reader]:
     """The first backend that opens ``path``; DataError listing what each one said."""
     if backend is not None and backend not in BACKENDS:
@@ -187,7 +205,10 @@ def _open_reader(path: Path, backend: str | None) -> tuple[str, _Reader]:
         readers = {"openslide": _OpenSlideReader, "tiffslide": _TiffSlideReader,
                    "wsidicom": _WsiDicomReader}
         try:
-            return name, readers[name](path, module)
+            reader = readers[name](path, module)
+            if name == "openslide" and backend is None:
+                reader = _prefer_subifd_pyramid(path, reader)
+            return ("tiffslide" if isinstance(reader, _TiffSlideReader) else name), reader
         except Exception as e:  # every backend has its own exception types
             failures.append(f"{name}: {type(e).__name__}: {e}".rstrip(": "))
     raise DataError(
