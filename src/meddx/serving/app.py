@@ -127,7 +127,8 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     app.add_middleware(LimitsMiddleware, max_in_flight=settings.max_in_flight,
                        workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
                        request_timeout_s=settings.request_timeout_s,
-                       retry_after_s=settings.retry_after_s)
+                       retry_after_s=settings.retry_after_s,
+                       queue_size=settings.admission_queue)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        streamed={jobs.UPLOAD_PATH: settings.max_slide_bytes})
     return app
