@@ -1,11 +1,12 @@
 """Overload that still serves: goodput of ``meddx serve`` at 2 × its admission limit.
 
 Starts the real service (``meddx serve``, a subprocess on 127.0.0.1) serving a tiny BreastMNIST
-package and sends ``POST /v1/models/{name}/predict`` from closed-loop clients (each sends its
-next request as soon as the last one is answered, 429 included — as the overload part of
-``serve_load.py`` does):
+package and sends ``POST /v1/models/{name}/predict`` for 8 s per run (at most 5,000 requests)
+from closed-loop clients (each sends its next request as soon as the last one is answered, 429
+included — as the overload part of ``serve_load.py`` does):
 
-* unloaded: ``max_in_flight`` clients — the baseline throughput;
+* unloaded: ``max_in_flight`` clients — the baseline throughput (run twice, before and after
+  the queued overload on the same service, as the shared CPU drifts);
 * 2 × overload with the admission queue (``--queue-size``, default 2 × max_in_flight);
 * 2 × overload with ``--queue-size 0`` (the old behaviour: 429 as soon as the limit is full).
 
@@ -45,13 +46,14 @@ def tiny_package(out: Path) -> Path:
     return Path(pkg.path)
 
 
-async def load(url: str, token: str, pngs: list[bytes], total: int,
+async def load(url: str, token: str, pngs: list[bytes], seconds: float, cap: int,
                concurrency: int) -> dict[str, Any]:
-    """``concurrency`` closed-loop clients, ``total`` requests in all (after 4 warm-ups)."""
+    """``concurrency`` closed-loop clients sending for ``seconds`` (at most ``cap`` requests
+    in all), after 4 warm-ups; requests in flight at the end are waited for and counted."""
     served: list[float] = []
     codes: dict[int, int] = {}
     retry_after: set[str] = set()
-    counter = iter(range(total))
+    counter = iter(range(cap))
     auth = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector,
@@ -72,6 +74,8 @@ async def load(url: str, token: str, pngs: list[bytes], total: int,
 
         async def worker() -> None:
             for i in counter:
+                if time.perf_counter() > end:
+                    return
                 t = time.perf_counter()
                 try:
                     code = await one(i)
@@ -82,13 +86,26 @@ async def load(url: str, token: str, pngs: list[bytes], total: int,
                 codes[code] = codes.get(code, 0) + 1
 
         start = time.perf_counter()
+        end = start + seconds
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - start
-    ms = np.asarray(served) * 1000 if served else np.asarray([np.nan])
-    return {"requests": total, "concurrency": concurrency, "wall_s": round(wall, 2),
+    return {"concurrency": concurrency, "wall_s": wall, "codes": codes,
+            "retry_after": retry_after, "served_ms": [1000 * x for x in served]}
+
+
+def summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from one or more runs of a condition: sums, and p50/p99 of all served."""
+    codes: dict[int, int] = {}
+    for part in parts:
+        for k, v in part["codes"].items():
+            codes[k] = codes.get(k, 0) + v
+    wall = sum(part["wall_s"] for part in parts)
+    ms = np.asarray([x for part in parts for x in part["served_ms"]] or [np.nan])
+    return {"runs": len(parts), "requests": sum(codes.values()),
+            "concurrency": parts[0]["concurrency"], "wall_s": round(wall, 2),
             "status": {str(k): v for k, v in sorted(codes.items())},
             "served": codes.get(200, 0), "refused_429": codes.get(429, 0),
-            "retry_after": sorted(retry_after),
+            "retry_after": sorted(set().union(*(part["retry_after"] for part in parts))),
             "goodput_rps": round(codes.get(200, 0) / wall, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
@@ -101,7 +118,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="onnx")
-    ap.add_argument("--requests", type=int, default=600, help="per run")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per run")
+    ap.add_argument("--cap", type=int, default=5000, help="most requests per run")
     args = ap.parse_args()
     from meddx.package import load_package
 
@@ -119,27 +137,31 @@ def main() -> None:
         token, _ = keys(work)
         pngs = png_images(32)
         m = args.max_in_flight
-        runs: dict[str, Any] = {}
-        plan = [("unloaded", m, None), ("2x overload, queue", 2 * m, None),
-                ("2x overload, queue 0", 2 * m, 0), ("unloaded (again)", m, None)]
-        for label, clients, queue in plan:
-            extra = () if queue is None else ("--queue-size", str(queue))
+        parts: dict[str, list[dict[str, Any]]] = {}
+        # one service with the default queue: unloaded and 2x overload in A-B-B-A order (the
+        # shared CPU drifts); then one with --queue-size 0 at 2x overload
+        plan = {(): [("unloaded", m), ("2x overload, queue", 2 * m),
+                     ("2x overload, queue", 2 * m), ("unloaded", m)],
+                ("--queue-size", "0"): [("2x overload, queue 0", 2 * m)] * 2}
+        for extra, rows in plan.items():
             svc = Service(package, work, args.backend, args.threads, args.workers, m,
                           extra=extra)
             try:
                 url = f"{svc.base}/v1/models/{name}/predict"
-                r = asyncio.run(load(url, token, pngs, args.requests, clients))
+                for label, clients in rows:
+                    part = asyncio.run(load(url, token, pngs, args.seconds, args.cap, clients))
+                    part["queue_size"] = int(extra[1]) if extra else 2 * m
+                    parts.setdefault(label, []).append(part)
+                    print(label, part["codes"], round(part["wall_s"], 1), flush=True)
             finally:
                 svc.stop()
-            r["queue_size"] = 2 * m if queue is None else queue
-            runs[label] = r
-            print(label, r, flush=True)
-    # the baseline: mean of the unloaded runs before and after (drift on a shared machine)
-    base = (runs["unloaded"]["goodput_rps"] + runs["unloaded (again)"]["goodput_rps"]) / 2
+    runs = {label: {**summary(ps), "queue_size": ps[0]["queue_size"]}
+            for label, ps in parts.items()}
+    base = runs["unloaded"]["goodput_rps"]
     for r in runs.values():
         r["goodput_ratio"] = round(r["goodput_rps"] / base, 3)
     env = environment()
-    result = {"environment": env, "unloaded_goodput_rps": round(base, 2), "max_in_flight": m, "workers": args.workers,
+    result = {"environment": env, "max_in_flight": m, "workers": args.workers,
               "threads": args.threads, "backend": args.backend, "runs": runs,
               "target_goodput_ratio": 0.90,
               "meets_target": runs["2x overload, queue"]["goodput_ratio"] >= 0.90,
@@ -149,11 +171,12 @@ def main() -> None:
              f"max-in-flight {m}, {args.workers} workers × {args.threads} thread(s), queue "
              f"timeout 10 s. CPU: {env['cpu']} ({env['cores']} cores visible, load "
              f"{env['load_avg']:.1f} at the end; client and server share them). Closed-loop "
-             "clients: each sends its next request as soon as one is answered (429 included). The "
-             "baseline is the mean goodput of the two unloaded runs (before and after).",
+             f"clients, {args.seconds:g} s per run: each sends its next request as soon as one is "
+             "answered (429 included); each condition run twice (unloaded and queued in "
+             "A-B-B-A order on one service), figures pooled.",
              "",
              "| run | clients | queue | requests | served | 429 | goodput req/s | "
-             "goodput / unloaded mean | p50 ms (served) | p99 ms (served) |",
+             "goodput / unloaded | p50 ms (served) | p99 ms (served) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in runs.items():
         lines.append(f"| {label} | {r['concurrency']} | {r['queue_size']} | {r['requests']} | "
