@@ -295,8 +295,8 @@ def test_real_server_burst_is_served_with_the_queue_and_refused_without():
 
     async def burst(base: str) -> list[int]:
         async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-            return sorted((r.status_code for r in await asyncio.gather(
-                *[c.get("/work") for _ in range(8)])))
+            return sorted(r.status_code for r in await asyncio.gather(
+                *[c.get("/work") for _ in range(8)]))
 
     for queue, expected in ((4, [200] * 8), (0, [200] * 4 + [429] * 4)):
         mw = LimitsMiddleware(slow_app(0.3), max_in_flight=4, workers=4, queue_timeout_s=5,
