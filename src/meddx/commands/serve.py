@@ -40,7 +40,13 @@ def serve(
                                           "no authentication, loopback only."),
     backend: str = typer.Option("auto", help="auto | torch | onnx | onnx-int8."),
     max_body_mb: float = typer.Option(20.0, help="Request body cap (MB)."),
-    max_in_flight: int = typer.Option(32, help="Requests admitted at once; more get 429."),
+    max_in_flight: int = typer.Option(32, help="Requests admitted at once; more queue."),
+    queue_size: int | None = typer.Option(None, "--queue-size", help="Requests waiting for "
+                                          "admission; more get 429 (default 2 × "
+                                          "--max-in-flight; 0: no queue)."),
+    queue_timeout_s: float = typer.Option(10.0, "--queue-timeout-s", help="Longest wait "
+                                          "before a request runs (s); then 429, or 503 once "
+                                          "admitted."),
     workers: int = typer.Option(2, help="Requests computing at once."),
     timeout: float = typer.Option(30.0, help="Per-request timeout (s); then 503."),
     threads: int | None = typer.Option(None, help="Intra-op threads per inference."),
@@ -94,6 +100,7 @@ def serve(
         api_keys=load_api_keys(api_key_file) if api_key_file else {},
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
+        queue_size=queue_size, queue_timeout_s=queue_timeout_s,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
@@ -108,7 +115,8 @@ def serve(
     typer.echo(f"meddx serving {', '.join(app.state.meddx.hub.models)} on "
                f"http://{host}:{port}/  (public URL {settings.base_url})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
-                limit_concurrency=max_in_flight * 2 + 16, timeout_keep_alive=5)
+                limit_concurrency=(max_in_flight + settings.admission_queue) * 2 + 16,
+                timeout_keep_alive=5)
 
 
 def export(

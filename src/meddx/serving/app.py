@@ -136,6 +136,7 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                        workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
                        request_timeout_s=settings.request_timeout_s,
                        retry_after_s=settings.retry_after_s,
+                       queue_size=settings.admission_queue,
                        exempt=("/health", "/static", "/metrics"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        streamed={jobs.UPLOAD_PATH: settings.max_slide_bytes})

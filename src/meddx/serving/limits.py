@@ -5,10 +5,13 @@
   memory only up to the cap. Routes (and Starlette's multipart parser, which spools uploads to
   temporary files) only ever see bodies within the cap.
 * :class:`LimitsMiddleware` — at most ``max_in_flight`` requests are admitted (running or
-  waiting); beyond that the answer is ``429`` with ``Retry-After``. At most ``workers`` run at
-  once; one that waits longer than ``queue_timeout_s`` gets ``503`` with ``Retry-After``; one that
-  runs longer than ``request_timeout_s`` gets ``503`` and its work keeps its slot until it ends,
-  so the bound on work in progress stays true.
+  waiting for a worker); up to ``queue_size`` more wait in a FIFO queue for admission, and
+  beyond that the answer is ``429`` with ``Retry-After``. A request waits at most
+  ``queue_timeout_s`` in all before it runs: still queued then → ``429``, admitted but no worker
+  free → ``503``, both with ``Retry-After``. A client that disconnects while queued leaves the
+  queue. At most ``workers`` run at once; one that runs longer than ``request_timeout_s`` gets
+  ``503`` and its work keeps its slot until it ends, so the bound on work in progress stays
+  true.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -111,6 +116,16 @@ class BodyLimitMiddleware:
         )
 
 
+def _replay_messages(seen: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that returns ``seen`` first, then reads on."""
+    pending = deque(seen)
+
+    async def inner() -> Message:
+        return pending.popleft() if pending else await receive()
+
+    return inner
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     sent = False
 
@@ -125,30 +140,39 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class LimitsMiddleware:
-    """Bounded admission, bounded concurrency and a per-request timeout.
+    """Bounded admission with a short FIFO queue, bounded concurrency, per-request timeout.
 
     Args:
         app: the wrapped ASGI app.
-        max_in_flight: requests admitted at once (running + waiting); more get 429.
+        max_in_flight: requests admitted at once (running + waiting for a worker).
         workers: requests running at once.
-        queue_timeout_s: longest wait for a worker before 503.
+        queue_timeout_s: longest wait before a request runs (queued: 429; admitted: 503).
         request_timeout_s: longest run before 503.
         retry_after_s: value of the ``Retry-After`` header.
+        queue_size: requests that may wait for admission; more get 429 at once (0: no queue).
         exempt: path prefixes not limited (health probes, static files).
     """
 
     def __init__(self, app: ASGIApp, *, max_in_flight: int, workers: int,
                  queue_timeout_s: float, request_timeout_s: float, retry_after_s: int = 1,
+                 queue_size: int = 0,
                  exempt: tuple[str, ...] = ("/health", "/static")) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.workers = workers
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.queue_size = queue_size
         self.retry_after = {"retry-after": str(retry_after_s)}
         self.exempt = exempt
         self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._sem: asyncio.Semaphore | None = None
+
+    @property
+    def queued(self) -> int:
+        """Requests now waiting for admission."""
+        return len(self._waiters)
 
     def _exempt(self, scope: Scope) -> bool:
         path = scope.get("path", "")
@@ -158,25 +182,86 @@ class LimitsMiddleware:
         if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        deadline = time.monotonic() + self.queue_timeout_s
+        admitted, receive = await self._admit(receive)
+        if admitted is None:  # the client left while queued
+            return
+        if not admitted:
             await json_response(send, 429, "OverloadedError",
                                 "too many requests in progress; retry shortly",
                                 headers=self.retry_after)
             return
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.workers)
-        self.in_flight += 1
         try:
-            await asyncio.wait_for(self._sem.acquire(), timeout=self.queue_timeout_s)
+            await asyncio.wait_for(self._sem.acquire(),
+                                   timeout=max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            self.in_flight -= 1
+            self._leave()
             await json_response(send, 503, "OverloadedError",
                                 "the service is busy; retry shortly", headers=self.retry_after)
             return
         await self._run(scope, receive, send)
 
-    def _release(self, task: asyncio.Task) -> None:
+    async def _admit(self, receive: Receive) -> tuple[bool | None, Receive]:
+        """Take an admission slot, waiting in the FIFO queue if there is room.
+
+        Returns ``(True, receive)`` when admitted (the slot is held), ``(False, receive)``
+        when refused, ``(None, receive)`` when the client disconnected while queued. While
+        queued, the request's messages are read (to see a disconnect) and replayed to the app.
+        """
+        if self.in_flight < self.max_in_flight and not self.queued:
+            self.in_flight += 1
+            return True, receive
+        if self.queued >= self.queue_size:
+            return False, receive
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
+        seen: list[Message] = []
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                seen.append(message)
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            done, _ = await asyncio.wait({slot, watcher}, timeout=self.queue_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while queued
+            watcher.cancel()
+            self._forget(slot)
+            raise
+        watcher.cancel()
+        if watcher in done:  # the client left (or its channel failed) while queued
+            if not watcher.cancelled():
+                watcher.exception()  # retrieved: a failed channel is a disconnect here
+            self._forget(slot)
+            return None, receive
+        if slot.done():
+            return True, _replay_messages(seen, receive)
+        self._forget(slot)
+        return False, receive
+
+    def _forget(self, slot: asyncio.Future[None]) -> None:
+        """Take a waiter off the queue; a slot it was just handed passes on."""
+        if slot.done() and not slot.cancelled():
+            self._leave()
+            return
+        slot.cancel()
+        self._waiters.remove(slot)  # not yet handed a slot, so still queued
+
+    def _leave(self) -> None:
+        """Give an admission slot to the first waiter, or free it."""
+        if self._waiters:
+            self._waiters.popleft().set_result(None)  # the slot passes on; in_flight stays
+            return
         self.in_flight -= 1
+
+    def _release(self, task: asyncio.Task) -> None:
+        self._leave()
         if self._sem is not None:
             self._sem.release()
 

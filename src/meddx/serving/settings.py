@@ -87,7 +87,10 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(32, gt=0)
     max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
     workers: int = Field(2, gt=0, description="requests computing at once")
-    queue_timeout_s: float = Field(10.0, gt=0)
+    queue_size: int | None = Field(None, ge=0, description="requests waiting for admission "
+                                   "(FIFO); more get 429. None: 2 × max_in_flight; 0: no queue")
+    queue_timeout_s: float = Field(10.0, gt=0, description="longest wait before a request runs: "
+                                   "still queued → 429, admitted but no worker free → 503")
     request_timeout_s: float = Field(30.0, gt=0)
     retry_after_s: int = 1
     threads: int | None = Field(None, description="torch intra-op threads per worker")
@@ -137,6 +140,11 @@ class ServeSettings(BaseModel):
         if self.insecure_no_auth and self.host not in LOOPBACK_HOSTS:
             raise ValueError("--insecure-no-auth binds to loopback only (127.0.0.1)")
         return self
+
+    @property
+    def admission_queue(self) -> int:
+        """Requests that may wait for admission (``queue_size``, default 2 × max_in_flight)."""
+        return 2 * self.max_in_flight if self.queue_size is None else self.queue_size
 
     @property
     def base_url(self) -> str:
