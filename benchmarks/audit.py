@@ -105,7 +105,7 @@ def main() -> None:
             "per_line_us": {str(b): r for b, r in rows.items()},
             "open_ms": round(open_ms, 3), "verify_lines_per_s": round(args.lines / verify_s),
             "verify_log_mb": round(size_mb, 2)}
-    md = [f"# Audit log: cost of the hash chain\n",
+    md = ["# Audit log: cost of the hash chain\n",
           f"CPU: {env['cpu']} ({env['cores']} cores, load {env['load_avg']:.1f}), "
           f"commit {env['commit']}, {env['date']}. {args.lines} lines per round, median of "
           f"{args.rounds} alternating rounds, no fsync, local disk (tmp).\n",

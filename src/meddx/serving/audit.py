@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import threading
-from datetime import UTC, datetime
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
