@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # meddx.signing writes it beside the manifest; never listed in it
 
 
 class _Strict(BaseModel):
@@ -247,7 +248,8 @@ class ModelPackage:
 def _write_card_and_manifest(path: Path, card: ModelCard) -> None:
     (path / CARD).write_text(json.dumps(card.model_dump(mode="json"), indent=2))
     files = sorted(
-        p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        p.name for p in path.iterdir()
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")
     )
     manifest = {name: sha256_file(path / name) for name in files}
     tmp = path / (MANIFEST + ".tmp")

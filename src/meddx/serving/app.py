@@ -101,6 +101,8 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     Raises:
         ConfigError: duplicate model names, research-only model without ``research_use``,
             or no way to authenticate (no API keys, no issuers, not ``insecure_no_auth``).
+        ModelError: with ``settings.trust_keys``, a package unsigned, signed by another key,
+            or changed since signing (see :mod:`meddx.signing`).
     """
     from meddx.errors import ConfigError
 

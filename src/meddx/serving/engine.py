@@ -197,6 +197,25 @@ def _load(path: str | Path, settings: ServeSettings) -> Any:
     return load_model(path, backend=settings.backend, threads=settings.threads)
 
 
+def _trusted_keys(settings: ServeSettings) -> list[Any]:
+    from meddx.signing import load_public_key
+
+    return [load_public_key(p) for p in settings.trust_keys]
+
+
+def _verify_signed(item: Any, trusted: list[Any]) -> None:
+    """Refuse a package not signed by a trusted key (ModelError naming it and why)."""
+    from meddx.errors import ModelError
+    from meddx.signing import verify_package
+
+    path = item if isinstance(item, str | Path) else getattr(
+        getattr(item, "package", None), "path", None)
+    if path is None:
+        raise ModelError("a model given without its package folder cannot be checked against "
+                         "--trust-key", hint="serve the package folder")
+    verify_package(path, trusted)
+
+
 class ModelHub:
     """All models of one service, by name.
 
@@ -206,14 +225,19 @@ class ModelHub:
 
     Raises:
         ConfigError: two packages share a name, or a research-only package without
-            ``research_use``.
+            ``research_use``; a ``trust_keys`` file cannot be read.
+        ModelError: with ``trust_keys``, a package that is unsigned, signed by another key or
+            changed since it was signed.
     """
 
     def __init__(self, packages: list[Any], settings: ServeSettings) -> None:
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
+        trusted = _trusted_keys(settings)
         for item in packages:
             predictor = item
+            if trusted:
+                _verify_signed(item, trusted)
             if isinstance(item, str | Path):
                 predictor = _load(item, settings)
             served = ServedModel(predictor, settings)

@@ -74,6 +74,8 @@ class ServeSettings(BaseModel):
     jku_timeout_s: float = 3.0
     jku_cache_s: int = 600
     # --- models and use
+    trust_keys: tuple[Path, ...] = Field((), description="Ed25519 public keys (PEM); when "
+                                         "given, only packages signed by one of them load")
     research_use: bool = False
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     warmup: bool = True
