@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tile-mpp", type=float, default=1.0, help="µm/px of the tiles")
+    ap.add_argument("--tile-size", type=int, default=112, help="tile side in pixels")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -116,7 +118,8 @@ def main() -> None:
                "task": {"kind": "binary", "class_names": ["normal", "tumour"],
                         "positive_class": "tumour"},
                "data": {"path": str(csv), "modality": "pathology", "calib_fraction": 0.2,
-                        "options": {"tile_mpp": 1.0, "tile_size": 112, "min_tissue": 0.3}},
+                        "options": {"tile_mpp": args.tile_mpp, "tile_size": args.tile_size,
+                                    "min_tissue": 0.3}},
                "train": {"epochs": args.epochs, "batch_size": 4, "lr": 1e-3,
                          "precision": "32", "early_stopping_patience": None},
                "evaluation": {"bootstrap": 200}}
@@ -147,7 +150,8 @@ def main() -> None:
             "tiles_per_slide": bundle.info["tiles_per_slide"],
             "embed_all_slides_s": round(embed_s, 1), "reload_from_cache_s": round(cached_s, 2),
             "encoder_speed": encoder_speed(), "stain_normalisation": "not measured",
-            "make_slides_s": round(t1 - t0, 1),
+            "make_slides_s": round(t1 - t0, 1), "tile_mpp": args.tile_mpp,
+            "tile_size": args.tile_size, "epochs": args.epochs, "seed": args.seed,
         }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "wsi_models.json").write_text(json.dumps(out, indent=2, default=float))
@@ -162,7 +166,10 @@ def main() -> None:
           f"Encoder throughput at {out['encoder_speed']['tile_px']} px: stats "
           f"{out['encoder_speed']['stats_tiles_per_s']} tiles/s, resnet18 forward "
           f"{out['encoder_speed']['resnet18_tiles_per_s']} tiles/s.", "",
-          "Stain normalisation: not measured."]
+          "Stain normalisation: not measured.", "",
+          f"Run: `python benchmarks/wsi_models.py --slides {args.slides} --epochs {args.epochs} "
+          f"--tile-mpp {args.tile_mpp} --tile-size {args.tile_size}` (seed {args.seed}; "
+          f"{res.n} test slides; tiles per slide {out['tiles_per_slide']})."]
     (RESULTS / "wsi_models.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
