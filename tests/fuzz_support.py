@@ -446,16 +446,17 @@ def _serve_uploads(modality: str, spec: dict[str, Any], uploads: list[Any]) -> A
     """What :meth:`meddx.serving.engine.ServedModel.read` does with uploaded files: content
     type and pixel checks, grouping, the modality's reader, plausibility checks."""
     from meddx.modalities import get_modality
-    from meddx.serving.inputs import check_plausible, check_upload
+    from meddx.serving.inputs import check_upload
 
     mod = get_modality(modality)
     accepted = getattr(mod, "upload_content_types", None)
     pixels = [check_upload(u, modality, MAX_PIXELS, accepted) for u in uploads]
     sources = mod.group_uploads([{"name": u.name, "data": u.data} for u in uploads])
     samples = [mod.read(s, spec) for s in sources]
-    if modality == "image":
-        for s, n in zip(samples, pixels, strict=True):
-            check_plausible(s.tensor, spec, n)
+    if len(pixels) != len(samples):  # files grouped into one input, as the engine does
+        pixels = [None] * len(samples)
+    for s, n in zip(samples, pixels, strict=True):
+        mod.check_served(s, spec, n)
     return samples
 
 
@@ -467,7 +468,7 @@ def _serve_json(modality: str, spec: dict[str, Any], body: bytes) -> Any:
     from starlette.requests import Request
 
     from meddx.modalities import get_modality
-    from meddx.serving.inputs import Upload, check_plausible
+    from meddx.serving.inputs import Upload
     from meddx.serving.routers.predict import _json_items
 
     async def receive() -> dict[str, Any]:
@@ -478,11 +479,10 @@ def _serve_json(modality: str, spec: dict[str, Any], body: bytes) -> Any:
     items = asyncio.run(_json_items(request, modality))
     if all(isinstance(i, Upload) for i in items):
         return _serve_uploads(modality, spec, items)
-    samples = [get_modality(modality).read(i[0], spec) for i in items
-               if not isinstance(i, Upload)]
-    if modality == "image":
-        for s in samples:
-            check_plausible(s.tensor, spec, None)
+    mod = get_modality(modality)
+    samples = [mod.read(i[0], spec) for i in items if not isinstance(i, Upload)]
+    for s in samples:
+        mod.check_served(s, spec, None)
     return samples
 
 
@@ -661,7 +661,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("png", "PNG upload → serving/inputs.check_upload → image read → check_plausible",
+    Target("png", "PNG upload → serving/inputs.check_upload → image read → check_served",
            seeds_png, mutate_png, _image_target("image/png", ".png")),
     Target("jpeg", "JPEG upload → serving/inputs → image read", seeds_jpeg, mutate_bytes,
            _image_target("image/jpeg", ".jpg")),

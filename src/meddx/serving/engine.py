@@ -124,6 +124,8 @@ class ServedModel:
         sources = self.predictor.modality.group_uploads(
             [{"name": u.name, "data": u.data} for u in uploads])
         samples = [self.predictor.read(s) for s in sources]
+        if len(pixels) != len(samples):  # files grouped into one input: no per-file size
+            pixels = [None] * len(samples)
         for s, n in zip(samples, pixels, strict=True):
             self.predictor.modality.check_served(s, self.card.preprocessing, n)
         return samples
