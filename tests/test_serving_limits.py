@@ -115,8 +115,10 @@ async def _fire(app, n: int, path: str = "/work") -> list[httpx.Response]:
 
 
 def test_admission_beyond_limit_is_429_with_retry_after():
-    mw = LimitsMiddleware(slow_app(0.3), max_in_flight=2, workers=2, queue_timeout_s=5,
-                          request_timeout_s=5, retry_after_s=3)
+    """Without a queue (``queue_size=0``, the behaviour before issue 16) a request beyond the
+    limit is refused at once; tests/test_serving_queue.py covers the queue."""
+    mw = LimitsMiddleware(slow_app(0.3), max_in_flight=2, workers=2, worker_timeout_s=5,
+                          request_timeout_s=5, queue_size=0, retry_after_s=3)
     rs = asyncio.run(_fire(mw, 5))
     codes = sorted(r.status_code for r in rs)
     assert codes == [200, 200, 429, 429, 429]
@@ -125,7 +127,7 @@ def test_admission_beyond_limit_is_429_with_retry_after():
 
 
 def test_waiting_too_long_for_a_worker_is_503():
-    mw = LimitsMiddleware(slow_app(0.5), max_in_flight=10, workers=1, queue_timeout_s=0.1,
+    mw = LimitsMiddleware(slow_app(0.5), max_in_flight=10, workers=1, worker_timeout_s=0.1,
                           request_timeout_s=5)
     rs = asyncio.run(_fire(mw, 3))
     codes = sorted(r.status_code for r in rs)
@@ -134,7 +136,7 @@ def test_waiting_too_long_for_a_worker_is_503():
 
 
 def test_request_timeout_is_503_and_keeps_its_slot_until_done():
-    mw = LimitsMiddleware(slow_app(0.6), max_in_flight=4, workers=1, queue_timeout_s=5,
+    mw = LimitsMiddleware(slow_app(0.6), max_in_flight=4, workers=1, worker_timeout_s=5,
                           request_timeout_s=0.1)
 
     async def scenario():
@@ -151,7 +153,7 @@ def test_request_timeout_is_503_and_keeps_its_slot_until_done():
 
 
 def test_health_is_not_limited():
-    mw = LimitsMiddleware(slow_app(0.2), max_in_flight=1, workers=1, queue_timeout_s=0.05,
+    mw = LimitsMiddleware(slow_app(0.2), max_in_flight=1, workers=1, worker_timeout_s=0.05,
                           request_timeout_s=5)
     rs = asyncio.run(_fire(mw, 4, "/health/live"))
     assert all(r.status_code == 200 for r in rs)

@@ -42,6 +42,11 @@ def serve(
     max_body_mb: float = typer.Option(20.0, help="Request body cap (MB)."),
     max_in_flight: int = typer.Option(32, help="Requests admitted at once; more get 429."),
     workers: int = typer.Option(2, help="Requests computing at once."),
+    queue_size: int = typer.Option(32, "--queue-size", help="Requests that may wait for "
+                                   "admission beyond --max-in-flight (FIFO); more get 429. "
+                                   "0: refuse at once."),
+    queue_timeout_s: float = typer.Option(2.0, "--queue-timeout-s", help="Longest wait for "
+                                          "admission (s); then 429 + Retry-After."),
     timeout: float = typer.Option(30.0, help="Per-request timeout (s); then 503."),
     threads: int | None = typer.Option(None, help="Intra-op threads per inference."),
     audit_log: Path | None = typer.Option(None, help="Audit log (JSON lines)."),
@@ -89,7 +94,8 @@ def serve(
         api_keys=load_api_keys(api_key_file) if api_key_file else {},
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
-        workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
+        queue_size=queue_size, queue_timeout_s=queue_timeout_s, workers=workers,
+        request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
@@ -102,7 +108,7 @@ def serve(
     typer.echo(f"meddx serving {', '.join(app.state.meddx.hub.models)} on "
                f"http://{host}:{port}/  (public URL {settings.base_url})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
-                limit_concurrency=max_in_flight * 2 + 16, timeout_keep_alive=5)
+                limit_concurrency=(max_in_flight + queue_size) * 2 + 16, timeout_keep_alive=5)
 
 
 def export(

@@ -125,8 +125,9 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     static = resources.files("meddx.serving").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.add_middleware(LimitsMiddleware, max_in_flight=settings.max_in_flight,
-                       workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
+                       workers=settings.workers, worker_timeout_s=settings.worker_timeout_s,
                        request_timeout_s=settings.request_timeout_s,
+                       queue_size=settings.queue_size, queue_timeout_s=settings.queue_timeout_s,
                        retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        streamed={jobs.UPLOAD_PATH: settings.max_slide_bytes})

@@ -85,9 +85,14 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_batch: int = Field(32, gt=0)
-    max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
+    max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting "
+                               "for a worker)")
     workers: int = Field(2, gt=0, description="requests computing at once")
-    queue_timeout_s: float = Field(10.0, gt=0)
+    queue_size: int = Field(32, ge=0, description="requests that may wait for admission "
+                            "beyond max_in_flight (FIFO); more get 429; 0 refuses at once")
+    queue_timeout_s: float = Field(2.0, gt=0, description="longest wait for admission; then 429")
+    worker_timeout_s: float = Field(10.0, gt=0, description="longest wait of an admitted "
+                                    "request for a worker; then 503")
     request_timeout_s: float = Field(30.0, gt=0)
     retry_after_s: int = 1
     threads: int | None = Field(None, description="torch intra-op threads per worker")
