@@ -10,6 +10,9 @@ A package is a folder::
 
 Loading checks every sha256 in the manifest; a changed, missing or unlisted weights file is a
 :class:`~meddx.errors.ModelError` naming it.
+A package may also carry ``manifest.sig``, an Ed25519 signature over the manifest
+(:mod:`meddx.signing`); ``load_package(path, trust=[public keys])`` then refuses it unless a
+trusted key signed exactly this manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # signs the manifest, so never listed in it
 
 
 class _Strict(BaseModel):
@@ -165,6 +170,7 @@ class ModelPackage:
         self.card = card
         self.state_dict = state_dict
         self.manifest = manifest
+        self.signer: str | None = None  # key fingerprint, when loaded with ``trust``
 
     @property
     def sha256(self) -> str:
@@ -214,7 +220,8 @@ class ModelPackage:
 def _write_card_and_manifest(path: Path, card: ModelCard) -> None:
     (path / CARD).write_text(json.dumps(card.model_dump(mode="json"), indent=2))
     files = sorted(
-        p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        p.name for p in path.iterdir()
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")
     )
     manifest = {name: sha256_file(path / name) for name in files}
     tmp = path / (MANIFEST + ".tmp")
@@ -237,11 +244,17 @@ def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> M
     return load_package(out)
 
 
-def load_package(path: str | Path) -> ModelPackage:
+def load_package(path: str | Path, trust: Sequence[Any] | None = None) -> ModelPackage:
     """Read and verify a package folder. Never unpickles anything.
 
+    Args:
+        path: the package folder.
+        trust: public keys (PEM paths or Ed25519 key objects) one of which must have signed
+            the manifest (``meddx sign``); None skips the signature check.
+
     Raises:
-        ModelError: folder, card, manifest or weights missing; a sha256 that does not match.
+        ModelError: folder, card, manifest or weights missing; a sha256 that does not match;
+            with ``trust``: unsigned, signed by another key, or changed after signing.
     """
     root = Path(path)
     if not root.is_dir():
@@ -250,8 +263,14 @@ def load_package(path: str | Path) -> ModelPackage:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ModelError("package has no manifest.json", path=str(root))
+    manifest_bytes = manifest_path.read_bytes()
+    signer = None
+    if trust is not None:  # before any sha256 in the manifest is believed
+        from meddx.signing import verify_manifest
+
+        signer = verify_manifest(root, manifest_bytes, trust)
     try:
-        manifest: dict[str, str] = json.loads(manifest_path.read_text())
+        manifest: dict[str, str] = json.loads(manifest_bytes)
     except json.JSONDecodeError as e:
         raise ModelError("manifest.json is not valid JSON", path=str(manifest_path)) from e
     for required in (WEIGHTS, CARD):
@@ -272,4 +291,6 @@ def load_package(path: str | Path) -> ModelPackage:
     except ValidationError as e:
         raise ModelError(f"card.json is invalid: {e}", path=str(root / CARD)) from e
     state = load_file(str(root / WEIGHTS))
-    return ModelPackage(root, card, state, manifest)
+    package = ModelPackage(root, card, state, manifest)
+    package.signer = signer
+    return package

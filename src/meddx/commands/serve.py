@@ -34,6 +34,10 @@ def serve(
                                           "plain JWKS given with --cds-jwks."),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="Hashed API keys "
                                              "(`meddx keys api-key` writes it)."),
+    trust_key: list[Path] = typer.Option([], "--trust-key", help="Ed25519 public key (PEM) "
+                                         "whose signature (`meddx sign`) every package must "
+                                         "carry; the service refuses to start otherwise. "
+                                         "Repeatable."),
     research_use: bool = typer.Option(False, "--research-use", help="Serve research-only "
                                       "models; every answer then says so."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Local demo only: "
@@ -89,10 +93,16 @@ def serve(
             raise ConfigError("--insecure-no-auth binds to loopback only", hint="drop --host")
         logger.warning("!!! --insecure-no-auth: NO AUTHENTICATION; loopback only, demo only !!!")
     issuers = [t for path in cds_jwks for t in load_trust(path, cds_issuer)]
+    if trust_key:
+        from meddx.signing import load_public_key
+
+        for key in trust_key:  # a bad key file fails here, before any package is read
+            load_public_key(key)
     settings = ServeSettings(
         host=host, port=port, public_url=public_url, issuers=tuple(issuers),
         api_keys=load_api_keys(api_key_file) if api_key_file else {},
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
+        trust_keys=tuple(trust_key),
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         queue_size=queue_size, queue_timeout_s=queue_timeout_s, workers=workers,
         request_timeout_s=timeout, threads=threads, audit_log=audit_log,

@@ -44,7 +44,8 @@ def amx_available() -> bool:
 
 
 def load_model(path: str | Path, backend: str = "auto", threads: int | None = None,
-               operating_point: str | None = None) -> Predictor:
+               operating_point: str | None = None,
+               trust: Sequence[Any] | None = None) -> Predictor:
     """Load and verify a package (sha256, no pickle) and return its Predictor.
 
     Args:
@@ -53,10 +54,12 @@ def load_model(path: str | Path, backend: str = "auto", threads: int | None = No
         threads: intra-op threads (default: torch's).
         operating_point: the decision rule of this deployment, a name from the card's
             operating points (default: the card's default).
+        trust: public keys one of which must have signed the package (``meddx sign``; see
+            :func:`meddx.package.load_package`); None skips the signature check.
     """
     if threads:
         torch.set_num_threads(threads)
-    return Predictor(load_package(path), backend=backend, operating_point=operating_point)
+    return Predictor(load_package(path, trust=trust), backend=backend, operating_point=operating_point)
 
 
 def choose_operating_point(card: Any, name: str | None) -> str | None:

@@ -3,6 +3,9 @@
 Each line names the time, the route, the caller (API key id, or JWT ``iss``/``sub``), the model
 (name, version, weights sha256), the sha256 of every input and what was answered. It never holds
 patient identifiers: no file names, no patient ids, no FHIR resource ids — only digests.
+Lines are hash-chained (``prev`` and ``hash`` end each line; see
+:mod:`meddx.serving.audit_chain`): ``meddx audit verify LOG`` names an edited, deleted or
+reordered line, and a log whose last line does not verify is never extended.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from meddx.serving.audit_chain import chain_line, last_hash
 
 __all__ = ["AuditLog", "sha256_bytes", "default_audit_path"]
 
@@ -56,14 +61,19 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._prev = last_hash(self.path)  # refuses a log whose tail does not verify
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, event: dict[str, Any]) -> None:
-        """Append one event (``time`` added) and flush it to the OS before returning."""
+        """Append one event (``time`` added, then ``prev`` and ``hash`` of the chain) and
+        flush it to the OS before returning."""
+        if "prev" in event or "hash" in event:
+            raise ValueError("'prev' and 'hash' are the audit chain's own fields")
         record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **event}
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
-        with self._lock:
+        body = json.dumps(record, default=str, separators=(",", ":"))
+        with self._lock:  # the chain's order is the file's order
+            line, self._prev = chain_line(body, self._prev)
             self._file.write(line)
             self._file.flush()
             if self.fsync:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meddx.errors import ConfigError, MeddxError, NotFoundError
+from meddx.errors import ConfigError, MeddxError, ModelError, NotFoundError
 from meddx.registry import suggest
 from meddx.serving.audit import sha256_bytes
 from meddx.serving.inputs import Upload, check_upload
@@ -192,7 +192,19 @@ class ServedModel:
 def _load(path: str | Path, settings: ServeSettings) -> Any:
     from meddx.inference import load_model
 
-    return load_model(path, backend=settings.backend, threads=settings.threads)
+    return load_model(path, backend=settings.backend, threads=settings.threads,
+                      trust=settings.trust_keys or None)
+
+
+def _check_signed(predictor: Any, settings: ServeSettings) -> None:
+    """A Predictor handed in already loaded: its folder must be signed by a trusted key and
+    hold the very weights it runs."""
+    from meddx.package import load_package
+
+    signed = load_package(predictor.package.path, trust=settings.trust_keys)
+    if signed.sha256 != predictor.package.sha256:
+        raise ModelError("the loaded model's weights differ from its signed package",
+                         path=str(predictor.package.path), hint="load it again from the folder")
 
 
 class ModelHub:
@@ -214,6 +226,8 @@ class ModelHub:
             predictor = item
             if isinstance(item, str | Path):
                 predictor = _load(item, settings)
+            elif settings.trust_keys:
+                _check_signed(item, settings)
             served = ServedModel(predictor, settings)
             if served.name in self.models:
                 raise ConfigError(f"two packages are named '{served.name}'",

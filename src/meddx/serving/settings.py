@@ -74,6 +74,9 @@ class ServeSettings(BaseModel):
     jku_timeout_s: float = 3.0
     jku_cache_s: int = 600
     # --- models and use
+    trust_keys: tuple[Path, ...] = Field((), description="Ed25519 public keys (PEM); when "
+                                         "given, every package must be signed by one of them "
+                                         "(`meddx sign`). Not the JWT issuers' keys.")
     research_use: bool = False
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     warmup: bool = True
