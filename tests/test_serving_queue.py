@@ -167,3 +167,5 @@ def test_serve_flags_set_the_queue(tmp_path, monkeypatch, tiny_sequence_package)
     st = seen["app"].state.meddx.settings
     assert (st.max_in_flight, st.queue_size, st.queue_timeout_s) == (6, 9, 0.5)
     assert seen["limit_concurrency"] >= st.max_in_flight + st.queue_size
+    wired = next(m for m in seen["app"].user_middleware if m.cls is LimitsMiddleware)
+    assert (wired.kwargs["queue_size"], wired.kwargs["queue_timeout_s"]) == (9, 0.5)

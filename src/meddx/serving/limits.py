@@ -299,7 +299,10 @@ def _disconnect_watch(scope: Scope, receive: Receive) -> tuple[asyncio.Task | No
         first.append(await receive())
         if first[0]["type"] == "http.disconnect":
             return True
-        return (await receive())["type"] == "http.disconnect"
+        if (await receive())["type"] == "http.disconnect":
+            return True
+        await asyncio.Event().wait()  # an unexpected message: stop watching, keep waiting
+        return False
 
     async def replay() -> Message:
         if first:
