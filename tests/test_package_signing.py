@@ -128,3 +128,20 @@ def test_serve_trust_key_refuses_to_start(case, pkg, keys, tmp_path):
     assert str(pkg) in err or pkg.name in err
     assert ("is not signed" in err and "meddx sign" in err) if case == "unsigned" else (
         "not a trusted key" in err and "--trust-key" in err)
+
+
+def test_encrypted_signing_key_needs_its_passphrase(pkg, keys, tmp_path, monkeypatch):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "enc.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"s3cret")))
+    monkeypatch.delenv("MEDDX_SIGNING_KEY_PASSPHRASE", raising=False)
+    with pytest.raises(ConfigError, match="encrypted"):
+        sign_package(pkg, path)
+    monkeypatch.setenv("MEDDX_SIGNING_KEY_PASSPHRASE", "s3cret")
+    sign_package(pkg, path)
+    assert load_package(pkg, trust=[key.public_key()]).signer == fingerprint(key.public_key())
