@@ -198,6 +198,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     results["train_wall_s"] = {n: [json.loads(str(f["walls"]))[n] for f in folds]
                                for n in ("grud", "logistic")}
     results["decision_rules"] = decision_rules(folds, names, task, args.bootstrap)
+    from _common import environment
+
+    results["environment"] = environment()
     _write(results, args.name)
     return results
 
@@ -312,7 +315,10 @@ def _write(r: dict[str, Any], name: str) -> None:
                      + " |")
     lines += _decision_lines(r, label)
     w = r["train_wall_s"]
-    lines += ["", "Train wall per fold (s, one thread): ensemble "
+    cpu = r.get("environment", {}).get("cpu")
+    lines += ["", (f"CPU: {cpu}. " if cpu else "") + "Train wall per fold (s, one thread, on a "
+              "shared machine: load from other jobs varies, so these are not speed figures): "
+              "ensemble "
               + ", ".join(f"{v:.0f}" for v in w["grud"]) + "; logistic "
               + ", ".join(f"{v:.0f}" for v in w["logistic"]) + ".",
               "", f"Targets (issue 7, on the fixed test split): AUROC ≥ {r['targets']['auroc']}, "

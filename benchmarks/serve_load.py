@@ -78,7 +78,8 @@ class Service:
     """``meddx serve`` in a subprocess."""
 
     def __init__(self, package: Path, work: Path, backend: str, threads: int, workers: int,
-                 max_in_flight: int, cds_explain: bool = True, prelude: str = "") -> None:
+                 max_in_flight: int, cds_explain: bool = True, prelude: str = "",
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.audit = work / f"audit-{backend}-{max_in_flight}-{uuid.uuid4().hex[:6]}.jsonl"
@@ -88,7 +89,7 @@ class Service:
                str(work / "jwks.json"), "--cds-issuer", ISS, "--research-use",
                "--backend", backend, "--threads", str(threads), "--workers", str(workers),
                "--max-in-flight", str(max_in_flight), "--audit-log", str(self.audit),
-               "--cds-explain" if cds_explain else "--no-cds-explain"]
+               "--cds-explain" if cds_explain else "--no-cds-explain", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)

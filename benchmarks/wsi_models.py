@@ -40,9 +40,8 @@ def make_slides(folder: Path, n: int, seed: int) -> Path:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from meddx.modalities.pathology.slide import open_slide
-
     from meddx.catalog import data_roots
+    from meddx.modalities.pathology.slide import open_slide
     from pathology_model_support import write_slide
 
     src = next((r / "pathology" / "CMU-1-Small-Region.svs" for r in data_roots()

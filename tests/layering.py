@@ -14,7 +14,7 @@ from pathlib import Path
 # lowest first; a module may import its own layer and the layers below it, never above
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.version", "meddx.errors", "meddx.registry", "meddx.tasks", "meddx.config",
-     "meddx.catalog", "meddx.fhir"),
+     "meddx.catalog", "meddx.fhir", "meddx.signing"),
     ("meddx.modalities",),
     ("meddx.models",),
     ("meddx.package",),
@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.explain",),
     ("meddx.reporting",),
     ("meddx.evaluation",),
+    ("meddx.monitoring",),
     ("meddx.privacy",),
     ("meddx.serving",),
     ("meddx.commands", "meddx.cli"),

@@ -115,10 +115,8 @@ async def _fire(app, n: int, path: str = "/work") -> list[httpx.Response]:
 
 
 def test_admission_beyond_limit_is_429_with_retry_after():
-    """Without a queue (``queue_size=0``, the behaviour before issue 16) a request beyond the
-    limit is refused at once; tests/test_serving_queue.py covers the queue."""
-    mw = LimitsMiddleware(slow_app(0.3), max_in_flight=2, workers=2, worker_timeout_s=5,
-                          request_timeout_s=5, queue_size=0, retry_after_s=3)
+    mw = LimitsMiddleware(slow_app(0.3), max_in_flight=2, workers=2, queue_timeout_s=5,
+                          request_timeout_s=5, retry_after_s=3)
     rs = asyncio.run(_fire(mw, 5))
     codes = sorted(r.status_code for r in rs)
     assert codes == [200, 200, 429, 429, 429]
@@ -127,7 +125,7 @@ def test_admission_beyond_limit_is_429_with_retry_after():
 
 
 def test_waiting_too_long_for_a_worker_is_503():
-    mw = LimitsMiddleware(slow_app(0.5), max_in_flight=10, workers=1, worker_timeout_s=0.1,
+    mw = LimitsMiddleware(slow_app(0.5), max_in_flight=10, workers=1, queue_timeout_s=0.1,
                           request_timeout_s=5)
     rs = asyncio.run(_fire(mw, 3))
     codes = sorted(r.status_code for r in rs)
@@ -136,7 +134,7 @@ def test_waiting_too_long_for_a_worker_is_503():
 
 
 def test_request_timeout_is_503_and_keeps_its_slot_until_done():
-    mw = LimitsMiddleware(slow_app(0.6), max_in_flight=4, workers=1, worker_timeout_s=5,
+    mw = LimitsMiddleware(slow_app(0.6), max_in_flight=4, workers=1, queue_timeout_s=5,
                           request_timeout_s=0.1)
 
     async def scenario():
@@ -153,7 +151,7 @@ def test_request_timeout_is_503_and_keeps_its_slot_until_done():
 
 
 def test_health_is_not_limited():
-    mw = LimitsMiddleware(slow_app(0.2), max_in_flight=1, workers=1, worker_timeout_s=0.05,
+    mw = LimitsMiddleware(slow_app(0.2), max_in_flight=1, workers=1, queue_timeout_s=0.05,
                           request_timeout_s=5)
     rs = asyncio.run(_fire(mw, 4, "/health/live"))
     assert all(r.status_code == 200 for r in rs)
@@ -176,3 +174,139 @@ def test_warmup_freezes_the_loaded_objects_and_raises_the_young_threshold():
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+# ------------------------------------------------------------ admission queue (overload)
+def test_burst_of_twice_the_limit_is_all_served_when_the_queue_fits_it():
+    """2 × max_in_flight slow requests: with a queue of max_in_flight, every one is served
+    (queue 0 refuses half of them: test_admission_beyond_limit_is_429_with_retry_after)."""
+    mw = LimitsMiddleware(slow_app(0.2), max_in_flight=3, workers=3, queue_timeout_s=5,
+                          request_timeout_s=5, queue_size=3)
+    rs = asyncio.run(_fire(mw, 6))
+    assert [r.status_code for r in rs] == [200] * 6
+    assert mw.in_flight == 0 and mw.queued == 0
+
+
+def test_past_the_queue_is_429_with_retry_after():
+    mw = LimitsMiddleware(slow_app(0.3), max_in_flight=2, workers=2, queue_timeout_s=5,
+                          request_timeout_s=5, retry_after_s=4, queue_size=2)
+    rs = asyncio.run(_fire(mw, 7))
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [200] * 4 + [429] * 3
+    assert all(r.headers["retry-after"] == "4" for r in rs if r.status_code == 429)
+    assert mw.in_flight == 0 and mw.queued == 0
+
+
+def test_waiting_in_the_queue_past_the_timeout_is_429():
+    mw = LimitsMiddleware(slow_app(0.6), max_in_flight=1, workers=1, queue_timeout_s=0.15,
+                          request_timeout_s=5, queue_size=4)
+
+    async def scenario():
+        start = time.perf_counter()
+        rs = await _fire(mw, 3)
+        return rs, time.perf_counter() - start
+
+    rs, took = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [200, 429, 429]
+    assert all("retry-after" in r.headers for r in rs if r.status_code == 429)
+    assert took < 1.5 and mw.in_flight == 0 and mw.queued == 0
+
+
+def test_queue_is_fifo():
+    order: list[int] = []
+
+    async def app(scope, receive, send):
+        order.append(int(scope["query_string"] or b"0"))
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = LimitsMiddleware(app, max_in_flight=1, workers=1, queue_timeout_s=5,
+                          request_timeout_s=5, queue_size=5)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            tasks = []
+            for i in range(5):
+                tasks.append(asyncio.ensure_future(c.get(f"/work?{i}")))
+                await asyncio.sleep(0.005)  # arrive in order
+            return await asyncio.gather(*tasks)
+
+    rs = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in rs) and order == [0, 1, 2, 3, 4]
+
+
+def test_a_client_leaving_the_queue_frees_its_place():
+    """The queued request's channel says http.disconnect: it leaves, nothing is sent, and a
+    later request takes the place."""
+    mw = LimitsMiddleware(slow_app(0.4), max_in_flight=1, workers=1, queue_timeout_s=5,
+                          request_timeout_s=5, queue_size=1)
+
+    async def scenario():
+        sent: list[dict] = []
+
+        async def leaving_receive():
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        async def record(message):
+            sent.append(message)
+
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            first = asyncio.ensure_future(c.get("/work"))
+            await asyncio.sleep(0.02)
+            scope = {"type": "http", "method": "GET", "path": "/work", "headers": []}
+            leaver = asyncio.ensure_future(mw(scope, leaving_receive, record))
+            await asyncio.sleep(0.01)
+            queued_before = mw.queued
+            await leaver
+            queued_after = mw.queued
+            second = await c.get("/work")  # the queue has room again
+            return (await first), second, sent, queued_before, queued_after
+
+    first, second, sent, before, after = asyncio.run(scenario())
+    assert before == 1 and after == 0 and sent == []
+    assert first.status_code == 200 and second.status_code == 200
+    assert mw.in_flight == 0
+
+
+def test_queued_post_body_reaches_the_app():
+    """While queued the body is read (to see a disconnect); the app still gets all of it."""
+    app = upload_app(cap=CAP)
+    mw = LimitsMiddleware(app, max_in_flight=1, workers=1, queue_timeout_s=5,
+                          request_timeout_s=5, queue_size=3)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*[
+                c.post("/upload", files={"f": ("a.bin", b"z" * (1000 + i), "image/png")})
+                for i in range(4)])
+
+    rs = asyncio.run(scenario())
+    assert sorted(r.json()["sizes"][0] for r in rs) == [1000, 1001, 1002, 1003]
+
+
+def test_real_server_burst_is_served_with_the_queue_and_refused_without():
+    """uvicorn on loopback, 2 × max_in_flight concurrent slow requests."""
+
+    async def burst(base: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            return sorted(r.status_code for r in await asyncio.gather(
+                *[c.get("/work") for _ in range(8)]))
+
+    for queue, expected in ((4, [200] * 8), (0, [200] * 4 + [429] * 4)):
+        mw = LimitsMiddleware(slow_app(0.3), max_in_flight=4, workers=4, queue_timeout_s=5,
+                              request_timeout_s=5, queue_size=queue)
+        with live_server(mw) as base:
+            assert asyncio.run(burst(base)) == expected, queue
+
+
+def test_settings_default_queue_is_twice_the_admission_limit():
+    from meddx.serving.settings import ServeSettings
+
+    assert ServeSettings(max_in_flight=5).admission_queue == 10
+    assert ServeSettings(max_in_flight=5, queue_size=0).admission_queue == 0

@@ -200,6 +200,8 @@ def download(name: str, size: int | None = None, *, progress: bool = True) -> Pa
     Only called when the user asks (``meddx datasets --download``); needs internet.
     """
     entry = get_entry(name)
+    if entry.urls and set(entry.urls) <= set(entry.files):  # one address per file, not per size
+        return _download_files(entry, progress=progress)
     size = size or entry.default_size
     url = entry.urls.get(str(size))
     if not url:
@@ -227,6 +229,45 @@ def download(name: str, size: int | None = None, *, progress: bool = True) -> Pa
         raise DataError(f"download of '{name}' is corrupt (MD5 mismatch)", hint="try again")
     tmp.replace(target)
     return target
+
+
+def _download_files(entry: DatasetEntry, *, progress: bool = True) -> Path:
+    """Download every file of an entry whose ``urls`` are keyed by file, check the MD5 (or
+    SHA-256) where the catalog records one, and unpack zips beside them; returns their folder."""
+    import zipfile
+
+    from tqdm import tqdm
+
+    root = cache_dir() / "data"
+    for rel, url in entry.urls.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".part")
+        logger.info("downloading %s → %s", url, target)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"download of '{entry.name}' failed: {e}",
+                            hint="check the internet connection") from e
+        for algorithm, expected in entry.files.get(rel, {}).items():
+            if algorithm in ("md5", "sha256") and _digest(tmp, algorithm) != expected:
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"download of '{entry.name}' is corrupt ({algorithm} mismatch)",
+                                path=rel, hint="try again")
+        if not entry.files.get(rel):
+            logger.warning("%s has no checksum in the catalog: compare its MD5 (%s) with %s",
+                           rel, _digest(tmp, "md5"), entry.homepage or url)
+        tmp.replace(target)
+        if target.suffix == ".zip":
+            with zipfile.ZipFile(target) as archive:
+                archive.extractall(target.parent)
+    return root / Path(next(iter(entry.urls))).parent
 
 
 def recipe_for(dataset: str) -> Path | None:

@@ -10,9 +10,6 @@ A package is a folder::
 
 Loading checks every sha256 in the manifest; a changed, missing or unlisted weights file is a
 :class:`~meddx.errors.ModelError` naming it.
-A package may also carry ``manifest.sig``, an Ed25519 signature over the manifest
-(:mod:`meddx.signing`); ``load_package(path, trust=[public keys])`` then refuses it unless a
-trusted key signed exactly this manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,8 @@ __all__ = [
     "Calibration",
     "Conformal",
     "OODDetector",
+    "Histogram",
+    "TrainingReference",
     "ModelPackage",
     "save_package",
     "load_package",
@@ -49,7 +47,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"  # signs the manifest, so never listed in it
+SIGNATURE = "manifest.sig"  # meddx.signing writes it beside the manifest; never listed in it
 
 
 class _Strict(BaseModel):
@@ -118,6 +116,36 @@ class OODDetector(_Strict):
     shrinkage: float | None = None
 
 
+class Histogram(_Strict):
+    """A distribution summarised for drift checks: inner bin ``edges`` (quantiles of the
+    reference, so bins hold about equal shares), the reference ``fractions`` per bin
+    (``len(edges) + 1`` of them), and its mean, standard deviation and quantiles."""
+
+    edges: list[float]
+    fractions: list[float]
+    mean: float
+    std: float
+    quantiles: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainingReference(_Strict):
+    """What the model saw on the calibration split, for monitoring (``meddx monitor``).
+
+    ``risk`` is the calibrated probability of ``risk_of`` (the positive class, or
+    ``"top-class"``: the top class's probability when the task names none); ``inputs`` holds
+    per-input statistics of the model input tensor (``mean``, ``std``, ``extreme``: the
+    fraction of values at the tensor's own minimum or maximum), empty when the modality's
+    inputs are not tensors.
+    """
+
+    fitted_on: str = "calib"
+    n: int
+    risk_of: str
+    risk: Histogram
+    n_inputs: int = 0
+    inputs: dict[str, Histogram] = Field(default_factory=dict)
+
+
 class ModelCard(_Strict):
     """Everything a user, reviewer or service needs to know about a packaged model."""
 
@@ -135,6 +163,7 @@ class ModelCard(_Strict):
     default_operating_point: str | None = None
     conformal: Conformal | None = None
     ood: OODDetector | None = None
+    reference: TrainingReference | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training_data: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -170,7 +199,6 @@ class ModelPackage:
         self.card = card
         self.state_dict = state_dict
         self.manifest = manifest
-        self.signer: str | None = None  # key fingerprint, when loaded with ``trust``
 
     @property
     def sha256(self) -> str:
@@ -244,17 +272,11 @@ def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> M
     return load_package(out)
 
 
-def load_package(path: str | Path, trust: Sequence[Any] | None = None) -> ModelPackage:
+def load_package(path: str | Path) -> ModelPackage:
     """Read and verify a package folder. Never unpickles anything.
 
-    Args:
-        path: the package folder.
-        trust: public keys (PEM paths or Ed25519 key objects) one of which must have signed
-            the manifest (``meddx sign``); None skips the signature check.
-
     Raises:
-        ModelError: folder, card, manifest or weights missing; a sha256 that does not match;
-            with ``trust``: unsigned, signed by another key, or changed after signing.
+        ModelError: folder, card, manifest or weights missing; a sha256 that does not match.
     """
     root = Path(path)
     if not root.is_dir():
@@ -263,14 +285,8 @@ def load_package(path: str | Path, trust: Sequence[Any] | None = None) -> ModelP
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ModelError("package has no manifest.json", path=str(root))
-    manifest_bytes = manifest_path.read_bytes()
-    signer = None
-    if trust is not None:  # before any sha256 in the manifest is believed
-        from meddx.signing import verify_manifest
-
-        signer = verify_manifest(root, manifest_bytes, trust)
     try:
-        manifest: dict[str, str] = json.loads(manifest_bytes)
+        manifest: dict[str, str] = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelError("manifest.json is not valid JSON", path=str(manifest_path)) from e
     for required in (WEIGHTS, CARD):
@@ -291,6 +307,4 @@ def load_package(path: str | Path, trust: Sequence[Any] | None = None) -> ModelP
     except ValidationError as e:
         raise ModelError(f"card.json is invalid: {e}", path=str(root / CARD)) from e
     state = load_file(str(root / WEIGHTS))
-    package = ModelPackage(root, card, state, manifest)
-    package.signer = signer
-    return package
+    return ModelPackage(root, card, state, manifest)

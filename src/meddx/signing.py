@@ -1,220 +1,239 @@
-"""Ed25519 signatures on model packages.
+"""Signed model packages: an Ed25519 signature over the exact bytes of ``manifest.json``.
 
-A package's ``manifest.json`` lists the sha256 of every other file, so one signature over the
-manifest's bytes covers the weights, the card and every exported model. ``meddx sign`` writes
-it beside the manifest as ``manifest.sig`` (JSON)::
+The manifest holds the sha256 of every other file of a package, so a valid signature over it,
+together with a check of every file against it, covers the whole package. The signature lives
+beside the manifest in ``manifest.sig`` (never listed in the manifest)::
 
-    {"algorithm": "Ed25519", "key": "<sha256 of the signer's raw public key>",
-     "signature": "<base64 of the 64-byte signature over manifest.json's bytes>",
-     "manifest_sha256": "…", "signed": "2026-12-04T10:00:00+00:00"}
+    {"algorithm": "Ed25519", "signature": "<base64>", "key_sha256": "<hex>",
+     "manifest_sha256": "<hex>"}
 
-``manifest.sig`` is not listed in the manifest (it signs it). ``load_package(path, trust=[…])``
-and ``meddx serve --trust-key PUB`` refuse a package that is unsigned, signed by a key not
-trusted, or whose manifest changed after signing; the sha256 checks then cover every file.
+``key_sha256`` is the sha256 of the raw 32-byte public key (its fingerprint). Keys are PEM files:
+``meddx keys sign-key --out keys`` writes ``meddx-signing.key`` (private, mode 600) and
+``meddx-signing.pub``; ``meddx sign MODEL --key keys/meddx-signing.key`` signs;
+``meddx serve … --trust-key keys/meddx-signing.pub`` serves only packages signed by that key.
 
-Keys are PEM files: a PKCS#8 private key (``meddx keys signing-key`` writes one, mode 0600;
-an encrypted one is opened with ``$MEDDX_SIGNING_KEY_PASSPHRASE``) and its SubjectPublicKeyInfo
-public key (``*.pub.pem``). ``openssl genpkey -algorithm ed25519 -out k.pem`` and
-``openssl pkey -in k.pem -pubout -out k.pub.pem`` make the same pair.
+This module is core: it needs only :mod:`meddx.errors` and ``cryptography`` (imported lazily,
+part of the ``serve`` extra).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meddx.errors import ConfigError, ModelError
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+__all__ = [
+    "SIGNATURE",
+    "generate_key_pair",
+    "load_private_key",
+    "load_public_key",
+    "key_fingerprint",
+    "sign_package",
+    "verify_package",
+]
 
-__all__ = ["SIGNATURE", "new_signing_key", "load_private_key", "load_public_key",
-           "fingerprint", "sign_package", "verify_manifest"]
-
-SIGNATURE = "manifest.sig"
 MANIFEST = "manifest.json"
-PASSPHRASE_ENV = "MEDDX_SIGNING_KEY_PASSPHRASE"
+SIGNATURE = "manifest.sig"
+ALGORITHM = "Ed25519"
 
 
+def _crypto() -> Any:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ModuleNotFoundError as e:  # pragma: no cover - the serve extra brings it
+        raise ConfigError("package signing needs the `cryptography` library",
+                          hint="pip install 'meddx[serve]'") from e
+    return serialization, ed25519
 
-def fingerprint(public_key: Ed25519PublicKey) -> str:
-    """Hex sha256 of the raw 32-byte public key: how a signature names its signer."""
-    from cryptography.hazmat.primitives import serialization
 
+def key_fingerprint(public_key: Any) -> str:
+    """Hex sha256 of the raw 32-byte Ed25519 public key."""
+    serialization, _ = _crypto()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
-def new_signing_key(out: str | Path, name: str = "package-signing") -> tuple[Path, Path]:
-    """Write a new Ed25519 key pair: ``out/NAME.pem`` (private, 0600) and ``NAME.pub.pem``.
+def generate_key_pair(out: str | Path, name: str = "meddx-signing") -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair as PEM: ``<name>.key`` (private, mode 600) and ``<name>.pub``.
+
+    Returns:
+        (private key path, public key path).
 
     Raises:
-        ConfigError: a key of that name exists already (never overwritten).
+        ConfigError: a key file of that name exists already (never overwritten).
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    serialization, ed25519 = _crypto()
     folder = Path(out)
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    for p in (private, public):
+    private_path, public_path = folder / f"{name}.key", folder / f"{name}.pub"
+    for p in (private_path, public_path):
         if p.exists():
-            raise ConfigError(f"{p} exists already; not overwritten", path=str(p),
-                              hint="choose another --name or folder")
+            raise ConfigError("key file exists already; it is never overwritten", path=str(p),
+                              hint="choose another --out or --name")
     folder.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
+    key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    public.write_bytes(key.public_key().public_bytes(
+    public_path.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
+    return private_path, public_path
 
 
-def _read(path: str | Path, what: str) -> bytes:
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read the {what}", path=str(p)) from e
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """Read a PEM Ed25519 private key (encrypted: passphrase from ``$MEDDX_SIGNING_KEY_PASSPHRASE``).
+def load_private_key(path: str | Path) -> Any:
+    """Read a PEM Ed25519 private key.
 
     Raises:
-        ConfigError: unreadable, not PEM, encrypted without the passphrase, or not Ed25519.
+        ConfigError: unreadable, not PEM, or not an Ed25519 private key.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    data = _read(path, "signing key")
-    secret = os.environ.get(PASSPHRASE_ENV)
+    serialization, ed25519 = _crypto()
+    p = Path(path)
     try:
-        key = serialization.load_pem_private_key(data, secret.encode() if secret else None)
-    except TypeError as e:
-        raise ConfigError("the signing key is encrypted", path=str(path),
-                          hint=f"set {PASSPHRASE_ENV} to its passphrase") from e
-    except ValueError as e:
-        hint = ("this is a public key; signing needs the private key (the .pem without .pub)"
-                if b"PUBLIC KEY" in data else "give a PEM file from `meddx keys signing-key`")
-        raise ConfigError(f"not a usable private key: {e}", path=str(path), hint=hint) from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"the signing key is {type(key).__name__}, not Ed25519",
-                          path=str(path), hint="make one with `meddx keys signing-key`")
+        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError("cannot read the signing key (an unencrypted PEM Ed25519 private "
+                          "key is expected)", path=str(p),
+                          hint="make one with `meddx keys sign-key --out keys`") from e
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError("the signing key is not an Ed25519 key", path=str(p))
     return key
 
 
-def load_public_key(key: str | Path | Ed25519PublicKey) -> Ed25519PublicKey:
-    """A trusted public key: a PEM file (SubjectPublicKeyInfo) or a key object.
+def load_public_key(path: str | Path) -> Any:
+    """Read a PEM Ed25519 public key (``meddx keys sign-key`` writes ``*.pub``).
 
     Raises:
-        ConfigError: unreadable, a private key, not PEM, or not Ed25519.
+        ConfigError: unreadable, not PEM, or not an Ed25519 public key.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    data = _read(key, "trusted public key")
-    if b"PRIVATE KEY" in data:
-        raise ConfigError("--trust-key was given a private key", path=str(key),
-                          hint="give the public half (the .pub.pem file); keep the private key "
-                               "off the server")
+    serialization, ed25519 = _crypto()
+    p = Path(path)
     try:
-        public = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(p.read_bytes())
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError("cannot read the trusted public key (a PEM Ed25519 public key is "
+                          "expected)", path=str(p),
+                          hint="give the .pub file written by `meddx keys sign-key`") from e
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ConfigError("the trusted key is not an Ed25519 public key", path=str(p))
+    return key
+
+
+def _check_files(root: Path, manifest_bytes: bytes) -> None:
+    try:
+        manifest = json.loads(manifest_bytes)
     except ValueError as e:
-        raise ConfigError(f"not a PEM public key: {e}", path=str(key),
-                          hint="give the .pub.pem file from `meddx keys signing-key`") from e
-    if not isinstance(public, Ed25519PublicKey):
-        raise ConfigError(f"trusted key is {type(public).__name__}, not Ed25519", path=str(key))
-    return public
+        raise ModelError("manifest.json is not valid JSON", path=str(root / MANIFEST)) from e
+    if not isinstance(manifest, dict):
+        raise ModelError("manifest.json is not a mapping of file to sha256", path=str(root))
+    for name, digest in manifest.items():
+        f = root / name
+        if Path(name).name != name or not f.is_file():
+            raise ModelError(f"package file {name} is missing", package=str(root))
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise ModelError(f"package file {name} was changed (sha256 mismatch)",
+                             package=str(root),
+                             hint="restore the original file, or rebuild and re-sign the package")
 
 
-def sign_package(path: str | Path, key: str | Path | Ed25519PrivateKey) -> dict[str, Any]:
-    """Verify the package's files, then sign its manifest; writes ``manifest.sig``.
+def _read_manifest(root: Path) -> bytes:
+    if not root.is_dir():
+        raise ModelError(f"no model package at {root}", package=str(root))
+    try:
+        return (root / MANIFEST).read_bytes()
+    except OSError as e:
+        raise ModelError("package has no manifest.json", package=str(root)) from e
+
+
+def sign_package(path: str | Path, private_key: str | Path | Any) -> dict[str, str]:
+    """Check every file of the package against its manifest, then sign the manifest.
+
+    Args:
+        path: the package folder.
+        private_key: a PEM key file or a loaded ``Ed25519PrivateKey``.
 
     Returns:
-        the signature record written.
+        what was written to ``manifest.sig``.
 
     Raises:
-        ModelError: not a package, or a file no longer matches the manifest (nothing is
-            signed then: a signature must never vouch for a changed package).
-        ConfigError: the key cannot be used.
+        ModelError: the package is missing or does not match its manifest (it is not signed).
+        ConfigError: the key cannot be read.
     """
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from meddx.package import load_package
-
     root = Path(path)
-    private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
-    load_package(root)  # every sha256 must hold before we vouch for the manifest
-    manifest = (root / MANIFEST).read_bytes()
-    record = {"algorithm": "Ed25519", "key": fingerprint(private.public_key()),
-              "signature": base64.b64encode(private.sign(manifest)).decode(),
-              "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-              "signed": datetime.now(UTC).isoformat(timespec="seconds")}
+    key = load_private_key(private_key) if isinstance(private_key, str | Path) else private_key
+    manifest = _read_manifest(root)
+    _check_files(root, manifest)
+    record = {"algorithm": ALGORITHM,
+              "signature": base64.b64encode(key.sign(manifest)).decode("ascii"),
+              "key_sha256": key_fingerprint(key.public_key()),
+              "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
     tmp = root / (SIGNATURE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(root / SIGNATURE)
     return record
 
 
-def verify_manifest(root: Path, manifest: bytes,
-                    trust: Sequence[str | Path | Ed25519PublicKey]) -> str:
-    """Check ``manifest.sig`` against the manifest bytes and the trusted keys.
+def verify_package(path: str | Path, trusted_public_keys: Iterable[str | Path | Any]) -> str:
+    """Check that a package is signed by one of ``trusted_public_keys`` and unchanged since.
+
+    Args:
+        path: the package folder.
+        trusted_public_keys: PEM public key files or loaded ``Ed25519PublicKey`` objects.
 
     Returns:
-        the signer's key fingerprint.
+        the fingerprint (hex sha256) of the key that signed it.
 
     Raises:
-        ConfigError: no trusted key given, or one cannot be read.
-        ModelError: unsigned, signed by a key not trusted, or the manifest changed after
-            signing — each naming the package and what to do.
+        ModelError: naming the package and why: unsigned; signed by an untrusted key; the
+            signature does not match (manifest changed after signing); a file changed.
+        ConfigError: a trusted key cannot be read, or none was given.
     """
+    _crypto()
     from cryptography.exceptions import InvalidSignature
 
-    if not trust:
-        raise ConfigError("signature check asked for with no trusted key",
-                          hint="give at least one public key (--trust-key PUB)")
-    keys = {fingerprint(k): k for k in (load_public_key(t) for t in trust)}
+    root = Path(path)
+    keys = {key_fingerprint(k): k for k in (
+        load_public_key(k) if isinstance(k, str | Path) else k for k in trusted_public_keys)}
+    if not keys:
+        raise ConfigError("no trusted public key to verify packages with")
+    manifest = _read_manifest(root)
     sig_path = root / SIGNATURE
     if not sig_path.is_file():
-        raise ModelError(f"package {root} is not signed (no {SIGNATURE})", path=str(root),
-                         hint=f"sign it: meddx sign {root} --key PRIVATE.pem, or serve "
-                              "without --trust-key")
+        raise ModelError("package is not signed (no manifest.sig)", package=str(root),
+                         hint="sign it with `meddx sign PACKAGE --key KEY`, or serve it without "
+                              "--trust-key")
     try:
         record = json.loads(sig_path.read_text())
-        signer, algorithm = str(record["key"]), record["algorithm"]
         signature = base64.b64decode(record["signature"], validate=True)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{SIGNATURE} of package {root} is unreadable", path=str(sig_path),
-                         hint=f"re-sign it: meddx sign {root} --key PRIVATE.pem") from e
-    if algorithm != "Ed25519":
-        raise ModelError(f"{SIGNATURE} uses {algorithm!r}; only Ed25519 is accepted",
-                         path=str(sig_path))
-    if signer not in keys:
-        raise ModelError(
-            f"package {root} is signed by key {signer[:16]}…, which is not a trusted key "
-            f"(trusted: {', '.join(f[:16] + '…' for f in keys)})", path=str(root),
-            hint="sign it with a trusted key, or add its signer's public key with --trust-key "
-                 "if you trust that signer")
+        fingerprint = str(record["key_sha256"])
+        if record.get("algorithm", ALGORITHM) != ALGORITHM:
+            raise ValueError(f"algorithm {record.get('algorithm')!r}")
+    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as e:
+        raise ModelError(f"manifest.sig is unreadable ({e})", package=str(root),
+                         hint="re-sign the package with `meddx sign`") from e
+    if fingerprint not in keys:
+        raise ModelError(f"package is signed by an untrusted key (sha256 {fingerprint[:16]}…)",
+                         package=str(root),
+                         hint="re-sign it with a trusted key, or add that key's .pub with "
+                              "--trust-key if you trust it")
     try:
-        keys[signer].verify(signature, manifest)
+        keys[fingerprint].verify(signature, manifest)
     except InvalidSignature as e:
-        raise ModelError(
-            f"manifest.json of package {root} does not match its signature (changed after "
-            f"signing by key {signer[:16]}…)", path=str(root / MANIFEST),
-            hint=f"restore the package as signed, or review the change and re-sign: "
-                 f"meddx sign {root} --key PRIVATE.pem") from e
-    return signer
+        raise ModelError("package signature does not match: manifest.json was changed after "
+                         "signing", package=str(root),
+                         hint="restore the signed package, or check the change and re-sign "
+                              "it") from e
+    _check_files(root, manifest)
+    return fingerprint

@@ -35,22 +35,21 @@ def serve(
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="Hashed API keys "
                                              "(`meddx keys api-key` writes it)."),
     trust_key: list[Path] = typer.Option([], "--trust-key", help="Ed25519 public key (PEM) "
-                                         "whose signature (`meddx sign`) every package must "
-                                         "carry; the service refuses to start otherwise. "
-                                         "Repeatable."),
+                                         "whose signed packages alone are served. Repeatable."),
     research_use: bool = typer.Option(False, "--research-use", help="Serve research-only "
                                       "models; every answer then says so."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Local demo only: "
                                           "no authentication, loopback only."),
     backend: str = typer.Option("auto", help="auto | torch | onnx | onnx-int8."),
     max_body_mb: float = typer.Option(20.0, help="Request body cap (MB)."),
-    max_in_flight: int = typer.Option(32, help="Requests admitted at once; more get 429."),
+    max_in_flight: int = typer.Option(32, help="Requests admitted at once; more queue."),
+    queue_size: int | None = typer.Option(None, "--queue-size", help="Requests waiting for "
+                                          "admission; more get 429 (default 2 × "
+                                          "--max-in-flight; 0: no queue)."),
+    queue_timeout_s: float = typer.Option(10.0, "--queue-timeout-s", help="Longest wait "
+                                          "before a request runs (s); then 429, or 503 once "
+                                          "admitted."),
     workers: int = typer.Option(2, help="Requests computing at once."),
-    queue_size: int = typer.Option(32, "--queue-size", help="Requests that may wait for "
-                                   "admission beyond --max-in-flight (FIFO); more get 429. "
-                                   "0: refuse at once."),
-    queue_timeout_s: float = typer.Option(2.0, "--queue-timeout-s", help="Longest wait for "
-                                          "admission (s); then 429 + Retry-After."),
     timeout: float = typer.Option(30.0, help="Per-request timeout (s); then 503."),
     threads: int | None = typer.Option(None, help="Intra-op threads per inference."),
     audit_log: Path | None = typer.Option(None, help="Audit log (JSON lines)."),
@@ -71,6 +70,9 @@ def serve(
     operating_point: list[str] = typer.Option(
         [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
         "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
+    metrics: str = typer.Option("auth", "--metrics", help="GET /metrics (Prometheus): auth "
+                                "(API key or JWT, as the REST API), open (no auth; private "
+                                "scrape networks only) or off."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -92,25 +94,23 @@ def serve(
         if host not in LOOPBACK_HOSTS:
             raise ConfigError("--insecure-no-auth binds to loopback only", hint="drop --host")
         logger.warning("!!! --insecure-no-auth: NO AUTHENTICATION; loopback only, demo only !!!")
+    if metrics not in ("auth", "open", "off"):
+        raise ConfigError(f"--metrics {metrics!r}: choose auth, open or off")
     issuers = [t for path in cds_jwks for t in load_trust(path, cds_issuer)]
-    if trust_key:
-        from meddx.signing import load_public_key
-
-        for key in trust_key:  # a bad key file fails here, before any package is read
-            load_public_key(key)
     settings = ServeSettings(
         host=host, port=port, public_url=public_url, issuers=tuple(issuers),
         api_keys=load_api_keys(api_key_file) if api_key_file else {},
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
         trust_keys=tuple(trust_key),
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
-        queue_size=queue_size, queue_timeout_s=queue_timeout_s, workers=workers,
-        request_timeout_s=timeout, threads=threads, audit_log=audit_log,
+        queue_size=queue_size, queue_timeout_s=queue_timeout_s,
+        workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         operating_points=parse_operating_points(operating_point),
+        metrics=metrics,
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )
@@ -118,7 +118,8 @@ def serve(
     typer.echo(f"meddx serving {', '.join(app.state.meddx.hub.models)} on "
                f"http://{host}:{port}/  (public URL {settings.base_url})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
-                limit_concurrency=(max_in_flight + queue_size) * 2 + 16, timeout_keep_alive=5)
+                limit_concurrency=(max_in_flight + settings.admission_queue) * 2 + 16,
+                timeout_keep_alive=5)
 
 
 def export(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from meddx.evaluation.sections import (
     operating_point_section,
 )
 from meddx.package import ModelCard, ModelPackage, load_package
+from meddx.statistics import json_safe
 from meddx.statistics.bootstrap import bootstrap_metrics
 from meddx.statistics.subgroups import SubgroupResult, subgroup_analysis
 from meddx.training.posthoc import fit_post_hoc, probabilities, split_logits
@@ -35,21 +35,6 @@ from meddx.training.posthoc import fit_post_hoc, probabilities, split_logits
 __all__ = ["EvaluationResult", "evaluate", "fit_post_hoc", "json_safe"]
 
 logger = logging.getLogger(__name__)
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf → None, numpy → Python, recursively (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 @dataclass

@@ -21,15 +21,13 @@ Data it reads:
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from meddx.config import ExperimentConfig, parse_config
-from meddx.errors import DataError, EvaluationError, MeddxError
+from meddx.errors import DataError, EvaluationError
 from meddx.evaluation.evaluator import EvaluationResult, _write_outputs, evaluate
 from meddx.modalities import DataBundle, Split, get_modality
 from meddx.package import ModelPackage, load_package
@@ -44,91 +42,6 @@ SPLIT = "external"
 
 
 # ------------------------------------------------------------------------------ reading
-def _tally(per_case: list[dict[str, int]]) -> dict[str, Any]:
-    counts: Counter[str] = Counter()
-    for c in per_case:
-        counts.update(c)
-    return {"stays": len(per_case), "stays_with_dropped_lines": sum(1 for c in per_case if c),
-            "lines": int(sum(counts.values())), "by_reason": dict(counts.most_common())}
-
-
-def _ehr_cases(package: ModelPackage, root: Path) -> tuple[list[Any], list[Any], list[str],
-                                                             dict[str, Any]]:
-    from meddx.modalities.ehr.io import (
-        DROP_REASONS,
-        count_dropped,
-        read_outcomes,
-        read_physionet_stay,
-        stay_files,
-    )
-
-    if not root.is_dir():
-        raise DataError("external ICU data must be a folder of PhysioNet 2012 stay files with "
-                        "an Outcomes file", path=str(root))
-    outcome_files = sorted(root.rglob("Outcomes*.txt"))
-    if not outcome_files:
-        raise DataError("no Outcomes*.txt in the external data folder", path=str(root),
-                        hint="the outcomes file gives the labels (RecordID,…,In-hospital_death)")
-    outcomes, files = read_outcomes(outcome_files), stay_files(root)
-    modality, spec, task = get_modality("ehr"), package.card.preprocessing, package.card.task
-    tensors, targets, ids, kept, refused = [], [], [], [], []
-    no_outcome = sorted(set(files) - set(outcomes.index), key=int)
-    for rid in sorted(set(files) & set(outcomes.index), key=int):
-        try:
-            sample = modality.read(files[rid], spec)
-        except DataError:
-            stay = read_physionet_stay(files[rid], "warn")
-            refused.append(count_dropped(stay.issues)["by_reason"])
-            continue
-        tensors.append(sample.tensor)
-        targets.append(task.encode(int(outcomes.loc[rid, "in_hospital_death"]), sample_id=rid))
-        ids.append(rid)
-        kept.append(sample.meta.get("dropped_lines", {}).get("by_reason", {}))
-    by_split, refused_t = {SPLIT: _tally(kept)}, _tally(refused)
-    total: Counter[str] = Counter()
-    for t in (by_split[SPLIT], refused_t):
-        total.update(t["by_reason"])
-    info = {"source": str(root), "format": "PhysioNet/CinC 2012 stay files",
-            "stays_without_outcome": len(no_outcome),
-            "outcomes_without_stay": int(len(set(outcomes.index) - set(files))),
-            "dropped_lines": {"total": int(sum(total.values())),
-                              "by_reason": dict(total.most_common()), "by_split": by_split,
-                              "refused_stays": refused_t,
-                              "reasons": {k: DROP_REASONS.get(k, k) for k in total}}}
-    return tensors, targets, ids, info
-
-
-def _table_cases(package: ModelPackage, data: Path) -> tuple[list[Any], list[Any], list[str],
-                                                               dict[str, Any]]:
-    from meddx.modalities.image.folder import read_labels_csv
-
-    csv = data / "labels.csv" if data.is_dir() else data
-    if not csv.is_file():
-        raise DataError("external data must be a CSV (path,label) or a folder holding "
-                        "labels.csv", path=str(data))
-    table = read_labels_csv(csv)
-    root = csv.parent
-    modality, spec, task = (get_modality(package.card.modality), package.card.preprocessing,
-                            package.card.task)
-    tensors, targets, ids, left_out = [], [], [], Counter()
-    for row in table.itertuples(index=False):
-        path = Path(row.path) if Path(row.path).is_absolute() else root / row.path
-        try:
-            target = task.encode(row.label, sample_id=str(row.path))
-            sample = modality.read(path, spec)
-        except MeddxError as e:
-            left_out[re.sub(r"\s+", " ", e.message)[:80]] += 1
-            logger.warning("external case %s left out: %s", row.path, e.message)
-            continue
-        tensors.append(sample.tensor)
-        targets.append(target)
-        ids.append(Path(str(row.path)).name)
-    info = {"source": str(csv), "format": "labels CSV",
-            "left_out_cases": int(sum(left_out.values())),
-            "left_out_by_reason": dict(left_out.most_common())}
-    return tensors, targets, ids, info
-
-
 def external_bundle(package: ModelPackage, data: str | Path) -> DataBundle:
     """External data as a bundle with one split, ``external``, read with the package's own
     preprocessing.
@@ -139,12 +52,12 @@ def external_bundle(package: ModelPackage, data: str | Path) -> DataBundle:
     data = Path(data)
     if not data.exists():
         raise DataError("no such external data", path=str(data))
-    reader = _ehr_cases if package.card.modality == "ehr" else _table_cases
-    tensors, targets, ids, info = reader(package, data)
+    card = package.card
+    tensors, targets, ids, info = get_modality(card.modality).read_external(
+        data, card.preprocessing, card.task)
     if not ids:
         raise DataError("no case of the external data could be read", path=str(data))
     split = Split(name=SPLIT, inputs=tensors, targets=np.asarray(targets), ids=ids)
-    card = package.card
     return DataBundle(dataset=data.name or str(data), modality=card.modality, task=card.task,
                       splits={SPLIT: split}, input_spec=dict(card.preprocessing), info=info)
 

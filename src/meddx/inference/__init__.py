@@ -44,8 +44,7 @@ def amx_available() -> bool:
 
 
 def load_model(path: str | Path, backend: str = "auto", threads: int | None = None,
-               operating_point: str | None = None,
-               trust: Sequence[Any] | None = None) -> Predictor:
+               operating_point: str | None = None) -> Predictor:
     """Load and verify a package (sha256, no pickle) and return its Predictor.
 
     Args:
@@ -54,12 +53,10 @@ def load_model(path: str | Path, backend: str = "auto", threads: int | None = No
         threads: intra-op threads (default: torch's).
         operating_point: the decision rule of this deployment, a name from the card's
             operating points (default: the card's default).
-        trust: public keys one of which must have signed the package (``meddx sign``; see
-            :func:`meddx.package.load_package`); None skips the signature check.
     """
     if threads:
         torch.set_num_threads(threads)
-    return Predictor(load_package(path, trust=trust), backend=backend, operating_point=operating_point)
+    return Predictor(load_package(path), backend=backend, operating_point=operating_point)
 
 
 def choose_operating_point(card: Any, name: str | None) -> str | None:
@@ -70,7 +67,7 @@ def choose_operating_point(card: Any, name: str | None) -> str | None:
             them).
     """
     if name is None:
-        return card.default_operating_point
+        return str(card.default_operating_point) if card.default_operating_point else None
     points = list(card.operating_points)
     if name not in points:
         from meddx.registry import suggest
@@ -132,7 +129,7 @@ class Predictor:
             if self.detector.spec.layer not in layers:
                 raise ConfigError(f"the card's OOD layer {self.detector.spec.layer!r} is not in "
                                   "the network")
-            self._tap = FeatureTap(layers[self.detector.spec.layer], self.detector.spec.layer)
+            self._tap = FeatureTap(layers[self.detector.spec.layer], str(self.detector.spec.layer))
 
     @property
     def operating_point(self) -> Any:
@@ -218,7 +215,7 @@ class Predictor:
         z = np.concatenate(outs) if outs else np.zeros((0, self.task.num_outputs), np.float32)
         if not features or not feats or any(f is None for f in feats):
             return z, None
-        return z, np.concatenate(feats)
+        return z, np.concatenate([f for f in feats if f is not None])
 
     # ---------------------------------------------------------------- predict
     def read(self, source: Any) -> Sample:
@@ -267,8 +264,9 @@ class Predictor:
             for s in samples:
                 z, f = self.forward(s.tensor, feats)
                 rows.append(aggregate(z, task=self.task))
-                if feats:
-                    scores.append(float(np.mean(self.ood_scores(z, f))))
+                s_ood = self.ood_scores(z, f) if feats else None
+                if s_ood is not None:
+                    scores.append(float(np.mean(s_ood)))
             return np.stack(rows), np.asarray(scores) if feats else None
         outs, score_parts = [], []
         for start in range(0, len(samples), batch_size):
@@ -281,9 +279,10 @@ class Predictor:
                                 hint="check the inputs against the model's expected size") from e
             z, f = self.forward(x, feats)
             outs.append(z)
-            if feats:
-                score_parts.append(self.ood_scores(z, f))
-        return np.concatenate(outs), np.concatenate(score_parts) if feats else None
+            part = self.ood_scores(z, f) if feats else None
+            if part is not None:
+                score_parts.append(part)
+        return np.concatenate(outs), np.concatenate(score_parts) if score_parts else None
 
     def finalize(self, logits: np.ndarray, ids: Sequence[str],
                  ood_scores: np.ndarray | None = None) -> list[Prediction]:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.data import Dataset
 
 from meddx.errors import ConfigError, DataError
+from meddx.modalities.splitting import SPLIT_NAMES, Split, carve_split
 
 __all__ = [
     "Split",
@@ -36,60 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPLIT_NAMES = ("train", "val", "calib", "test")
-
-
-@dataclass
-class Split:
-    """One split of a dataset.
-
-    Attributes:
-        name: ``train``, ``val``, ``calib`` or ``test`` (or another named evaluation split).
-        inputs: indexable items the modality turns into tensors (an array (N, …), a list of
-            paths, SMILES strings …).
-        targets: encoded targets (see :meth:`TaskSpec.encode`), aligned with ``inputs``.
-        ids: one identifier per sample (file name, record name), never PHI.
-        patient_ids: patient identifier per sample where known (splits are by patient then).
-        metadata: one row per sample (sex, age, site …) for subgroup analysis, or None.
-    """
-
-    name: str
-    inputs: Any
-    targets: np.ndarray
-    ids: list[str]
-    patient_ids: list[str] | None = None
-    metadata: pd.DataFrame | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.ids)
-        if len(self.targets) != n or len(self.inputs) != n:
-            raise DataError(
-                f"split '{self.name}' is inconsistent: {len(self.inputs)} inputs, "
-                f"{len(self.targets)} targets, {n} ids"
-            )
-        if self.metadata is not None and len(self.metadata) != n:
-            raise DataError(f"split '{self.name}': metadata rows do not match samples")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> Split:
-        """The samples at ``index`` as a new split."""
-        idx = np.asarray(index, dtype=int)
-        if isinstance(self.inputs, np.ndarray | torch.Tensor):
-            inputs = self.inputs[idx]
-        else:
-            inputs = [self.inputs[i] for i in idx]
-        return Split(
-            name=name or self.name,
-            inputs=inputs,
-            targets=np.asarray(self.targets)[idx],
-            ids=[self.ids[i] for i in idx],
-            patient_ids=[self.patient_ids[i] for i in idx] if self.patient_ids else None,
-            metadata=self.metadata.iloc[idx].reset_index(drop=True)
-            if self.metadata is not None
-            else None,
-        )
 
 
 @dataclass
@@ -258,6 +204,47 @@ class Modality(ABC):
         the modality put in the sample's ``meta`` (e.g. the number of tiles read)."""
         return None
 
+    def read_external(self, data: Path, input_spec: dict[str, Any], task: Any
+                      ) -> tuple[list[Any], list[Any], list[str], dict[str, Any]]:
+        """Cases from another source for ``meddx validate``: ``(inputs, targets, ids, info)``,
+        read with the package's preprocessing. The default reads a labelled-files CSV
+        (``path,label``, or a folder holding ``labels.csv``); unreadable cases are left out
+        and counted by reason in ``info``; a modality with its own layout overrides this."""
+        import re
+        from collections import Counter
+
+        from meddx.errors import MeddxError
+        from meddx.modalities.labelled import read_labels_csv
+
+        csv = data / "labels.csv" if data.is_dir() else data
+        if not csv.is_file():
+            raise DataError("external data must be a CSV (path,label) or a folder holding "
+                            "labels.csv", path=str(data))
+        table = read_labels_csv(csv)
+        root = csv.parent
+        modality, spec = self, input_spec
+        tensors: list[Any] = []
+        targets: list[Any] = []
+        ids: list[str] = []
+        left_out: Counter[str] = Counter()
+        for row in table.itertuples(index=False):
+            rel = str(row.path)
+            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            try:
+                target = task.encode(row.label, sample_id=str(row.path))
+                sample = modality.read(path, spec)
+            except MeddxError as e:
+                left_out[re.sub(r"\s+", " ", e.message)[:80]] += 1
+                logger.warning("external case %s left out: %s", row.path, e.message)
+                continue
+            tensors.append(sample.tensor)
+            targets.append(target)
+            ids.append(Path(str(row.path)).name)
+        info = {"source": str(csv), "format": "labels CSV",
+                "left_out_cases": int(sum(left_out.values())),
+                "left_out_by_reason": dict(left_out.most_common())}
+        return tensors, targets, ids, info
+
     def variant_effect(self, predictor: Any, variant: str) -> dict[str, Any]:
         """The effect of a sequence variant (``meddx predict --variant``); only sequence
         modalities have one."""
@@ -305,44 +292,3 @@ class Modality(ABC):
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:
         """A FHIR R4 resource (as a dict) describing ``prediction``."""
         raise ConfigError(f"modality '{self.name}' has no FHIR mapping yet")
-
-
-def carve_split(
-    split: Split,
-    fraction: float,
-    seed: int,
-    stratify: np.ndarray | None,
-    name: str,
-    rest_name: str | None = None,
-) -> tuple[Split, Split]:
-    """Carve ``fraction`` of ``split`` into a new split called ``name``.
-
-    Stratified by ``stratify`` (class index per sample) and grouped by patient when the split
-    has patient ids, so no patient lands on both sides. Deterministic for a given ``seed``.
-
-    Returns:
-        (rest, carved)
-    """
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
-    n = len(split)
-    if not 0 < fraction < 1:
-        raise ConfigError(f"split fraction must be in (0, 1), got {fraction}")
-    if n < 4:
-        raise DataError(f"split '{split.name}' has only {n} samples; too few to carve '{name}'")
-    idx = np.arange(n)
-    if split.patient_ids:
-        groups = np.asarray(split.patient_ids)
-        k = max(2, round(1 / fraction))
-        y = stratify if stratify is not None else np.zeros(n, dtype=int)
-        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        rest, carved = next(iter(folds.split(idx, y, groups)))
-    else:
-        strat = stratify
-        if strat is not None:
-            counts = np.bincount(np.asarray(strat, dtype=int))
-            if (counts[counts > 0] < 2).any():
-                strat = None  # a class with one sample cannot be stratified
-        rest, carved = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
-    rest, carved = np.sort(rest), np.sort(carved)
-    return split.subset(rest, rest_name or split.name), split.subset(carved, name)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from meddx.errors import DataError
-from meddx.modalities.base import Split, carve_split
+from meddx.modalities.splitting import Split, carve_split
 from meddx.tasks import TaskSpec
 
 __all__ = ["RESERVED", "read_labels_csv", "infer_folder_task", "labelled_table", "make_splits",

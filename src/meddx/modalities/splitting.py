@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
-from meddx.errors import ConfigError
+from meddx.errors import ConfigError, DataError
 
 __all__ = [
+    "SPLIT_NAMES",
+    "Split",
+    "carve_split",
     "random_split",
     "kfold_split",
     "limit_indices",
@@ -24,6 +31,102 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "calib", "test")
+
+
+@dataclass
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        name: ``train``, ``val``, ``calib`` or ``test`` (or another named evaluation split).
+        inputs: indexable items the modality turns into tensors (an array (N, …), a list of
+            paths, SMILES strings …).
+        targets: encoded targets (see :meth:`TaskSpec.encode`), aligned with ``inputs``.
+        ids: one identifier per sample (file name, record name), never PHI.
+        patient_ids: patient identifier per sample where known (splits are by patient then).
+        metadata: one row per sample (sex, age, site …) for subgroup analysis, or None.
+    """
+
+    name: str
+    inputs: Any
+    targets: np.ndarray
+    ids: list[str]
+    patient_ids: list[str] | None = None
+    metadata: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.targets) != n or len(self.inputs) != n:
+            raise DataError(
+                f"split '{self.name}' is inconsistent: {len(self.inputs)} inputs, "
+                f"{len(self.targets)} targets, {n} ids"
+            )
+        if self.metadata is not None and len(self.metadata) != n:
+            raise DataError(f"split '{self.name}': metadata rows do not match samples")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> Split:
+        """The samples at ``index`` as a new split."""
+        idx = np.asarray(index, dtype=int)
+        if isinstance(self.inputs, np.ndarray | torch.Tensor):
+            inputs = self.inputs[idx]
+        else:
+            inputs = [self.inputs[i] for i in idx]
+        return Split(
+            name=name or self.name,
+            inputs=inputs,
+            targets=np.asarray(self.targets)[idx],
+            ids=[self.ids[i] for i in idx],
+            patient_ids=[self.patient_ids[i] for i in idx] if self.patient_ids else None,
+            metadata=self.metadata.iloc[idx].reset_index(drop=True)
+            if self.metadata is not None
+            else None,
+        )
+
+
+def carve_split(
+    split: Split,
+    fraction: float,
+    seed: int,
+    stratify: np.ndarray | None,
+    name: str,
+    rest_name: str | None = None,
+) -> tuple[Split, Split]:
+    """Carve ``fraction`` of ``split`` into a new split called ``name``.
+
+    Stratified by ``stratify`` (class index per sample) and grouped by patient when the split
+    has patient ids, so no patient lands on both sides. Deterministic for a given ``seed``.
+
+    Returns:
+        (rest, carved)
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    n = len(split)
+    if not 0 < fraction < 1:
+        raise ConfigError(f"split fraction must be in (0, 1), got {fraction}")
+    if n < 4:
+        raise DataError(f"split '{split.name}' has only {n} samples; too few to carve '{name}'")
+    idx = np.arange(n)
+    if split.patient_ids:
+        groups = np.asarray(split.patient_ids)
+        k = max(2, round(1 / fraction))
+        y = stratify if stratify is not None else np.zeros(n, dtype=int)
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        rest, carved = next(iter(folds.split(idx, y, groups)))
+    else:
+        strat = stratify
+        if strat is not None:
+            counts = np.bincount(np.asarray(strat, dtype=int))
+            if (counts[counts > 0] < 2).any():
+                strat = None  # a class with one sample cannot be stratified
+        rest, carved = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    rest, carved = np.sort(rest), np.sort(carved)
+    return split.subset(rest, rest_name or split.name), split.subset(carved, name)
 
 
 def _usable_strata(strat: np.ndarray | None, n_parts: int) -> np.ndarray | None:

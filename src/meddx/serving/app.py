@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from meddx.errors import AuthError, MeddxError, OverloadedError
+from meddx.serving import context
 from meddx.serving.audit import AuditLog, default_audit_path
 from meddx.serving.auth import Authenticator
 from meddx.serving.cds import FeedbackStore
@@ -28,6 +29,7 @@ from meddx.serving.deps import State
 from meddx.serving.engine import ModelHub
 from meddx.serving.heatmaps import HeatmapStore
 from meddx.serving.limits import BodyLimitMiddleware, LimitsMiddleware
+from meddx.serving.metrics import MonitorMiddleware, ServiceMetrics, metrics_router
 from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui
 from meddx.serving.settings import ServeSettings
 from meddx.version import __version__
@@ -57,6 +59,7 @@ def _error_response(exc: MeddxError) -> JSONResponse:
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MeddxError)
     async def meddx_error(request: Request, exc: MeddxError) -> JSONResponse:
+        context.note_error(type(exc).__name__)
         return _error_response(exc)
 
     @app.exception_handler(Exception)
@@ -98,6 +101,8 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     Raises:
         ConfigError: duplicate model names, research-only model without ``research_use``,
             or no way to authenticate (no API keys, no issuers, not ``insecure_no_auth``).
+        ModelError: with ``settings.trust_keys``, a package unsigned, signed by another key,
+            or changed since signing (see :mod:`meddx.signing`).
     """
     from meddx.errors import ConfigError
 
@@ -122,13 +127,21 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     _install_handlers(app)
     for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router):
         app.include_router(r)
+    metrics = None
+    if settings.metrics != "off":
+        metrics = ServiceMetrics(hub, {sid: served.name for sid, (served, _, _)
+                                       in cds_hooks.services(st).items()})
+        app.include_router(metrics_router(metrics, settings.metrics))
     static = resources.files("meddx.serving").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.add_middleware(LimitsMiddleware, max_in_flight=settings.max_in_flight,
-                       workers=settings.workers, worker_timeout_s=settings.worker_timeout_s,
+                       workers=settings.workers, queue_timeout_s=settings.queue_timeout_s,
                        request_timeout_s=settings.request_timeout_s,
-                       queue_size=settings.queue_size, queue_timeout_s=settings.queue_timeout_s,
-                       retry_after_s=settings.retry_after_s)
+                       retry_after_s=settings.retry_after_s,
+                       queue_size=settings.admission_queue,
+                       exempt=("/health", "/static", "/metrics"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        streamed={jobs.UPLOAD_PATH: settings.max_slide_bytes})
+    app.add_middleware(MonitorMiddleware, routes=app.routes, metrics=metrics)
+    app.state.metrics = metrics
     return app

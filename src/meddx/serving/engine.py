@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meddx.errors import ConfigError, MeddxError, ModelError, NotFoundError
+from meddx.errors import ConfigError, MeddxError, NotFoundError
 from meddx.registry import suggest
+from meddx.serving import context
 from meddx.serving.audit import sha256_bytes
 from meddx.serving.inputs import Upload, check_upload
 from meddx.serving.settings import ALL_MODELS, ServeSettings
@@ -147,6 +148,7 @@ class ServedModel:
                        explain: bool) -> list[Answer]:
         for i, s in enumerate(samples):
             s.id = str(i)  # never echo file names (they may name a patient)
+        context.note_inputs([s.tensor for s in samples])  # for drift monitoring (audit log)
         preds = self.predictor.predict_samples(samples, explain=False)
         for p, s in zip(preds, samples, strict=True):  # provenance the FHIR output needs
             for key in _KEPT_META:
@@ -192,19 +194,26 @@ class ServedModel:
 def _load(path: str | Path, settings: ServeSettings) -> Any:
     from meddx.inference import load_model
 
-    return load_model(path, backend=settings.backend, threads=settings.threads,
-                      trust=settings.trust_keys or None)
+    return load_model(path, backend=settings.backend, threads=settings.threads)
 
 
-def _check_signed(predictor: Any, settings: ServeSettings) -> None:
-    """A Predictor handed in already loaded: its folder must be signed by a trusted key and
-    hold the very weights it runs."""
-    from meddx.package import load_package
+def _trusted_keys(settings: ServeSettings) -> list[Any]:
+    from meddx.signing import load_public_key
 
-    signed = load_package(predictor.package.path, trust=settings.trust_keys)
-    if signed.sha256 != predictor.package.sha256:
-        raise ModelError("the loaded model's weights differ from its signed package",
-                         path=str(predictor.package.path), hint="load it again from the folder")
+    return [load_public_key(p) for p in settings.trust_keys]
+
+
+def _verify_signed(item: Any, trusted: list[Any]) -> None:
+    """Refuse a package not signed by a trusted key (ModelError naming it and why)."""
+    from meddx.errors import ModelError
+    from meddx.signing import verify_package
+
+    path = item if isinstance(item, str | Path) else getattr(
+        getattr(item, "package", None), "path", None)
+    if path is None:
+        raise ModelError("a model given without its package folder cannot be checked against "
+                         "--trust-key", hint="serve the package folder")
+    verify_package(path, trusted)
 
 
 class ModelHub:
@@ -216,18 +225,21 @@ class ModelHub:
 
     Raises:
         ConfigError: two packages share a name, or a research-only package without
-            ``research_use``.
+            ``research_use``; a ``trust_keys`` file cannot be read.
+        ModelError: with ``trust_keys``, a package that is unsigned, signed by another key or
+            changed since it was signed.
     """
 
     def __init__(self, packages: list[Any], settings: ServeSettings) -> None:
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
+        trusted = _trusted_keys(settings)
         for item in packages:
             predictor = item
+            if trusted:
+                _verify_signed(item, trusted)
             if isinstance(item, str | Path):
                 predictor = _load(item, settings)
-            elif settings.trust_keys:
-                _check_signed(item, settings)
             served = ServedModel(predictor, settings)
             if served.name in self.models:
                 raise ConfigError(f"two packages are named '{served.name}'",

@@ -5,12 +5,11 @@
   memory only up to the cap. Routes (and Starlette's multipart parser, which spools uploads to
   temporary files) only ever see bodies within the cap.
 * :class:`LimitsMiddleware` — at most ``max_in_flight`` requests are admitted (running or
-  waiting for a worker). A request that finds them all taken waits in a FIFO queue of at most
-  ``queue_size`` places for up to ``queue_timeout_s``; a full queue or a wait past the timeout
-  is answered ``429`` with ``Retry-After`` (``queue_size=0``: refused at once, the behaviour
-  before the queue). A client that disconnects while queued gives its place back. At most
-  ``workers`` run at once; an admitted request that waits longer than ``worker_timeout_s`` for
-  one gets ``503`` with ``Retry-After``; one that runs longer than ``request_timeout_s`` gets
+  waiting for a worker); up to ``queue_size`` more wait in a FIFO queue for admission, and
+  beyond that the answer is ``429`` with ``Retry-After``. A request waits at most
+  ``queue_timeout_s`` in all before it runs: still queued then → ``429``, admitted but no worker
+  free → ``503``, both with ``Retry-After``. A client that disconnects while queued leaves the
+  queue. At most ``workers`` run at once; one that runs longer than ``request_timeout_s`` gets
   ``503`` and its work keeps its slot until it ends, so the bound on work in progress stays
   true.
 """
@@ -20,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import Counter, deque
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 __all__ = ["BodyLimitMiddleware", "LimitsMiddleware", "json_response"]
 
 logger = logging.getLogger(__name__)
-
-#: scope key set when the whole request body has been read (and is replayed from memory)
-BODY_BUFFERED = "meddx.body_buffered"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -107,7 +104,6 @@ class BodyLimitMiddleware:
                 return
             body.append(chunk)
             more = message.get("more_body", False)
-        scope[BODY_BUFFERED] = True  # LimitsMiddleware may then watch for a disconnect
         await self.app(scope, _replay(b"".join(body), receive), send)
 
     async def _too_large(self, send: Send, length: int | None, cap: int | None = None) -> None:
@@ -118,6 +114,16 @@ class BodyLimitMiddleware:
             hint="send a smaller file, or ask the operator to raise --max-body-mb",
             headers={"connection": "close"},
         )
+
+
+def _replay_messages(seen: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that returns ``seen`` first, then reads on."""
+    pending = deque(seen)
+
+    async def inner() -> Message:
+        return pending.popleft() if pending else await receive()
+
+    return inner
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -134,47 +140,39 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class LimitsMiddleware:
-    """Bounded admission with a short FIFO queue, bounded concurrency, a per-request timeout.
+    """Bounded admission with a short FIFO queue, bounded concurrency, per-request timeout.
 
     Args:
         app: the wrapped ASGI app.
         max_in_flight: requests admitted at once (running + waiting for a worker).
         workers: requests running at once.
-        worker_timeout_s: longest wait of an admitted request for a worker before 503.
+        queue_timeout_s: longest wait before a request runs (queued: 429; admitted: 503).
         request_timeout_s: longest run before 503.
-        queue_size: requests that may wait for admission; more get 429 at once.
-        queue_timeout_s: longest wait for admission before 429.
         retry_after_s: value of the ``Retry-After`` header.
+        queue_size: requests that may wait for admission; more get 429 at once (0: no queue).
         exempt: path prefixes not limited (health probes, static files).
-
-    Attributes:
-        in_flight: requests admitted now.
-        stats: counts of ``queued``, ``refused_full``, ``refused_timeout`` and
-            ``left_queue`` (clients that disconnected while queued).
     """
 
     def __init__(self, app: ASGIApp, *, max_in_flight: int, workers: int,
-                 worker_timeout_s: float, request_timeout_s: float, queue_size: int = 0,
-                 queue_timeout_s: float = 2.0, retry_after_s: int = 1,
+                 queue_timeout_s: float, request_timeout_s: float, retry_after_s: int = 1,
+                 queue_size: int = 0,
                  exempt: tuple[str, ...] = ("/health", "/static")) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.workers = workers
-        self.worker_timeout_s = worker_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self.queue_size = queue_size
-        self.queue_timeout_s = queue_timeout_s
         self.retry_after = {"retry-after": str(retry_after_s)}
         self.exempt = exempt
         self.in_flight = 0
-        self.stats: Counter[str] = Counter()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sem: asyncio.Semaphore | None = None
 
     @property
     def queued(self) -> int:
-        """Requests waiting for admission now."""
-        return sum(1 for f in self._waiters if not f.done())
+        """Requests now waiting for admission."""
+        return len(self._waiters)
 
     def _exempt(self, scope: Scope) -> bool:
         path = scope.get("path", "")
@@ -184,70 +182,86 @@ class LimitsMiddleware:
         if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
-        if self.in_flight < self.max_in_flight and not self._waiters:
-            self.in_flight += 1
-        else:
-            admitted, receive = await self._queue(scope, receive, send)
-            if not admitted:
-                return
+        deadline = time.monotonic() + self.queue_timeout_s
+        admitted, receive = await self._admit(receive)
+        if admitted is None:  # the client left while queued
+            return
+        if not admitted:
+            await json_response(send, 429, "OverloadedError",
+                                "too many requests in progress; retry shortly",
+                                headers=self.retry_after)
+            return
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.workers)
         try:
-            await asyncio.wait_for(self._sem.acquire(), timeout=self.worker_timeout_s)
+            await asyncio.wait_for(self._sem.acquire(),
+                                   timeout=max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            self._free_slot()
+            self._leave()
             await json_response(send, 503, "OverloadedError",
                                 "the service is busy; retry shortly", headers=self.retry_after)
             return
         await self._run(scope, receive, send)
 
-    async def _queue(self, scope: Scope, receive: Receive,
-                     send: Send) -> tuple[bool, Receive]:
-        """Wait in the FIFO queue for an admission slot, handed over by :meth:`_free_slot`.
+    async def _admit(self, receive: Receive) -> tuple[bool | None, Receive]:
+        """Take an admission slot, waiting in the FIFO queue if there is room.
 
-        Returns whether the request was admitted, and the ``receive`` the app must use (the
-        body read while watching for a disconnect is replayed by it)."""
-        if len(self._waiters) >= self.queue_size:
-            self.stats["refused_full"] += 1
-            await json_response(send, 429, "OverloadedError",
-                                "too many requests in progress and the queue is full; "
-                                "retry shortly", headers=self.retry_after)
+        Returns ``(True, receive)`` when admitted (the slot is held), ``(False, receive)``
+        when refused, ``(None, receive)`` when the client disconnected while queued. While
+        queued, the request's messages are read (to see a disconnect) and replayed to the app.
+        """
+        if self.in_flight < self.max_in_flight and not self.queued:
+            self.in_flight += 1
+            return True, receive
+        if self.queued >= self.queue_size:
             return False, receive
-        self.stats["queued"] += 1
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
-        watch, receive = _disconnect_watch(scope, receive)
+        seen: list[Message] = []
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                seen.append(message)
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait({slot, watch} if watch else {slot}, timeout=self.queue_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if watch is not None:
-                watch.cancel()
-            if not slot.done():
-                slot.cancel()
-                self._waiters.remove(slot)
-        if not slot.cancelled():  # admitted: the slot was handed over while we waited
-            return True, receive
-        if watch is not None and watch.done() and not watch.cancelled() and watch.result():
-            self.stats["left_queue"] += 1
-            return False, receive
-        self.stats["refused_timeout"] += 1
-        await json_response(send, 429, "OverloadedError",
-                            f"no capacity within {self.queue_timeout_s:g} s; retry shortly",
-                            headers=self.retry_after)
+            done, _ = await asyncio.wait({slot, watcher}, timeout=self.queue_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while queued
+            watcher.cancel()
+            self._forget(slot)
+            raise
+        watcher.cancel()
+        if watcher in done:  # the client left (or its channel failed) while queued
+            if not watcher.cancelled():
+                watcher.exception()  # retrieved: a failed channel is a disconnect here
+            self._forget(slot)
+            return None, receive
+        if slot.done():
+            return True, _replay_messages(seen, receive)
+        self._forget(slot)
         return False, receive
 
-    def _free_slot(self) -> None:
-        """Give a finished request's admission slot to the first queued one, else free it."""
-        while self._waiters:
-            slot = self._waiters.popleft()
-            if not slot.done():
-                slot.set_result(None)
-                return
+    def _forget(self, slot: asyncio.Future[None]) -> None:
+        """Take a waiter off the queue; a slot it was just handed passes on."""
+        if slot.done() and not slot.cancelled():
+            self._leave()
+            return
+        slot.cancel()
+        self._waiters.remove(slot)  # not yet handed a slot, so still queued
+
+    def _leave(self) -> None:
+        """Give an admission slot to the first waiter, or free it."""
+        if self._waiters:
+            self._waiters.popleft().set_result(None)  # the slot passes on; in_flight stays
+            return
         self.in_flight -= 1
 
     def _release(self, task: asyncio.Task) -> None:
-        self._free_slot()
+        self._leave()
         if self._sem is not None:
             self._sem.release()
 
@@ -283,30 +297,3 @@ class LimitsMiddleware:
                             f"the request took longer than {self.request_timeout_s:g} s",
                             hint="retry later or send fewer inputs per request",
                             headers=self.retry_after)
-
-
-def _disconnect_watch(scope: Scope, receive: Receive) -> tuple[asyncio.Task | None, Receive]:
-    """A task that ends with True when the client disconnects, and the ``receive`` to hand on.
-
-    Only for a body already read into memory (:data:`BODY_BUFFERED`): its one message is taken
-    here and replayed; the next ``receive`` then only returns on a disconnect. A streamed body
-    (slide uploads) is never read ahead; such a request leaves the queue by its timeout."""
-    if not scope.get(BODY_BUFFERED):
-        return None, receive
-    first: list[Message] = []
-
-    async def watch() -> bool:
-        first.append(await receive())
-        if first[0]["type"] == "http.disconnect":
-            return True
-        if (await receive())["type"] == "http.disconnect":
-            return True
-        await asyncio.Event().wait()  # an unexpected message: stop watching, keep waiting
-        return False
-
-    async def replay() -> Message:
-        if first:
-            return first.pop()
-        return await receive()
-
-    return asyncio.ensure_future(watch()), replay

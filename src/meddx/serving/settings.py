@@ -75,8 +75,7 @@ class ServeSettings(BaseModel):
     jku_cache_s: int = 600
     # --- models and use
     trust_keys: tuple[Path, ...] = Field((), description="Ed25519 public keys (PEM); when "
-                                         "given, every package must be signed by one of them "
-                                         "(`meddx sign`). Not the JWT issuers' keys.")
+                                         "given, only packages signed by one of them load")
     research_use: bool = False
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     warmup: bool = True
@@ -88,14 +87,12 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_batch: int = Field(32, gt=0)
-    max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting "
-                               "for a worker)")
+    max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
     workers: int = Field(2, gt=0, description="requests computing at once")
-    queue_size: int = Field(32, ge=0, description="requests that may wait for admission "
-                            "beyond max_in_flight (FIFO); more get 429; 0 refuses at once")
-    queue_timeout_s: float = Field(2.0, gt=0, description="longest wait for admission; then 429")
-    worker_timeout_s: float = Field(10.0, gt=0, description="longest wait of an admitted "
-                                    "request for a worker; then 503")
+    queue_size: int | None = Field(None, ge=0, description="requests waiting for admission "
+                                   "(FIFO); more get 429. None: 2 × max_in_flight; 0: no queue")
+    queue_timeout_s: float = Field(10.0, gt=0, description="longest wait before a request runs: "
+                                   "still queued → 429, admitted but no worker free → 503")
     request_timeout_s: float = Field(30.0, gt=0)
     retry_after_s: int = 1
     threads: int | None = Field(None, description="torch intra-op threads per worker")
@@ -118,6 +115,10 @@ class ServeSettings(BaseModel):
     job_dir: Path | None = Field(None, description="server-owned folder for job files")
     slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
     max_slide_bytes: int = Field(4 * 1024**3, gt=0)
+    # --- monitoring
+    metrics: Literal["auth", "open", "off"] = Field(
+        "auth", description="GET /metrics: behind the REST authentication (auth), without "
+        "it for a scraper on a private network (open), or not served and not counted (off)")
 
     @field_validator("public_url")
     @classmethod
@@ -141,6 +142,11 @@ class ServeSettings(BaseModel):
         if self.insecure_no_auth and self.host not in LOOPBACK_HOSTS:
             raise ValueError("--insecure-no-auth binds to loopback only (127.0.0.1)")
         return self
+
+    @property
+    def admission_queue(self) -> int:
+        """Requests that may wait for admission (``queue_size``, default 2 × max_in_flight)."""
+        return 2 * self.max_in_flight if self.queue_size is None else self.queue_size
 
     @property
     def base_url(self) -> str:

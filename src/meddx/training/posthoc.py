@@ -27,8 +27,9 @@ from meddx.statistics.conformal import ConformalClassifier
 from meddx.statistics.metrics import binary_view, compute_metrics
 from meddx.statistics.operating_points import ThresholdSelector, operating_point_name
 from meddx.tasks import TaskSpec
+from meddx.training.reference import training_reference
 
-__all__ = ["fit_post_hoc", "split_logits", "probabilities"]
+__all__ = ["fit_post_hoc", "split_logits", "probabilities", "add_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def fit_post_hoc(package: ModelPackage, bundle: Any, eval_config: EvaluationConf
     points, default = _operating_points(task, targets, probs, cfg)
     conformal = _conformal(task, targets, probs, cfg)
     package.update_card(
+        reference=training_reference(package, calib, probs),
         calibration=None if calibration is None else calibration.model_dump(mode="json"),
         operating_points=points,
         default_operating_point=default,
@@ -149,3 +151,34 @@ def fit_post_hoc(package: ModelPackage, bundle: Any, eval_config: EvaluationConf
     from meddx.training.ood import fit_ood_detector
 
     fit_ood_detector(package, bundle, cfg)
+
+
+def add_reference(path: Any, bundle: Any = None) -> Any:
+    """Fit the training reference into an existing package (one trained before monitoring):
+    the calibration split is read again as training split it (the run's config and seed).
+
+    Args:
+        path: the package folder.
+        bundle: the DataBundle it was trained on (default: loaded from the card's config).
+
+    Returns:
+        The updated :class:`~meddx.package.ModelPackage`.
+    """
+    from meddx.errors import EvaluationError
+    from meddx.package import load_package
+
+    package = load_package(path)
+    if bundle is None:
+        from meddx.modalities.loading import load_bundle
+
+        config = package.card.training.get("config")
+        if not config:
+            raise EvaluationError("the card holds no training config to read the data with",
+                                  path=str(path))
+        bundle = load_bundle(config)
+    calib = bundle.splits.get("calib")
+    if calib is None or len(calib) == 0:
+        raise EvaluationError("the dataset has no calibration split", path=str(path))
+    probs = probabilities(package.card, split_logits(package, calib))
+    package.update_card(reference=training_reference(package, calib, probs))
+    return package

@@ -211,7 +211,8 @@ def observation_to_record(resource: dict[str, Any], record_id: str | None = None
     from fhir.resources.R4B.observation import Observation
 
     rid = record_id or str(resource.get("id") or "observation")
-    for comp in resource.get("component") or []:
+    components = resource.get("component")
+    for comp in components if isinstance(components, list) else []:  # else: validation says
         sd = comp.get("valueSampledData") if isinstance(comp, dict) else None
         if isinstance(sd, dict) and sd.get("period") in (None, ""):
             raise DataError("SampledData has no period: the sampling rate is absent",

@@ -93,9 +93,29 @@ def _record_base(path: Path) -> Path:
     return path.with_suffix("") if path.suffix.lower() in _WFDB_SUFFIXES else path
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, with a path the system refuses (too long, NUL byte) a DataError."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as e:
+        raise DataError(f"not a usable file path: {type(e).__name__}",
+                        path=str(path)[:120]) from e
+
+
+MAX_HEADER_LINE = 1024  # characters; record and signal lines are well under 200
+
+
 def _check_header(header: Path) -> None:
-    """Refuse a header whose record line states no sampling rate (wfdb would assume 250 Hz)."""
-    for line in header.read_text(errors="replace").splitlines():
+    """Refuse a header whose record line states no sampling rate (wfdb would assume 250 Hz),
+    or with a record/signal line so long that wfdb's line patterns take seconds to fail on it
+    (a 20,000-character line: 6 s)."""
+    lines = header.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_HEADER_LINE and not line.lstrip().startswith("#"):
+            raise DataError(f"WFDB header line {number} is {len(line):,} characters long; "
+                            f"record and signal lines are under {MAX_HEADER_LINE}",
+                            path=str(header), hint="the header is corrupt")
+    for line in lines:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -121,21 +141,24 @@ def read_wfdb(path: str | Path) -> ECGRecord:
 
     base = _record_base(Path(path))
     header = base.with_suffix(".hea")
-    if not header.is_file():
+    if not _is_file(header):
         raise DataError("WFDB header not found", path=str(header),
                         hint="give the .hea file; its signal file(s) must sit beside it")
     _check_header(header)
     try:
         rec = wfdb.rdrecord(str(base), physical=False)
+        if rec.d_signal is None or rec.d_signal.size == 0:
+            raise DataError("WFDB record has no samples", path=str(header))
+        physical = rec.dac(expanded=False, return_res=64)  # a bad format code fails here
+    except DataError:
+        raise
     except FileNotFoundError as e:
         missing = Path(e.filename).name if getattr(e, "filename", None) else "a signal file"
         raise DataError(f"WFDB header names signal file {missing}, which is missing",
                         path=str(header), hint="put the signal file beside the header") from e
-    except Exception as e:  # wfdb raises bare ValueError/IndexError on malformed files
-        raise DataError(f"cannot read WFDB record: {e}", path=str(header)) from e
-    if rec.d_signal is None or rec.d_signal.size == 0:
-        raise DataError("WFDB record has no samples", path=str(header))
-    physical = rec.dac(expanded=False, return_res=64)
+    except Exception as e:  # wfdb raises bare ValueError/IndexError/KeyError on malformed files
+        raise DataError(f"cannot read WFDB record: {type(e).__name__}: {e}",
+                        path=str(header)) from e
     return ECGRecord(
         id=base.name,
         signal=np.asarray(physical, dtype=np.float64),
@@ -176,7 +199,7 @@ def _csv_fs_comment(path: Path) -> float | None:
                 return None
             m = re.search(r"\bfs\s*[:=]\s*([0-9.]+)", line, flags=re.I)
             if m:
-                return float(m.group(1))
+                return check_fs(m.group(1), path.stem)
     return None
 
 
@@ -189,7 +212,7 @@ def read_csv(path: str | Path, fs: float | None = None) -> ECGRecord:
     import pandas as pd
 
     p = Path(path)
-    if not p.is_file():
+    if not _is_file(p):
         raise DataError("CSV file not found", path=str(p))
     fs = fs or _csv_fs_comment(p)
     if not fs:
@@ -216,7 +239,11 @@ def read_csv(path: str | Path, fs: float | None = None) -> ECGRecord:
 def from_array(array: Any, fs: float | None, leads: list[str] | None = None,
                record_id: str = "array") -> ECGRecord:
     """An array of shape (leads, samples) (or (samples,) for one lead) at rate ``fs``."""
-    a = np.asarray(array, dtype=np.float64)
+    try:
+        a = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"ECG data is not an array of numbers ({type(e).__name__})",
+                        sample_id=record_id, hint="give (leads, samples) numbers") from e
     if a.ndim == 1:
         a = a[None, :]
     if a.ndim != 2:
@@ -229,6 +256,7 @@ def from_array(array: Any, fs: float | None, leads: list[str] | None = None,
     if not fs:
         raise DataError("ECG array has no sampling rate", sample_id=record_id,
                         hint="give fs with the array")
+    fs = check_fs(fs, record_id)
     names = leads or [f"lead{i + 1}" for i in range(a.shape[0])]
     if len(names) != a.shape[0]:
         raise InputMismatchError(f"{len(names)} lead names for {a.shape[0]} leads",
@@ -264,6 +292,24 @@ def select_leads(record: ECGRecord, leads: list[str] | None) -> np.ndarray:
     )
 
 
+FS_RANGE = (1.0, 100_000.0)  # Hz; anything outside is not an ECG sampling rate
+MAX_RESAMPLED = 20_000_000  # samples per lead after resampling (a day at 200 Hz)
+
+
+def check_fs(fs: Any, record_id: str = "record") -> float:
+    """A sampling rate as a float inside :data:`FS_RANGE`, else a DataError naming it."""
+    try:
+        value = float(fs)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"sampling rate {str(fs)[:40]!r} is not a number",
+                        sample_id=record_id) from e
+    if not FS_RANGE[0] <= value <= FS_RANGE[1]:  # also False for NaN
+        raise DataError(f"sampling rate {value:g} Hz is outside {FS_RANGE[0]:g}-"
+                        f"{FS_RANGE[1]:g} Hz", sample_id=record_id,
+                        hint="check the header's or the request's sampling rate")
+    return value
+
+
 def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     """Polyphase resampling (``scipy.signal.resample_poly``) along the last axis."""
     if abs(fs_in - fs_out) < 1e-9:
@@ -296,7 +342,12 @@ def preprocess(record: ECGRecord, spec: dict[str, Any]) -> np.ndarray:
         raise DataError(f"record has {int(bad.sum())} missing (NaN) samples in lead(s) {which}",
                         sample_id=record.id, hint="repair or crop the record before predicting")
     fs = float(spec.get("fs") or record.fs)
-    sig = resample(sig, record.fs, fs)
+    fs_in = check_fs(record.fs, record.id)
+    if sig.shape[-1] * fs / fs_in > MAX_RESAMPLED:
+        raise DataError(f"record of {sig.shape[-1]:,} samples at {fs_in:g} Hz is too long "
+                        f"({sig.shape[-1] / fs_in / 3600:.1f} h)", sample_id=record.id,
+                        hint="crop it to the stretch to assess")
+    sig = resample(sig, fs_in, fs)
     min_seconds = float(spec.get("min_seconds", 0))
     if sig.shape[-1] < max(1, round(min_seconds * fs)):
         raise InputMismatchError(

@@ -126,6 +126,8 @@ def read_source(source: Any, input_spec: dict[str, Any]) -> tuple[ECGRecord, dic
         if any(str(k).lower().endswith(".hea") for k in source):
             return read_wfdb_upload(source), notes
         fs = source.get("fs")
+        if isinstance(source.get("data"), bytes | bytearray):  # one uploaded file
+            return _read_upload(source, fs or input_spec.get("input_fs")), notes
         if "path" in source:
             return _read_path(Path(source["path"]), fs or input_spec.get("input_fs")), notes
         if "data" in source:
@@ -144,6 +146,34 @@ def read_source(source: Any, input_spec: dict[str, Any]) -> tuple[ECGRecord, dic
         return from_array(arr, input_spec.get("fs"), names), notes
     raise DataError(f"cannot read an ECG from a {type(source).__name__}",
                     hint="give a WFDB .hea/.mat, a CSV, a FHIR Observation or an array")
+
+
+def _read_upload(source: dict[str, Any], fs: float | None) -> ECGRecord:
+    """One uploaded file that is a whole ECG: a CSV or a FHIR Observation (``.json``). A WFDB
+    signal file alone is refused: its header says how to read it."""
+    name = str(source.get("name") or "upload")
+    suffix = Path(name).suffix.lower()
+    data = bytes(source["data"])
+    if suffix in (".csv", ".txt"):
+        with tempfile.TemporaryDirectory(prefix="meddx-ecg-") as tmp:
+            p = Path(tmp) / "upload.csv"  # never the client's name (it may name a patient)
+            p.write_bytes(data)
+            return read_csv(p, fs)
+    if suffix == ".json" or data.lstrip()[:1] == b"{":
+        try:
+            resource = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"uploaded {suffix or 'file'} is not valid JSON") from e
+        if not is_observation(resource):
+            raise DataError("uploaded JSON is not a FHIR Observation",
+                            hint="send an Observation with valueSampledData or component[]")
+        return observation_to_record(resource, record_id="upload")
+    if suffix in (".mat", ".dat"):
+        raise DataError(f"a WFDB signal file ({suffix}) was uploaded without its .hea header",
+                        hint="upload the header and the signal file together")
+    raise DataError(f"cannot tell what ECG format the uploaded file{' ' + suffix if suffix else ''}"
+                    " is", hint="upload a WFDB .hea with its .mat/.dat, a CSV (with a '# fs=…' "
+                    "line) or a FHIR Observation (.json)")
 
 
 def _read_path(path: Path, fs: float | None) -> ECGRecord:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -212,6 +213,8 @@ def _load(source: Any) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e}", hint="give a FHIR Bundle or a CDS prefetch") from e
+    except RecursionError as e:
+        raise DataError("the JSON is nested too deeply to be a FHIR resource") from e
     if not isinstance(data, dict):
         raise DataError("FHIR input must be a JSON object (a Bundle or a CDS prefetch)")
     return data
@@ -225,12 +228,22 @@ def _entries(obj: Any) -> list[tuple[str | None, dict[str, Any]]]:
         raise DataError("a prefetch value must be a FHIR resource or Bundle (a JSON object)")
     if obj.get("resourceType") == "Bundle":
         out = []
-        for e in obj.get("entry") or []:
+        for e in _list(obj.get("entry")):
             r = e.get("resource") if isinstance(e, Mapping) else None
             if isinstance(r, Mapping):
                 out.append((e.get("fullUrl"), r))
         return out
     return [(None, obj)]  # type: ignore[list-item]
+
+
+def _obj(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (a field of the wrong type reads
+    as absent, and the reader then says which field is missing)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _parse_time(text: Any) -> datetime | None:
@@ -256,24 +269,26 @@ def _pick_encounter(encounters: list[tuple[str | None, dict[str, Any]]]
             "send the in-progress ICU Encounter",
         )
     active = [e for e in encounters if e[1].get("status") == "in-progress"] or encounters
-    active.sort(key=lambda e: str((e[1].get("period") or {}).get("start", "")))
+    active.sort(key=lambda e: str(_obj(e[1].get("period")).get("start", "")))
     return active[-1]
 
 
 def _age_from_birthdate(birth: Any, start: datetime) -> float | None:
-    if not isinstance(birth, str) or len(birth) < 4 or not birth[:4].isdigit():
+    m = re.match(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", birth, flags=re.ASCII) \
+        if isinstance(birth, str) else None
+    if m is None:
         return None
-    year = int(birth[:4])
-    month = int(birth[5:7]) if len(birth) >= 7 else 1
-    day = int(birth[8:10]) if len(birth) >= 10 else 1
+    year, month, day = int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1)
     return float(start.year - year - ((start.month, start.day) < (month, day)))
 
 
 def _value(obs: Mapping[str, Any]) -> tuple[float | None, str | None]:
     if "valueQuantity" in obs:
-        q = obs["valueQuantity"] or {}
+        q = _obj(obs["valueQuantity"])
         v = q.get("value")
         unit = q.get("code") if q.get("system") == UCUM and q.get("code") else q.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            unit = json.dumps(unit, default=str)[:40]  # reported: a unit that does not convert
         return (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None), unit
     if "valueInteger" in obs and isinstance(obs["valueInteger"], int):
         return float(obs["valueInteger"]), None
@@ -287,18 +302,19 @@ def _effective(obs: Mapping[str, Any]) -> datetime | None:
         if key in obs:
             return _parse_time(obs[key])
     if "effectivePeriod" in obs:
-        return _parse_time((obs["effectivePeriod"] or {}).get("start"))
+        return _parse_time(_obj(obs["effectivePeriod"]).get("start"))
     return None
 
 
 def _read_observation(stay: Stay, ref: str, obs: Mapping[str, Any], start: datetime,
                       index: Mapping[tuple[str, str], Variable],
                       on_malformed: OnMalformed) -> None:
-    codings = (obs.get("code") or {}).get("coding") or []
+    codings = _list(_obj(obs.get("code")).get("coding"))
     var = None
     for c in codings:
-        if isinstance(c, Mapping):
-            var = index.get((c.get("system", ""), c.get("code", "")))
+        key = (_obj(c).get("system", ""), _obj(c).get("code", ""))
+        if isinstance(key[0], str) and isinstance(key[1], str):
+            var = index.get(key)
             if var is not None:
                 break
 
@@ -380,10 +396,10 @@ def stay_from_fhir(source: Any, on_malformed: OnMalformed = "warn") -> Stay:
     if not patients:
         raise DataError("the FHIR input has no Patient",
                         hint="include the Patient resource (Bundle entry or prefetch 'patient')")
-    if len({p.get("id") for _, p in patients}) > 1:
+    if len({json.dumps(p.get("id"), default=str) for _, p in patients}) > 1:
         raise DataError("the FHIR input holds several Patients; send one patient's data")
     (patient_url, patient), (encounter_url, encounter) = patients[0], _pick_encounter(encounters)
-    start = _parse_time((encounter.get("period") or {}).get("start"))
+    start = _parse_time(_obj(encounter.get("period")).get("start"))
     if start is None:
         raise DataError("the Encounter has no period.start (ICU admission date and time)",
                         hint="the 48 h window is counted from the ICU admission")
@@ -391,8 +407,8 @@ def stay_from_fhir(source: Any, on_malformed: OnMalformed = "warn") -> Stay:
                 patient_ref=_reference(patient_url, patient),
                 encounter_ref=_reference(encounter_url, encounter))
     stay.sex = patient.get("gender") if patient.get("gender") in ("male", "female") else None
-    for t in encounter.get("type") or []:
-        for c in (t or {}).get("coding") or []:
+    for t in _list(encounter.get("type")):
+        for c in map(_obj, _list(_obj(t).get("coding"))):
             if c.get("system") == ICU_TYPE_SYSTEM and str(c.get("code")) in ("1", "2", "3", "4"):
                 stay.icu_type = int(c["code"])
     if now is not None:

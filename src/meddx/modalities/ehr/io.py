@@ -237,7 +237,9 @@ def _report(issue: Issue, on_malformed: OnMalformed, issues: list[Issue]) -> Non
 
 def _parse_time(text: str) -> int | None:
     hh, sep, mm = text.strip().partition(":")
-    if not sep or not hh.isdigit() or not mm.isdigit() or len(mm) != 2 or int(mm) > 59:
+    # ASCII digits only ("²".isdigit() is True), and no more hours than a stay can last
+    if not sep or not (hh + mm).isascii() or not hh.isdigit() or len(hh) > 5 \
+            or not mm.isdigit() or len(mm) != 2 or int(mm) > 59:
         return None
     return int(hh) * 60 + int(mm)
 

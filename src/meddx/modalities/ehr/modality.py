@@ -16,6 +16,7 @@ Reading pipeline (one code path for every source)::
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -298,6 +299,15 @@ class EHRModality(Modality):
 
     # ---------------------------------------------------------------- reading
     def _stay(self, source: Any, on_malformed: Any) -> tuple[Stay, str]:
+        if isinstance(source, dict) and "resourceType" not in source \
+                and isinstance(source.get("data"), bytes | bytearray):  # an uploaded file
+            data = bytes(source["data"])
+            if data.lstrip()[:1] == b"{":
+                return stay_from_fhir(data, on_malformed), "fhir"
+            with tempfile.TemporaryDirectory(prefix="meddx-ehr-") as tmp:
+                p = Path(tmp) / "upload.txt"  # never the client's name (it may name a patient)
+                p.write_bytes(data)
+                return read_physionet_stay(p, on_malformed), "physionet2012"
         if isinstance(source, dict | bytes):
             return stay_from_fhir(source, on_malformed), "fhir"
         if isinstance(source, str) and source.lstrip().startswith("{"):
@@ -403,6 +413,57 @@ class EHRModality(Modality):
                 "size": int(input_spec["length"]), "n_vars": len(input_spec["variables"]),
                 "n_static": len(input_spec["static"])}
 
+    def read_external(self, data: Path, input_spec: dict[str, Any], task: Any
+                      ) -> tuple[list[Any], list[Any], list[str], dict[str, Any]]:
+        """External ICU stays for ``meddx validate``: a folder in the PhysioNet 2012 layout
+        (stay files + ``Outcomes*.txt``). Dropped lines are counted by reason, per kept stay and
+        for the refused ones (never silently)."""
+        from collections import Counter
+
+        root = data
+        from meddx.modalities.ehr.io import (
+            DROP_REASONS,
+            count_dropped,
+            read_outcomes,
+            read_physionet_stay,
+            stay_files,
+        )
+
+        if not root.is_dir():
+            raise DataError("external ICU data must be a folder of PhysioNet 2012 stay files with "
+                            "an Outcomes file", path=str(root))
+        outcome_files = sorted(root.rglob("Outcomes*.txt"))
+        if not outcome_files:
+            raise DataError("no Outcomes*.txt in the external data folder", path=str(root),
+                            hint="the outcomes file gives the labels (RecordID,…,In-hospital_death)")
+        outcomes, files = read_outcomes(outcome_files), stay_files(root)
+        modality, spec = self, input_spec
+        tensors, targets, ids, kept, refused = [], [], [], [], []
+        no_outcome = sorted(set(files) - set(outcomes.index), key=int)
+        for rid in sorted(set(files) & set(outcomes.index), key=int):
+            try:
+                sample = modality.read(files[rid], spec)
+            except DataError:
+                stay = read_physionet_stay(files[rid], "warn")
+                refused.append(count_dropped(stay.issues)["by_reason"])
+                continue
+            tensors.append(sample.tensor)
+            targets.append(task.encode(int(outcomes.loc[rid, "in_hospital_death"]), sample_id=rid))
+            ids.append(rid)
+            kept.append(sample.meta.get("dropped_lines", {}).get("by_reason", {}))
+        by_split, refused_t = {"external": _tally(kept)}, _tally(refused)
+        total: Counter[str] = Counter()
+        for t in (by_split["external"], refused_t):
+            total.update(t["by_reason"])
+        info = {"source": str(root), "format": "PhysioNet/CinC 2012 stay files",
+                "stays_without_outcome": len(no_outcome),
+                "outcomes_without_stay": int(len(set(outcomes.index) - set(files))),
+                "dropped_lines": {"total": int(sum(total.values())),
+                                  "by_reason": dict(total.most_common()), "by_split": by_split,
+                                  "refused_stays": refused_t,
+                                  "reasons": {k: DROP_REASONS.get(k, k) for k in total}}}
+        return tensors, targets, ids, info
+
     def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any
                   ) -> Any:
         """:class:`~meddx.modalities.ehr.explain.EHRExplainer`: ``explain(sample)`` →
@@ -416,3 +477,13 @@ class EHRModality(Modality):
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:
         """An R4B RiskAssessment (dict); see :func:`meddx.modalities.ehr.fhir.risk_assessment`."""
         return risk_assessment(prediction, card)
+
+
+def _tally(per_case: list[dict[str, int]]) -> dict[str, Any]:
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for c in per_case:
+        counts.update(c)
+    return {"stays": len(per_case), "stays_with_dropped_lines": sum(1 for c in per_case if c),
+            "lines": int(sum(counts.values())), "by_reason": dict(counts.most_common())}

@@ -227,10 +227,25 @@ class ImageModality(Modality):
             return Sample(id="", tensor=x, meta={"format": "array"})
         name = None
         if isinstance(source, dict):
-            name, source = source.get("name"), source.get("data")
+            if "resourceType" in source:  # FHIR: only Binary, Media, DocumentReference hold one
+                from meddx.fhir.resources import attachment_from_resource
+
+                source, _, name = attachment_from_resource(source)
+            else:
+                name, source = source.get("name"), source.get("data")
+                name = name if isinstance(name, str) else None
+                if source is None:
+                    raise DataError("an image input given as an object needs 'data' (the "
+                                    "file's bytes)", hint="or send a FHIR Binary, Media or "
+                                    "DocumentReference")
         if isinstance(source, str | Path):
             p = Path(source)
-            if not p.is_file():
+            try:
+                found = p.is_file()
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte
+                raise DataError(f"not a usable file path: {type(e).__name__}",
+                                path=str(p)[:120]) from e
+            if not found:
                 raise DataError("input file not found", path=str(p))
             x = self._read_file(p, input_spec, name=p.name)
             return Sample(id=p.name, tensor=x, meta={"path": str(p)})

@@ -251,6 +251,16 @@ class MoleculeModality(Modality):
             DataError: invalid, empty or wildcard-only SMILES (naming the input).
         """
         sid = None
+        if isinstance(source, dict) and isinstance(source.get("data"), bytes | bytearray):
+            try:  # an uploaded file: one SMILES (a .smi line may add a name after a space)
+                lines = bytes(source["data"]).decode("utf-8").split("\n")
+            except UnicodeDecodeError as e:
+                raise DataError("the uploaded molecule file is not UTF-8 text") from e
+            lines = [ln.strip() for ln in lines if ln.strip()]
+            if len(lines) != 1:
+                raise DataError(f"the uploaded file holds {len(lines)} lines; send one SMILES "
+                                "per input")
+            source = lines[0].split()[0]
         if isinstance(source, dict):
             if "smiles" not in source:
                 raise DataError("a molecule input needs a 'smiles' field")

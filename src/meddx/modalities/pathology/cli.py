@@ -1,126 +1,131 @@
-"""``meddx wsi``: look at a whole-slide image and cut it into tiles."""
+"""``meddx wsi``: whole-slide images on the command line (describe a slide, tile it).
+
+Nothing here writes a slide's associated images (label, macro, scanner thumbnail): they may show
+patient identifiers. The thumbnail ``meddx wsi tiles`` writes is drawn from the pyramid itself.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
 __all__ = ["register"]
 
-wsi_app = typer.Typer(help="Whole-slide images: metadata, tissue mask and tiles.",
+wsi_app = typer.Typer(help="Whole-slide pathology images: describe and tile slides.",
                       no_args_is_help=True)
 
-_SLIDE_MPP_HELP = ("The slide's own µm per pixel at level 0, for files that do not say it "
-                   "(0.25 for a 40x scan, 0.5 for 20x).")
+_SLIDE_MPP_HELP = ("The slide's own resolution in µm per pixel at level 0, for files that do not "
+                   "record it (it overrides the file's value when given).")
 
 
 @wsi_app.command("info")
 def info(
-    slide: Path = typer.Argument(..., help="A slide file (.svs, .tif, .ndpi, .mrxs …) or a "
-                                 "DICOM WSI folder."),
+    slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide file or DICOM folder."),
     slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=_SLIDE_MPP_HELP),
 ) -> None:
-    """Print the slide's levels, resolution and associated image names (never their pixels).
+    """Print a slide's backend, levels, resolution and the names of its associated images.
 
     Example: ``meddx wsi info CMU-1-Small-Region.svs``
     """
     from meddx.modalities.pathology.slide import open_slide
 
-    with open_slide(slide, mpp=slide_mpp) as s:
-        out = {"file": s.path.name, "backend": s.backend, "mpp": s.mpp,
-               "dimensions": list(s.dimensions),
-               "levels": [{"dimensions": list(d), "downsample": round(ds, 3)}
-                          for d, ds in zip(s.level_dimensions, s.level_downsamples, strict=True)],
-               "associated_images": s.associated_names,
-               "note": "associated images (label, macro) may carry identifiers: meddx never "
-                       "exports or serves them"}
-    typer.echo(json.dumps(out, indent=2))
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        typer.echo(f"{slide.path.name}: {slide.backend}, {slide.dimensions[0]}x"
+                   f"{slide.dimensions[1]} px at {slide.mpp:.4g} µm/px")
+        for i, (dims, ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples,
+                                           strict=True)):
+            typer.echo(f"  level {i}: {dims[0]}x{dims[1]}  downsample {ds:.4g}  "
+                       f"{slide.mpp * ds:.4g} µm/px")
+        names = ", ".join(slide.associated_names) or "none"
+        typer.echo(f"  associated images (never exported): {names}")
+
+
+def overlay(thumb, mask, coords, level0_size: int, downsample: float):  # noqa: ANN001, ANN201
+    """The thumbnail with the tissue outline (green) and kept tiles (blue boxes) drawn on it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    out = thumb.copy()
+    if mask.shape != thumb.shape[:2]:
+        mask = np.asarray(Image.fromarray(mask).resize(thumb.shape[1::-1], Image.Resampling.NEAREST))
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    out[edge] = (0, 200, 0)
+    image = Image.fromarray(out)
+    draw = ImageDraw.Draw(image)
+    side = level0_size / downsample
+    for x, y in np.asarray(coords).tolist():
+        x0, y0 = x / downsample, y / downsample
+        draw.rectangle((x0, y0, x0 + side - 1, y0 + side - 1), outline=(30, 60, 230))
+    return image
 
 
 @wsi_app.command("tiles")
 def tiles(
-    slide: Path = typer.Argument(..., help="A slide file or a DICOM WSI folder."),
-    out: Path = typer.Option(..., "--out", help="Folder for tiles.csv (+ .json), "
-                             "thumbnail.png (tissue mask and kept tiles drawn) and summary.json."),
-    mpp: float = typer.Option(0.5, "--mpp", help="µm per pixel of the tiles (0.5 ≈ 20x)."),
+    slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide file or DICOM folder."),
+    mpp: float = typer.Option(0.5, "--mpp", help="Resolution of the tiles, µm per pixel."),
     size: int = typer.Option(224, "--size", help="Tile side in pixels at --mpp."),
-    overlap: int = typer.Option(0, "--overlap", help="Pixels shared by neighbouring tiles."),
+    overlap: int = typer.Option(0, "--overlap", help="Pixels (at --mpp) shared by neighbours."),
     min_tissue: float = typer.Option(0.5, "--min-tissue",
-                                     help="Keep tiles with at least this tissue fraction."),
+                                     help="Least tissue fraction of a kept tile (0-1)."),
     slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=_SLIDE_MPP_HELP),
-    png: bool = typer.Option(False, "--png", help="Also write every kept tile as "
-                             "tiles/x<X>_y<Y>.png (level-0 coordinates)."),
-    thumbnail_side: int = typer.Option(1024, "--thumbnail-side",
-                                       help="Longer side of thumbnail.png in pixels."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+    out: Path | None = typer.Option(None, "--out",
+                                    help="Output folder [default: ./<slide name>_tiles]."),
+    png: bool = typer.Option(False, "--png", help="Also write every tile as a PNG."),
+    thumb_side: int = typer.Option(1024, "--thumb-side",
+                                   help="Longest side of the thumbnail written."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Tiles read at a time (--png)."),
 ) -> None:
-    """Find tissue and cut the slide into tiles at a given resolution, streaming (memory
-    holds a batch of tiles, never a level). Coordinates are level-0 pixels.
+    """Find the tissue on a slide and write its tile index (level-0 x, y and tissue fraction of
+    every kept tile), a thumbnail with the mask and tiles drawn, and optionally the tiles.
 
-    Example: ``meddx wsi tiles CMU-1-Small-Region.svs --mpp 0.5 --size 224 --out tiles/``
+    Example: ``meddx wsi tiles CMU-1-Small-Region.svs --mpp 0.5 --size 224 --out tiles/cmu1``
+    writes ``tiles/cmu1/CMU-1-Small-Region.tiles.csv`` and ``…thumbnail.png``. For a file that
+    does not record its resolution add ``--slide-mpp 0.25``.
     """
-    from PIL import Image
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from meddx.modalities.pathology.slide import open_slide
     from meddx.modalities.pathology.tiling import iter_tiles, tile_index, tissue_mask
 
-    start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    with open_slide(slide, mpp=slide_mpp) as s:
-        mask = tissue_mask(s)
-        index = tile_index(s, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
-                           mask=mask)
-        index.save(out / "tiles.csv")
-        thumb = s.thumbnail(thumbnail_side)
-        Image.fromarray(draw_tiles(thumb, mask[0], index)).save(out / "thumbnail.png")
-        read_s, n = 0.0, len(index)
-        if png:
-            folder = out / "tiles"
-            folder.mkdir(exist_ok=True)
-            from tqdm import tqdm
+    t0 = time.perf_counter()
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        stem = slide.path.stem if slide.path.is_file() else slide.path.name
+        folder = out or Path.cwd() / f"{stem}_tiles"
+        folder.mkdir(parents=True, exist_ok=True)
+        mask, mask_ds = tissue_mask(slide)
+        index = tile_index(slide, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
+                           mask=(mask, mask_ds))
+        thumb = slide.thumbnail(thumb_side)
+        downsample = slide.dimensions[0] / thumb.shape[1]
+        index_path = folder / f"{stem}.tiles.csv"
+        index.save(index_path)
+        thumb_path = folder / f"{stem}.thumbnail.png"
+        overlay(thumb, mask, index.coords, index.level0_size, downsample).save(thumb_path)
+        read_s = 0.0
+        if png and len(index):
+            from PIL import Image
 
-            t0 = time.perf_counter()
-            with tqdm(total=n, unit="tile", disable=not progress) as bar:
-                for xy, batch in iter_tiles(s, index, batch_size=32):
-                    for (x, y), tile in zip(xy, batch, strict=True):
-                        Image.fromarray(tile).save(folder / f"x{x}_y{y}.png")
-                    bar.update(len(batch))
-            read_s = time.perf_counter() - t0
-        summary = {"slide": s.path.name, "backend": s.backend, "slide_mpp": s.mpp,
-                   "dimensions": list(s.dimensions), "tile_mpp": mpp, "tile_size": size,
-                   "overlap": overlap, "min_tissue": min_tissue, "tiles": n,
-                   "tiles_considered": index.info["tiles_considered"],
-                   "tissue_fraction": index.info["tissue_fraction"],
-                   "tiles_per_s": round(n / read_s, 1) if read_s else None,
-                   "wall_s": round(time.perf_counter() - start, 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rate = f", {summary['tiles_per_s']} tiles/s written" if read_s else ""
-    typer.echo(f"{n} tiles of {size} px at {mpp:g} µm/px ({summary['tissue_fraction']:.0%} of "
-               f"the slide is tissue){rate} → {out}")
-
-
-def draw_tiles(thumb: np.ndarray, mask: np.ndarray, index: object) -> np.ndarray:
-    """The thumbnail with the tissue mask tinted green and the kept tiles outlined."""
-    from PIL import Image, ImageDraw
-
-    h, w = thumb.shape[:2]
-    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST))
-    img = thumb.astype(np.float32)
-    tint = np.array([40, 200, 90], np.float32)
-    img[m > 0] = 0.7 * img[m > 0] + 0.3 * tint
-    im = Image.fromarray(img.round().astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    sw0, sh0 = index.slide_dimensions  # type: ignore[attr-defined]
-    sx, sy = w / sw0, h / sh0
-    side = index.level0_size  # type: ignore[attr-defined]
-    for x, y in index.coords:  # type: ignore[attr-defined]
-        draw.rectangle([x * sx, y * sy, (x + side) * sx - 1, (y + side) * sy - 1],
-                       outline=(20, 60, 200))
-    return np.asarray(im)
+            tile_dir = folder / "tiles"
+            tile_dir.mkdir(exist_ok=True)
+            columns = (TextColumn("tiles"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeRemainingColumn())
+            t_read = time.perf_counter()
+            with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+                task = progress.add_task("tiles", total=len(index))
+                for coords, batch in iter_tiles(slide, index, batch_size=batch_size):
+                    for (x, y), tile in zip(coords.tolist(), batch, strict=True):
+                        Image.fromarray(tile).save(tile_dir / f"{stem}_x{x}_y{y}.png")
+                    progress.advance(task, len(coords))
+            read_s = time.perf_counter() - t_read
+    wall = time.perf_counter() - t0
+    rate = f", {len(index) / read_s:.0f} tiles/s read and written" if read_s > 0 else ""
+    typer.echo(f"{len(index)} tiles of {size} px at {mpp:g} µm/px ({index.level0_size} px at "
+               f"level 0, overlap {overlap}) on {mask.mean():.1%} tissue of {slide.path.name}; "
+               f"index {index_path}, thumbnail {thumb_path}; {wall:.1f} s{rate}")
 
 
 def register(app: typer.Typer) -> None:

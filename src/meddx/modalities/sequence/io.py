@@ -151,7 +151,11 @@ def read_fasta(path: str | Path) -> list[Record]:
         DataError: missing, unreadable or empty file; invalid characters (naming the record).
     """
     p = Path(path)
-    if not p.is_file():
+    try:
+        found = p.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise DataError(f"not a usable file path: {type(e).__name__}", path=str(p)[:120]) from e
+    if not found:
         raise DataError("FASTA file not found", path=str(p))
     try:
         raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()

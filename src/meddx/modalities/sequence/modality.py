@@ -253,6 +253,15 @@ class SequenceModality(Modality):
         if isinstance(source, torch.Tensor | np.ndarray):
             return _record_from_array(np.asarray(source)), {"format": "array"}
         if isinstance(source, dict):
+            if isinstance(source.get("data"), bytes | bytearray):  # an uploaded file
+                try:
+                    source = bytes(source["data"]).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError("the uploaded sequence file is not UTF-8 text") from e
+                text = source.strip()
+                if text.startswith(">"):
+                    return _single(parse_fasta(text, "FASTA upload"), "FASTA upload"), {}
+                return Record("sequence", clean(text, "sequence")), {}
             if "fasta" in source:
                 return _single(parse_fasta(str(source["fasta"]), "FASTA text"), "FASTA text"), {}
             if "sequence" not in source:

@@ -78,9 +78,44 @@ def _json_item(item: Any, modality: str) -> Upload | tuple[Any, str]:
             data = base64.b64decode(item["data"], validate=True)
         except (binascii.Error, TypeError, ValueError) as e:
             raise DataError("an input's data is not valid base64") from e
-        return Upload(data, item.get("name"), item.get("contentType"))
+        name, ctype = item.get("name"), item.get("contentType")
+        if not isinstance(name, str | None) or not isinstance(ctype, str | None):
+            raise DataError('an input\'s "name" and "contentType" must be strings')
+        return Upload(data, name, ctype)
+    item = _no_server_paths(item, modality)
     digest = sha256_bytes(json.dumps(item, sort_keys=True, default=str).encode())
     return item, digest
+
+
+def _no_server_paths(item: Any, modality: str) -> Any:
+    """JSON inputs are data, never names of files on the server: a reader given a string or a
+    ``{"path": …}`` would open that path (a client could make the service read its own files).
+    DNA strings become ``{"sequence"}``/``{"fasta"}``; SMILES and FHIR JSON text pass; other
+    strings and ``path`` objects are refused."""
+    if isinstance(item, dict) and "path" in item and "resourceType" not in item:
+        raise DataError('an input cannot name a file on the server ("path")',
+                        hint='send the file itself: multipart, or {"data": base64, '
+                             '"contentType": …}')
+    if not isinstance(item, str):
+        return item
+    text = item.strip()
+    if modality == "sequence":
+        return {"fasta": text} if text.startswith(">") else {"sequence": text}
+    if modality == "molecule" or (modality == "ehr" and text.startswith("{")):
+        return item
+    article = "an" if modality[:1] in "aeiou" else "a"
+    raise DataError(f"{article} {modality} model does not take a text string as a JSON input "
+                    "(file paths on the server are not read)",
+                    hint=_JSON_INPUTS.get(modality, "send the file as multipart/form-data"))
+
+
+_JSON_INPUTS = {
+    "image": "send a FHIR Binary, Media or DocumentReference, {\"data\": base64, "
+             "\"contentType\": …}, or the file as multipart/form-data",
+    "ecg": "send a FHIR Observation (SampledData), {\"data\": [[…]], \"fs\": …}, or the "
+           "WFDB/CSV files as multipart/form-data",
+    "ehr": "send a FHIR Bundle or a CDS Hooks prefetch object",
+}
 
 
 async def _json_items(request: Request, modality: str) -> list[Upload | tuple[Any, str]]:
@@ -88,6 +123,8 @@ async def _json_items(request: Request, modality: str) -> list[Upload | tuple[An
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError("the body is not valid JSON") from e
+    except RecursionError as e:
+        raise DataError("the JSON body is nested too deeply to be a FHIR resource") from e
     if isinstance(body, dict) and "inputs" in body and "resourceType" not in body:
         items = body["inputs"]
         if not isinstance(items, list) or not items:
