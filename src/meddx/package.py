@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,7 @@ class ModelPackage:
         self.card = card
         self.state_dict = state_dict
         self.manifest = manifest
+        self.signer: str | None = None  # signing key's fingerprint, when loaded with ``trust``
 
     @property
     def sha256(self) -> str:
@@ -272,13 +274,26 @@ def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> M
     return load_package(out)
 
 
-def load_package(path: str | Path) -> ModelPackage:
+def load_package(path: str | Path, trust: Iterable[Any] | None = None) -> ModelPackage:
     """Read and verify a package folder. Never unpickles anything.
 
+    Args:
+        path: the package folder.
+        trust: Ed25519 public keys (PEM files or key objects), one of which must have signed
+            the package (``meddx sign``; :func:`meddx.signing.verify_package`); None skips the
+            signature check. The signer's key fingerprint is then ``package.signer``.
+
     Raises:
-        ModelError: folder, card, manifest or weights missing; a sha256 that does not match.
+        ModelError: folder, card, manifest or weights missing; a sha256 that does not match;
+            with ``trust``: unsigned, signed by an untrusted key, or changed after signing.
+        ConfigError: with ``trust``: no key given, or one cannot be read.
     """
     root = Path(path)
+    signer = None
+    if trust is not None:
+        from meddx.signing import verify_package
+
+        signer = verify_package(root, trust)
     if not root.is_dir():
         raise ModelError(f"no model package at {root}", path=str(root),
                          hint="train one with `meddx train` or give the package folder")
@@ -307,4 +322,6 @@ def load_package(path: str | Path) -> ModelPackage:
     except ValidationError as e:
         raise ModelError(f"card.json is invalid: {e}", path=str(root / CARD)) from e
     state = load_file(str(root / WEIGHTS))
-    return ModelPackage(root, card, state, manifest)
+    package = ModelPackage(root, card, state, manifest)
+    package.signer = signer
+    return package

@@ -28,6 +28,10 @@ __all__ = ["BodyLimitMiddleware", "LimitsMiddleware", "json_response"]
 
 logger = logging.getLogger(__name__)
 
+#: scope key BodyLimitMiddleware sets when it has read the whole body (and replays it from
+#: memory); only then may LimitsMiddleware read ahead while a request is queued
+BODY_BUFFERED = "meddx.body_buffered"
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -104,6 +108,7 @@ class BodyLimitMiddleware:
                 return
             body.append(chunk)
             more = message.get("more_body", False)
+        scope[BODY_BUFFERED] = True
         await self.app(scope, _replay(b"".join(body), receive), send)
 
     async def _too_large(self, send: Send, length: int | None, cap: int | None = None) -> None:
@@ -183,7 +188,7 @@ class LimitsMiddleware:
             await self.app(scope, receive, send)
             return
         deadline = time.monotonic() + self.queue_timeout_s
-        admitted, receive = await self._admit(receive)
+        admitted, receive = await self._admit(scope, receive)
         if admitted is None:  # the client left while queued
             return
         if not admitted:
@@ -203,12 +208,15 @@ class LimitsMiddleware:
             return
         await self._run(scope, receive, send)
 
-    async def _admit(self, receive: Receive) -> tuple[bool | None, Receive]:
+    async def _admit(self, scope: Scope, receive: Receive) -> tuple[bool | None, Receive]:
         """Take an admission slot, waiting in the FIFO queue if there is room.
 
         Returns ``(True, receive)`` when admitted (the slot is held), ``(False, receive)``
         when refused, ``(None, receive)`` when the client disconnected while queued. While
-        queued, the request's messages are read (to see a disconnect) and replayed to the app.
+        queued, a body already read into memory (:data:`BODY_BUFFERED`) is taken from its
+        replay, so that a disconnect is seen, and replayed to the app. A streamed body (slide
+        uploads, up to ``--max-slide-mb``) is never read ahead, which would hold it in memory:
+        such a request leaves the queue when it is admitted or by the timeout.
         """
         if self.in_flight < self.max_in_flight and not self.queued:
             self.in_flight += 1
@@ -226,16 +234,19 @@ class LimitsMiddleware:
                 if message["type"] == "http.disconnect":
                     return
 
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(watch()) if scope.get(BODY_BUFFERED) else None
         try:
-            done, _ = await asyncio.wait({slot, watcher}, timeout=self.queue_timeout_s,
+            done, _ = await asyncio.wait({slot} if watcher is None else {slot, watcher},
+                                         timeout=self.queue_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled while queued
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             self._forget(slot)
             raise
-        watcher.cancel()
-        if watcher in done:  # the client left (or its channel failed) while queued
+        if watcher is not None:
+            watcher.cancel()
+        if watcher is not None and watcher in done:  # the client left (or its channel failed) while queued
             if not watcher.cancelled():
                 watcher.exception()  # retrieved: a failed channel is a disconnect here
             self._forget(slot)
