@@ -304,6 +304,8 @@ def docs_workdir(tmp_path_factory: pytest.TempPathFactory, tiny_breast_package) 
 
     for ext in ("hea", "mat"):
         _link_or_copy(require_data(f"ecg/physionet2017/A00005.{ext}"), work / f"A00005.{ext}")
+    _link_or_copy(require_data("pathology/CMU-1-Small-Region.svs"),
+                  work / "CMU-1-Small-Region.svs")
     _link_or_copy(require_data("ehr/physionet2012/set-a/132539.txt"),
                   work / "set-a" / "132539.txt")
 
