@@ -14,6 +14,7 @@ import torch
 
 # MEDDX_BENCH_RESULTS sends a smoke run's figures elsewhere, leaving the measured ones alone
 RESULTS = Path(os.environ.get("MEDDX_BENCH_RESULTS") or Path(__file__).parent / "results")
+RESULTS.mkdir(parents=True, exist_ok=True)
 
 
 def environment() -> dict[str, Any]:
