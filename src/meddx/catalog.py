@@ -207,26 +207,35 @@ def download(name: str, size: int | None = None, *, progress: bool = True) -> Pa
     if not url:
         raise ConfigError(f"dataset '{name}' has no download address for size {size}")
     rel = entry.file_keys(size)[0]
-    target = cache_dir() / "data" / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
     expected = next(iter(entry.files.values())).get(f"md5_{size}", "")
+    return _fetch(url, cache_dir() / "data" / rel, name, {"md5": expected} if expected else {},
+                  progress)
+
+
+def _fetch(url: str, target: Path, name: str, checks: dict[str, str], progress: bool) -> Path:
+    """Download ``url`` to ``target`` through a ``.part`` file, with a progress bar; every
+    ``{algorithm: digest}`` in ``checks`` (md5, sha256) must match, else nothing is kept."""
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     logger.info("downloading %s → %s", url, target)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            from tqdm import tqdm
-
             with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"download of '{name}' failed: {e}", hint="check the internet connection") from e
-    if expected and _digest(tmp, "md5") != expected:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"download of '{name}' is corrupt (MD5 mismatch)", hint="try again")
+        raise DataError(f"download of '{name}' failed: {e}",
+                        hint="check the internet connection") from e
+    for algorithm, expected in checks.items():
+        if _digest(tmp, algorithm) != expected:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"download of '{name}' is corrupt ({algorithm} mismatch)",
+                            path=target.name, hint="try again")
     tmp.replace(target)
     return target
 
@@ -236,34 +245,13 @@ def _download_files(entry: DatasetEntry, *, progress: bool = True) -> Path:
     SHA-256) where the catalog records one, and unpack zips beside them; returns their folder."""
     import zipfile
 
-    from tqdm import tqdm
-
     root = cache_dir() / "data"
     for rel, url in entry.urls.items():
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        logger.info("downloading %s → %s", url, target)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
-                total = int(response.headers.get("Content-Length") or 0)
-                with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"download of '{entry.name}' failed: {e}",
-                            hint="check the internet connection") from e
-        for algorithm, expected in entry.files.get(rel, {}).items():
-            if algorithm in ("md5", "sha256") and _digest(tmp, algorithm) != expected:
-                tmp.unlink(missing_ok=True)
-                raise DataError(f"download of '{entry.name}' is corrupt ({algorithm} mismatch)",
-                                path=rel, hint="try again")
-        if not entry.files.get(rel):
+        checks = {a: d for a, d in entry.files.get(rel, {}).items() if a in ("md5", "sha256")}
+        target = _fetch(url, root / rel, entry.name, checks, progress)
+        if not checks:
             logger.warning("%s has no checksum in the catalog: compare its MD5 (%s) with %s",
-                           rel, _digest(tmp, "md5"), entry.homepage or url)
-        tmp.replace(target)
+                           rel, _digest(target, "md5"), entry.homepage or url)
         if target.suffix == ".zip":
             with zipfile.ZipFile(target) as archive:
                 archive.extractall(target.parent)
