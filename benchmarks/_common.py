@@ -58,3 +58,30 @@ def mean_ci(values: list[float], count_key: str = "n") -> dict[str, Any]:
         out.update(sd=round(sd, 4), ci95=[round(float(v.mean()) - half, 4),
                                           round(float(v.mean()) + half, 4)])
     return out
+
+
+def start_serve(args: list[str], base: str, threads: int, prelude: str = "",
+                timeout_s: float = 180) -> Any:
+    """Start ``meddx`` with ``args`` (``-q serve …``; ``prelude``: Python run first in the
+    server process) and wait until ``base``/health/ready answers 200; returns the process."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-c", prelude + "from meddx.cli import main; main()", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("meddx serve exited: " + proc.stderr.read().decode())
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("meddx serve did not become ready")

@@ -28,7 +28,6 @@ import argparse
 import base64
 import csv
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write  # noqa: E402
+from _common import RESULTS, environment, start_serve, write  # noqa: E402
 
 NAME_BRIGHT = 60
 
@@ -93,24 +92,11 @@ class Server:
             self.port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
         self.audit = work / f"audit-{metrics}.jsonl"
-        cmd = [sys.executable, "-c", "from meddx.cli import main; main()", "-q", "serve",
+        cmd = ["-q", "serve",
                str(package), "--port", str(self.port), "--insecure-no-auth", "--research-use",
                "--backend", "torch", "--threads", str(threads), "--metrics", metrics,
                "--audit-log", str(self.audit)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("meddx serve exited: " + self.proc.stderr.read().decode())
-            try:
-                if httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("meddx serve did not become ready")
+        self.proc = start_serve(cmd, self.base, threads)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -34,7 +34,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -42,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import numpy as np
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, start_serve  # noqa: E402
 
 ISS = "https://ehr.bench"
 
@@ -83,27 +81,14 @@ class Service:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.audit = work / f"audit-{backend}-{max_in_flight}-{uuid.uuid4().hex[:6]}.jsonl"
-        cmd = [sys.executable, "-c", prelude + "from meddx.cli import main; main()", "-q", "serve",
+        cmd = ["-q", "serve",
                str(package), "--port", str(self.port), "--public-url", self.base,
                "--api-key-file", str(work / "api-keys.json"), "--cds-jwks",
                str(work / "jwks.json"), "--cds-issuer", ISS, "--research-use",
                "--backend", backend, "--threads", str(threads), "--workers", str(workers),
                "--max-in-flight", str(max_in_flight), "--audit-log", str(self.audit),
                "--cds-explain" if cds_explain else "--no-cds-explain", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("meddx serve exited: " + self.proc.stderr.read().decode())
-            try:
-                if httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("meddx serve did not become ready")
+        self.proc = start_serve(cmd, self.base, threads, prelude=prelude)
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system, all threads) the server process has used so far."""
