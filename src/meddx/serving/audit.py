@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meddx.fhir.cds import sha256_bytes
 from meddx.serving import context
 
 __all__ = ["AuditLog", "sha256_bytes", "default_audit_path", "verify_log", "LogCheck",
@@ -43,10 +44,6 @@ __all__ = ["AuditLog", "sha256_bytes", "default_audit_path", "verify_log", "LogC
 
 logger = logging.getLogger(__name__)
 
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of an input, the only way an input is named in the log."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def default_audit_path() -> Path:
