@@ -1,4 +1,4 @@
-"""Core commands: datasets, models, train, predict."""
+"""Core commands: datasets, models, train, ensemble, predict."""
 
 from __future__ import annotations
 
@@ -160,6 +160,46 @@ def train(
     else:
         console.print(f"[bold green]trained[/] {package.card.name}: best {metric} = "
                       f"{score:.4f} at epoch {t.get('best_epoch')}, {t.get('wall_time_s')} s")
+    if package.card.calibration:
+        console.print(f"calibrated on calib: temperature {package.card.calibration.temperature:.3f}")
+    console.print(f"package: {package.path}")
+
+
+def ensemble(
+    packages: list[Path] = typer.Argument(..., help="Package folders (runs/<name>/model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the joined package."),
+    tta: str | None = typer.Option(None, help="Test-time augmentation: none, hflip (2 views) "
+                                   "or flips (every flip: 4 views in 2D, 8 in 3D); default: "
+                                   "the first package's."),
+    name: str | None = typer.Option(None, help="Name on the card."),
+    no_post_hoc: bool = typer.Option(False, "--no-post-hoc",
+                                     help="Join without refitting temperature, operating "
+                                          "points and conformal sets (for measuring only)."),
+) -> None:
+    """Join trained packages into one: a seed ensemble (mean of logits), test-time flips, or
+    both — one package, one ONNX graph.
+
+    The calibration fits are refit on the calibration split, so the members must share it
+    (packages record their splits' fingerprints); `model.options.members` in a config trains
+    such an ensemble in one go.
+
+    Examples:
+
+      meddx ensemble runs/isic/model --tta flips --out runs/isic-tta
+
+      meddx ensemble runs/a/model runs/b/model runs/c/model --tta flips --out runs/abc
+
+      meddx export runs/abc --onnx
+    """
+    from meddx.models.combine import describe, tta_views
+    from meddx.training.combine import join_packages
+
+    package = join_packages(packages, out, tta=tta, post_hoc=not no_post_hoc, name=name)
+    options = package.card.network.get("options", {})
+    views = tta_views(options.get("tta"), int(package.card.preprocessing.get("spatial_dims", 2)))
+    members = int(options.get("members", 1) or 1)
+    console.print(f"[bold green]joined[/] {package.card.name}: {describe(options)} "
+                  f"({members * views} forward passes per input)")
     if package.card.calibration:
         console.print(f"calibrated on calib: temperature {package.card.calibration.temperature:.3f}")
     console.print(f"package: {package.path}")
@@ -383,6 +423,7 @@ def register(app: typer.Typer) -> None:
     app.command("datasets")(datasets)
     app.command("models")(models)
     app.command("train")(train)
+    app.command("ensemble")(ensemble)
     app.command("predict")(predict)
 
 

@@ -363,8 +363,11 @@ class Predictor:
     def explainer(self) -> Any:
         """The modality's explainer for this model, built once (it hooks the fp32 network)."""
         if self._explainer is None:
+            from meddx.models.combine import explained_network
+
+            # an ensemble or TTA package is explained through member 1 on the plain input
             self._explainer = self.modality.explainer(
-                self.model, self.card.preprocessing, task=self.task,
+                explained_network(self.model), self.card.preprocessing, task=self.task,
                 network=self.card.network.get("name"))
         return self._explainer
 

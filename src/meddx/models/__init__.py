@@ -4,10 +4,15 @@ Every builder is a function ``builder(*, spatial_dims, in_channels, num_outputs,
 **options) -> torch.nn.Module`` decorated with :func:`meddx.modalities.networks.network`, which records
 an example spec and input so the contract tests cover every entry without a new test.
 The network emits ``TaskSpec.num_outputs`` logits; the task decides activation and loss.
+
+Two options are the platform's, not a builder's (:mod:`meddx.models.combine`): ``members: K``
+builds a deep ensemble of K copies (unless the builder fuses its own), ``tta: hflip|flips``
+wraps an image network in flip test-time augmentation.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,7 +21,7 @@ from meddx.errors import ConfigError
 from meddx.modalities import registered
 from meddx.registry import Registry
 
-__all__ = ["MODELS", "build_network"]
+__all__ = ["MODELS", "build_network", "with_tta"]
 
 MODELS: Registry[Any] = Registry("model")
 # entries come from the modality folders' NETWORKS (meddx/modalities/<name>/networks.py)
@@ -37,8 +42,44 @@ def build_network(
     Raises:
         ConfigError: unknown name, unknown option, or an input the network cannot take.
     """
+    from meddx.models.combine import Ensemble
+
     builder = MODELS.get(name)
+    options = dict(options or {})
+    tta = options.pop("tta", None)
+    members = options.get("members", 1)
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise ConfigError(f"model.options.members must be a whole number ≥ 1, got {members!r}")
+    own_ensemble = "members" in inspect.signature(builder).parameters
+    if not own_ensemble:
+        options.pop("members", None)
     try:
-        return builder(num_outputs=num_outputs, **spec, **(options or {}))
+        if members > 1 and not own_ensemble:
+            model: torch.nn.Module = Ensemble(
+                [builder(num_outputs=num_outputs, **spec, **options) for _ in range(members)])
+        else:
+            model = builder(num_outputs=num_outputs, **spec, **options)
     except TypeError as e:
         raise ConfigError(f"model '{name}' does not accept these options: {e}") from e
+    return with_tta(model, name, spec, tta)
+
+
+def with_tta(model: torch.nn.Module, name: str, spec: dict[str, Any],
+             tta: str | None) -> torch.nn.Module:
+    """``model`` wrapped in flip test-time augmentation (``tta``: ``hflip`` or ``flips``);
+    unchanged for None or ``"none"``.
+
+    Raises:
+        ConfigError: an unknown mode, or a network that does not take images.
+    """
+    from meddx.models.combine import TTA_MODES, FlipTTA
+
+    if tta in (None, "none"):
+        return model
+    if tta not in TTA_MODES:
+        raise ConfigError(f"unknown test-time augmentation '{tta}'",
+                          hint="choose one of: " + ", ".join(TTA_MODES))
+    if getattr(MODELS.get(name), "modality", None) != "image":
+        raise ConfigError(f"test-time flips are for image networks; '{name}' is not one",
+                          hint="remove model.options.tta")
+    return FlipTTA(model, int(spec.get("spatial_dims", 2)), str(tta))

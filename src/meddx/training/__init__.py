@@ -52,7 +52,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn.Module, str, dict]:
     """The configured (or the modality's default) network for this bundle."""
-    from meddx.models import build_network
+    from meddx.models import build_network, with_tta
 
     modality = get_modality(bundle.modality)
     name, options = cfg.model.name, dict(cfg.model.options)
@@ -60,10 +60,28 @@ def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn
         name, default_options = modality.default_network(bundle.task, bundle.input_spec)
         options = {**default_options, **options}
     spec = modality.network_spec(bundle.input_spec)
-    model = build_network(name, num_outputs=bundle.task.num_outputs, spec=spec, options=options)
+    tta = options.get("tta")
+    if tta not in (None, "none") and not cfg.train.augment.flips:
+        raise ConfigError("model.options.tta flips the image at test time, but "
+                          "train.augment.flips is off (laterality matters here?)",
+                          hint="remove model.options.tta, or train with flips")
+    # trained plain: test-time augmentation wraps the network when it is packaged
+    plain = {k: v for k, v in options.items() if k != "tta"}
+    model = build_network(name, num_outputs=bundle.task.num_outputs, spec=spec, options=plain)
+    if tta not in (None, "none"):
+        with_tta(model, name, spec, tta)  # checked now, not after training
     if cfg.model.init_weights:
         _load_init_weights(model, Path(cfg.model.init_weights))
     return model, name, options
+
+
+def _packaged(model: torch.nn.Module, name: str, options: dict,
+              bundle: DataBundle) -> torch.nn.Module:
+    """The trained network as packaged: wrapped in test-time augmentation when configured."""
+    from meddx.models import with_tta
+
+    spec = get_modality(bundle.modality).network_spec(bundle.input_spec)
+    return with_tta(model, name, spec, options.get("tta"))
 
 
 def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
@@ -201,7 +219,9 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
         return None  # type: ignore[return-value]
     best = _restore_best(module, Path(trainer.checkpoint_callback.best_model_path or
                                       run / "checkpoints" / "best.ckpt"))
-    package = save_package(run / "model", module.model.to(memory_format=torch.contiguous_format),
+    net = _packaged(module.model.to(memory_format=torch.contiguous_format), net_name,
+                    net_options, bundle)
+    package = save_package(run / "model", net,
                            _card(cfg, bundle, net_name, net_options, trainer, best, wall))
     logger.info("saved model package to %s", package.path)
     if post_hoc:
@@ -243,8 +263,9 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
             packages.append(load_package(folder / "model"))
             continue
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
+        member_options = {k_: v for k_, v in net_options.items() if k_ != "tta"}
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
-                                    "model.options": {**net_options, "members": 1}})
+                                    "model.options": {**member_options, "members": 1}})
         _BANNER.repeat = trained_here  # printed with the first member trained here
         try:
             member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
@@ -257,7 +278,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
             return None  # type: ignore[return-value]
         packages.append(member)
     wall = time.perf_counter() - start
-    model = join([p.build_model() for p in packages])
+    model = _packaged(join([p.build_model() for p in packages]), net_name, net_options, bundle)
     card = packages[0].card
     training = {
         "config": cfg.model_dump(mode="json"),
@@ -335,7 +356,7 @@ def _card(cfg: ExperimentConfig, bundle: DataBundle, net_name: str, net_options:
         network={"name": net_name, "options": net_options},
         preprocessing=bundle.input_spec,
         training_data={"dataset": bundle.dataset, **{k: v for k, v in info.items() if _jsonable(v)},
-                       **summary},
+                       **summary, "split_sha256": split_fingerprints(bundle)},
         training={
             "config": cfg.model_dump(mode="json"),
             "epochs_run": int(trainer.current_epoch),
@@ -351,6 +372,15 @@ def _card(cfg: ExperimentConfig, bundle: DataBundle, net_name: str, net_options:
         research_only=cfg.research_only,
         license=str(info.get("license", "unknown")),
     )
+
+
+def split_fingerprints(bundle: DataBundle) -> dict[str, str]:
+    """SHA-256 of each split's sorted sample ids: packages with equal fingerprints were
+    trained, selected and calibrated on the same cases (``meddx ensemble`` checks them)."""
+    import hashlib
+
+    return {name: hashlib.sha256("\n".join(sorted(map(str, s.ids))).encode()).hexdigest()
+            for name, s in bundle.splits.items()}
 
 
 def _jsonable(v: Any) -> bool:
