@@ -287,7 +287,7 @@ def report(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
            "val AUROC | epochs (best) | train s | ms / image |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "mel_auc" not in r:
+        if "mel_auc" not in r or "fusion" in r:  # fusion rows repeat their base model
             continue
         va = r.get("val_auroc")
         md.append(f"| {r['arm']} | {r['seed']} | {r.get('size', '')} | "
@@ -296,7 +296,7 @@ def report(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
                   f"{'' if va is None else f'{va:.3f}'} | {r.get('epochs_run', '')} "
                   f"({r.get('best_epoch', '')}) | {r.get('train_wall_s', '')} | "
                   f"{r['ms_per_image']} |")
-    ops = [r for r in rows if "op" in r]
+    ops = [r for r in rows if "op" in r and "fusion" not in r]
     if ops:
         md += ["", "## Melanoma at the dermatologists' specificity", "",
                f"Threshold fitted on calib for specificity ≥ {DERM_SPEC:.0%} (melanoma vs rest); "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,21 +51,67 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def run_one(name: str, seed: int, epochs: int | None, threads: int, workdir: Path) -> dict:
+    """Train (or reuse ``workdir/<name>-s<seed>``) and read the test split once. For an
+    ensemble recipe the members' own test scores (single networks, no TTA) and the plain
+    ensemble (mean logits, no TTA) are read too, from the same run, with inference time."""
+    import numpy as np
+    import torch
+
     from meddx.config import load_config
     from meddx.inference import load_model
+    from meddx.package import load_package
     from meddx.training import load_bundle, train
 
     cfg = load_config(CONFIGS / f"{name}.yaml").updated(
         **{"seed": seed, "train.epochs": epochs, "train.threads": threads})
-    start = time.perf_counter()
-    package = train(cfg, out=workdir / f"{name}-s{seed}", progress=False, post_hoc=False)
-    wall = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    run = workdir / f"{name}-s{seed}"
+    if (run / "model" / "manifest.json").is_file():
+        package = load_package(run / "model")
+        wall = package.card.training.get("wall_time_s")
+    else:
+        start = time.perf_counter()
+        package = train(cfg, out=run, progress=False, post_hoc=False)
+        wall = time.perf_counter() - start
     bundle = load_bundle(cfg)
-    metrics = test_metrics(load_model(package.path, backend="torch"), bundle)
+    shipped = load_model(package.path, backend="torch")
+    start = time.perf_counter()
+    metrics = test_metrics(shipped, bundle)
+    ms = (time.perf_counter() - start) * 1000 / len(bundle.splits["test"])
     t = package.card.training
-    return {"dataset": name, "seed": seed, **metrics, "val_auc": t.get("best_score"),
-            "best_epoch": t.get("best_epoch"), "epochs_run": t.get("epochs_run"),
-            "train_wall_s": round(wall, 1)}
+    out = {"dataset": name, "seed": seed, **metrics, "val_auc": t.get("best_score"),
+           "best_epoch": t.get("best_epoch"), "epochs_run": t.get("epochs_run"),
+           "train_wall_s": round(wall, 1), "ms_per_image": round(ms, 3),
+           "options": package.card.network.get("options", {})}
+    members = sorted((run / "members").glob("*/model/manifest.json"))
+    if members:
+        singles, logits = [], []
+        for m in members:
+            p = load_model(m.parent, backend="torch")
+            start = time.perf_counter()
+            z, _ = p.predict_split(bundle.splits["test"])
+            single_ms = (time.perf_counter() - start) * 1000 / len(z)
+            logits.append(z)
+            singles.append({**member_metrics(bundle, z), "seed": p.card.training.get("seed"),
+                            "ms_per_image": round(single_ms, 3),
+                            "epochs_run": p.card.training.get("epochs_run")})
+        out["members"] = singles
+        out["ensemble_no_tta"] = member_metrics(bundle, np.mean(logits, axis=0))
+    return out
+
+
+def member_metrics(bundle, logits) -> dict[str, float]:
+    """Test AUC/ACC from logits (MedMNIST's way, as :func:`test_metrics`)."""
+    import torch
+
+    task, split = bundle.task, bundle.splits["test"]
+    probs = task.probabilities(torch.from_numpy(logits)).numpy()
+    y = task.target_index(split.targets)
+    if task.kind == "binary":
+        auc = roc_auc_score(y == task.positive_index, probs[:, task.positive_index])
+    else:
+        auc = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    return {"auc": float(auc), "acc": float(accuracy_score(y, probs.argmax(1)))}
 
 
 def main() -> None:
@@ -87,7 +132,8 @@ def main() -> None:
         args.seeds = sorted({r["seed"] for r in runs})
         write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
         return
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meddx-medmnist-"))
+    workdir = args.workdir or Path.home() / ".cache" / "meddx" / "bench" / "medmnist"
+    workdir.mkdir(parents=True, exist_ok=True)
     partial = RESULTS / f"{args.name}.partial.jsonl"
     runs = []
     for name in args.datasets:
@@ -118,6 +164,26 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
                   f"**{acc[0]:.3f}** ({acc[1]:.3f}–{acc[2]:.3f}) | {wall / 60:.1f} min |")
         for method, (a, c) in PUBLISHED[name].items():
             md.append(f"| {name} | {method} (published) | {a:.3f} | {c:.3f} | |")
+    ens = [r for r in runs if r.get("members")]
+    if ens:
+        md += ["", "Shipped ensemble vs its own members (same runs; members are single networks "
+               "without TTA, seeds seed..seed+2 on the ensemble's split):", "",
+               "| dataset | arm | n | test AUC | test ACC | ms / image |", "|---|---|---|---|---|---|"]
+        for name in args.datasets:
+            rs = [r for r in ens if r["dataset"] == name]
+            if not rs:
+                continue
+            singles = [m for r in rs for m in r["members"]]
+            arms = [("single network (each member)", singles,
+                     statistics.fmean(m["ms_per_image"] for m in singles)),
+                    ("ensemble, no TTA", [r["ensemble_no_tta"] for r in rs], float("nan")),
+                    ("ensemble + TTA (shipped)", rs,
+                     statistics.fmean(r["ms_per_image"] for r in rs))]
+            for label, xs, ms in arms:
+                auc, acc = interval([x["auc"] for x in xs]), interval([x["acc"] for x in xs])
+                md.append(f"| {name} | {label} | {len(xs)} | {auc[0]:.3f} ({auc[1]:.3f}–"
+                          f"{auc[2]:.3f}) | {acc[0]:.3f} ({acc[1]:.3f}–{acc[2]:.3f}) | "
+                          f"{'' if ms != ms else f'{ms:.2f}'} |")
     md += ["", "Per seed:", "", "| dataset | seed | test AUC | test ACC | val AUC | best epoch | "
            "epochs run | wall s |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['dataset']} | {r['seed']} | {r['auc']:.3f} | {r['acc']:.3f} | "
