@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, environment, mean_ci, write
+from _common import environment, mean_ci, write
 from medmnist import test_metrics
 
 ROOT = Path(__file__).parents[1]

@@ -139,11 +139,12 @@ class ContrastiveViews:
         c = x.shape[1]
         blurred = x
         for axis in range(self.dims):
-            shape = [c, 1] + [1] * self.dims
+            shape = [1, 1] + [1] * self.dims
             shape[2 + axis] = len(k)
+            weight = k.view(shape).expand(c, *shape[1:])
             pad = [0] * (2 * self.dims)
             pad[2 * (self.dims - 1 - axis)] = pad[2 * (self.dims - 1 - axis) + 1] = radius
-            blurred = conv(F.pad(blurred, pad, mode="reflect"), k.view(shape), groups=c)
+            blurred = conv(F.pad(blurred, pad, mode="reflect"), weight, groups=c)
         apply = _per_sample(torch.rand(len(x)) < self.blur_prob, x)
         return torch.where(apply, blurred, x)
 
