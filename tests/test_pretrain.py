@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from meddx.cli import app
 from meddx.errors import ConfigError
+from meddx.modalities import MODALITIES, get_modality
 from meddx.modalities.image.contrastive import ContrastiveViews
 from meddx.training.pretrain import SimCLRNet, backbone_of, nt_xent, pretrain
 
@@ -173,3 +174,17 @@ def test_cli_errors_are_clear(args, said) -> None:
     r = invoke(*args)
     assert r.exit_code != 0
     assert isinstance(r.exception, ConfigError) and said in str(r.exception)
+
+
+@pytest.mark.parametrize("name", sorted(MODALITIES.names()))
+def test_every_modality_either_makes_views_or_says_it_cannot(name) -> None:
+    modality = get_modality(name)
+    try:
+        answer = modality.contrastive_views(None)
+    except ConfigError as e:
+        assert "pretraining supports image modalities" in e.message
+    else:
+        assert answer is None  # it can: views come once the data's input_spec is known
+        views = modality.contrastive_views({"spatial_dims": 2, "channels": 1, "size": 16})
+        v1, v2 = views(torch.rand(4, 1, 16, 16))
+        assert v1.shape == v2.shape == (4, 1, 16, 16)
