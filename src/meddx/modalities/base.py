@@ -264,6 +264,20 @@ class Modality(ABC):
         """Augmentations applied to a whole training batch at once (fast on CPU); None for none."""
         return None
 
+    def contrastive_views(self, input_spec: dict[str, Any] | None
+                          ) -> Callable[[Any], tuple[Any, Any]] | None:
+        """Two random views of a batch for contrastive pretraining (``meddx pretrain``).
+
+        ``input_spec`` None only asks whether the modality can make views (before its data is
+        read): None comes back when it can.
+
+        Raises:
+            ConfigError: the modality has no contrastive views (the default).
+        """
+        raise ConfigError(f"pretraining supports image modalities; this dataset is "
+                          f"'{self.name}' data",
+                          hint="pretrain on an image dataset, e.g. --dataset breastmnist")
+
     def collate(self, batch: list[tuple[Any, Any]]) -> tuple[Any, torch.Tensor]:
         """Batch items; the default stacks tensors."""
         xs, ys = zip(*batch, strict=True)

@@ -286,6 +286,18 @@ class ImageModality(Modality):
                             rotate_degrees=augment.rotate_degrees, intensity=augment.intensity,
                             noise=augment.noise)
 
+    def contrastive_views(self, input_spec: dict[str, Any] | None) -> Any:
+        """SimCLR's views (random resized crop, flips, rotation, colour jitter; blur from
+        64 px up) made on whole batches; see :mod:`meddx.modalities.image.contrastive`."""
+        if input_spec is None:
+            return None
+        from meddx.modalities.image.contrastive import ContrastiveViews
+
+        size = input_spec.get("size") or 0
+        return ContrastiveViews(spatial_dims=input_spec["spatial_dims"],
+                                channels=input_spec["channels"],
+                                blur_prob=0.5 if size >= 64 else 0.0)
+
     # ------------------------------------------------------------- models
     def default_network(self, task: Any, input_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return "resnet18", {}
