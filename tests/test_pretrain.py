@@ -188,3 +188,27 @@ def test_every_modality_either_makes_views_or_says_it_cannot(name) -> None:
         views = modality.contrastive_views({"spatial_dims": 2, "channels": 1, "size": 16})
         v1, v2 = views(torch.rand(4, 1, 16, 16))
         assert v1.shape == v2.shape == (4, 1, 16, 16)
+
+
+def test_an_ensemble_recipe_pretrains_one_plain_network_and_every_member_loads_it(
+        pretrained, tmp_path) -> None:
+    """configs/breastmnist.yaml ships `members: 3, tta: flips`: pretraining ignores both (one
+    plain backbone), and each member of the ensemble starts from the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from meddx.models.combine import Ensemble
+    from meddx.modalities.loading import as_config
+    from meddx.training import build_model_for, load_bundle
+
+    ens = {**TINY, "model": {"name": "resnet18", "options": {"members": 2, "tta": "flips"}}}
+    out = pretrain(ens, out=tmp_path / "ens.safetensors", epochs=1, batch_size=9, threads=1,
+                   progress=False)
+    with safe_open(str(out.path), "pt") as f:
+        assert not any(k.startswith(("members.", "net.")) for k in f.keys())
+    cfg = as_config({**ens, "model": {**ens["model"], "init_weights": str(pretrained.path)}})
+    template, _, _ = build_model_for(cfg, load_bundle(cfg))
+    assert isinstance(template, Ensemble)
+    saved = load_file(str(pretrained.path))
+    for member in template.members:
+        assert torch.equal(member.state_dict()["conv1.weight"], saved["conv1.weight"])

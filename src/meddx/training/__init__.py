@@ -71,7 +71,11 @@ def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn
     if tta not in (None, "none"):
         with_tta(model, name, spec, tta)  # checked now, not after training
     if cfg.model.init_weights:
-        _load_init_weights(model, Path(cfg.model.init_weights))
+        from meddx.models.combine import Ensemble
+
+        # an ensemble's template: every member starts from the weights
+        for net in (model.members if isinstance(model, Ensemble) else [model]):
+            _load_init_weights(net, Path(cfg.model.init_weights))
     return model, name, options
 
 

@@ -157,7 +157,10 @@ def pretrain(config: ExperimentConfig | str | Path | dict, *, out: str | Path,
     loader, n_images = _loader(bundle, splits, batch_size, cfg.seed)
     from meddx.training import build_model_for
 
-    model, net_name, net_options = build_model_for(cfg, bundle)
+    # one plain network: an ensemble's members and test-time flips are not pretrained
+    plain = {k: v for k, v in cfg.model.options.items() if k not in ("members", "tta")}
+    model, net_name, net_options = build_model_for(cfg.updated(**{"model.options": plain}),
+                                                   bundle)
     head_name, width = backbone_of(model, bundle.task.num_outputs)
     net = SimCLRNet(model, width, proj_dim)
     fmt = _memory_format(model, bundle.input_spec)
