@@ -60,9 +60,12 @@ def main() -> None:
     ap.add_argument("--name", default="pretrain", help="results file stem")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meddx-pretrain-"))
-    cfg = load_config(args.config).updated(**{
+    cfg = load_config(args.config)
+    # single networks on both arms: the recipe's ensemble / TTA options are measured elsewhere
+    plain = {k: v for k, v in cfg.model.options.items() if k not in ("members", "tta")}
+    cfg = cfg.updated(**{
         "data.size": args.size, "train.epochs": args.finetune_epochs,
-        "train.threads": args.threads})
+        "train.threads": args.threads, "model.options": plain})
     weights = workdir / f"{cfg.name}.safetensors"
     report = pretrain(cfg, out=weights, splits=args.splits, epochs=args.pretrain_epochs,
                       batch_size=args.pretrain_batch, lr=args.pretrain_lr,
