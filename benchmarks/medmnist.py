@@ -130,6 +130,8 @@ def main() -> None:
                 for line in (RESULTS / f"{stem}.partial.jsonl").read_text().splitlines() if line]
         args.datasets = [d for d in PUBLISHED if any(r["dataset"] == d for r in runs)]
         args.seeds = sorted({r["seed"] for r in runs})
+        args.sources = ("runs merged from " + ", ".join(f"results/{m}.md" for m in args.merge)
+                        + " (threads, load and dates there)")
         write("medmnist", {"environment": environment(), "runs": runs}, report(runs, args))
         return
     workdir = args.workdir or Path.home() / ".cache" / "meddx" / "bench" / "medmnist"
@@ -147,12 +149,24 @@ def main() -> None:
             write(args.name, {"environment": environment(), "runs": runs}, report(runs, args))
 
 
+def _method(run: dict) -> str:
+    """``resnet18``, or ``resnet18 ×3 + TTA flips`` for an ensemble recipe."""
+    o = run.get("options") or {}
+    label = "resnet18"
+    if int(o.get("members", 1) or 1) > 1:
+        label += f" ×{o['members']}"
+    if o.get("tta") not in (None, "none"):
+        label += f" + TTA {o['tta']}"
+    return label
+
+
 def report(runs: list[dict], args: argparse.Namespace) -> str:
     env = environment()
-    md = ["# MedMNIST v2: meddx defaults vs the published table", "",
+    threads = getattr(args, "sources", None) or f"{args.threads} threads per run"
+    md = ["# MedMNIST v2: meddx recipes vs the published table", "",
           f"Test split, read once per seed; model selection on val only. Seeds {args.seeds}; "
-          f"{env['cpu']}, {args.threads} threads, torch {env['torch']}, {env['date']}. "
-          "Mean and 95% t-interval over seeds.", "",
+          f"{env['cpu']}, {threads}, torch {env['torch']}, {env['date']}. "
+          "Mean and 95% t-interval over seeds. The recipe is `configs/<dataset>.yaml`.", "",
           "| dataset | method | test AUC | test ACC | train wall time / seed |", "|---|---|---|---|---|"]
     for name in args.datasets:
         rs = [r for r in runs if r["dataset"] == name]
@@ -160,7 +174,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
             continue
         auc, acc = interval([r["auc"] for r in rs]), interval([r["acc"] for r in rs])
         wall = statistics.fmean(r["train_wall_s"] for r in rs)
-        md.append(f"| {name} | **meddx resnet18** | **{auc[0]:.3f}** ({auc[1]:.3f}–{auc[2]:.3f}) | "
+        md.append(f"| {name} | **meddx {_method(rs[0])}** | **{auc[0]:.3f}** ({auc[1]:.3f}–{auc[2]:.3f}) | "
                   f"**{acc[0]:.3f}** ({acc[1]:.3f}–{acc[2]:.3f}) | {wall / 60:.1f} min |")
         for method, (a, c) in PUBLISHED[name].items():
             md.append(f"| {name} | {method} (published) | {a:.3f} | {c:.3f} | |")
