@@ -197,15 +197,16 @@ def test_an_ensemble_recipe_pretrains_one_plain_network_and_every_member_loads_i
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from meddx.models.combine import Ensemble
     from meddx.modalities.loading import as_config
+    from meddx.models.combine import Ensemble
     from meddx.training import build_model_for, load_bundle
 
     ens = {**TINY, "model": {"name": "resnet18", "options": {"members": 2, "tta": "flips"}}}
     out = pretrain(ens, out=tmp_path / "ens.safetensors", epochs=1, batch_size=9, threads=1,
                    progress=False)
     with safe_open(str(out.path), "pt") as f:
-        assert not any(k.startswith(("members.", "net.")) for k in f.keys())
+        names = f.keys()
+    assert names and not any(k.startswith(("members.", "net.")) for k in names)
     cfg = as_config({**ens, "model": {**ens["model"], "init_weights": str(pretrained.path)}})
     template, _, _ = build_model_for(cfg, load_bundle(cfg))
     assert isinstance(template, Ensemble)
