@@ -85,3 +85,14 @@ def start_serve(args: list[str], base: str, threads: int, prelude: str = "",
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError("meddx serve did not become ready")
+
+
+def stop_serve(proc: Any, timeout_s: float = 20) -> None:
+    """Stop a server started by :func:`start_serve`: terminate, then kill if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -97,13 +97,10 @@ def _mean_auc_ci(y_mel: np.ndarray, s_mel: np.ndarray, y_sk: np.ndarray,
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    z, p = 1.959964, k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def _classes(task: Any) -> tuple[int, int]:

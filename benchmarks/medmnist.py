@@ -31,15 +31,8 @@ PUBLISHED = {  # test AUC / ACC, Yang et al. 2023 (MedMNIST v2 table)
 
 
 def test_metrics(predictor, bundle) -> dict[str, float]:
-    task = bundle.task
-    split = bundle.splits["test"]
-    _, probs = predictor.predict_split(split)
-    y = task.target_index(split.targets)
-    if task.kind == "binary":
-        auc = roc_auc_score(y == task.positive_index, probs[:, task.positive_index])
-    else:
-        auc = roc_auc_score(y, probs, multi_class="ovr", average="macro")
-    return {"auc": float(auc), "acc": float(accuracy_score(y, probs.argmax(1)))}
+    logits, _ = predictor.predict_split(bundle.splits["test"])
+    return metrics_from_logits(bundle, logits)
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -92,16 +85,17 @@ def run_one(name: str, seed: int, epochs: int | None, threads: int, workdir: Pat
             z, _ = p.predict_split(bundle.splits["test"])
             single_ms = (time.perf_counter() - start) * 1000 / len(z)
             logits.append(z)
-            singles.append({**member_metrics(bundle, z), "seed": p.card.training.get("seed"),
+            singles.append({**metrics_from_logits(bundle, z), "seed": p.card.training.get("seed"),
                             "ms_per_image": round(single_ms, 3),
                             "epochs_run": p.card.training.get("epochs_run")})
         out["members"] = singles
-        out["ensemble_no_tta"] = member_metrics(bundle, np.mean(logits, axis=0))
+        out["ensemble_no_tta"] = metrics_from_logits(bundle, np.mean(logits, axis=0))
     return out
 
 
-def member_metrics(bundle, logits) -> dict[str, float]:
-    """Test AUC/ACC from logits (MedMNIST's way, as :func:`test_metrics`)."""
+def metrics_from_logits(bundle, logits) -> dict[str, float]:
+    """Test AUC and ACC as MedMNIST v2 computes them (AUC: binary on the positive class, else
+    macro one-vs-rest; ACC: argmax) from the test split's logits."""
     import torch
 
     task, split = bundle.task, bundle.splits["test"]

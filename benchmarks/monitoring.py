@@ -41,7 +41,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, start_serve, write  # noqa: E402
+from _common import RESULTS, environment, start_serve, stop_serve, write  # noqa: E402
 
 NAME_BRIGHT = 60
 
@@ -99,11 +99,7 @@ class Server:
         self.proc = start_serve(cmd, self.base, threads)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_serve(self.proc)
 
 
 def _post(client: httpx.Client, server: Server, name: str, png: bytes) -> tuple[float, Any]:

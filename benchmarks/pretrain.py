@@ -44,6 +44,7 @@ def finetune(cfg, arm: str, seed: int, weights: Path | None, workdir: Path) -> d
 
 def main() -> None:
     from meddx.config import load_config
+    from meddx.models.combine import plain_options
     from meddx.training.pretrain import pretrain
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,7 +63,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meddx-pretrain-"))
     cfg = load_config(args.config)
     # single networks on both arms: the recipe's ensemble / TTA options are measured elsewhere
-    plain = {k: v for k, v in cfg.model.options.items() if k not in ("members", "tta")}
+    plain = plain_options(cfg.model.options)
     cfg = cfg.updated(**{
         "data.size": args.size, "train.epochs": args.finetune_epochs,
         "train.threads": args.threads, "model.options": plain})

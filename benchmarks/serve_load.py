@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -42,7 +41,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from _common import RESULTS, start_serve  # noqa: E402
+from _common import RESULTS, start_serve, stop_serve  # noqa: E402
 
 ISS = "https://ehr.bench"
 
@@ -96,11 +95,7 @@ class Service:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_serve(self.proc)
 
 
 class Reply:

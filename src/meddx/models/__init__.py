@@ -21,7 +21,7 @@ from meddx.errors import ConfigError
 from meddx.modalities import registered
 from meddx.registry import Registry
 
-__all__ = ["MODELS", "build_network", "with_tta"]
+__all__ = ["MODELS", "build_network", "check_tta", "with_tta"]
 
 MODELS: Registry[Any] = Registry("model")
 # entries come from the modality folders' NETWORKS (meddx/modalities/<name>/networks.py)
@@ -64,22 +64,34 @@ def build_network(
     return with_tta(model, name, spec, tta)
 
 
-def with_tta(model: torch.nn.Module, name: str, spec: dict[str, Any],
-             tta: str | None) -> torch.nn.Module:
-    """``model`` wrapped in flip test-time augmentation (``tta``: ``hflip`` or ``flips``);
-    unchanged for None or ``"none"``.
+def check_tta(name: str, tta: str | None) -> str | None:
+    """The test-time augmentation mode ``tta`` for network ``name``: None for none.
 
     Raises:
         ConfigError: an unknown mode, or a network that does not take images.
     """
-    from meddx.models.combine import TTA_MODES, FlipTTA
+    from meddx.models.combine import TTA_MODES
 
     if tta in (None, "none"):
-        return model
+        return None
     if tta not in TTA_MODES:
         raise ConfigError(f"unknown test-time augmentation '{tta}'",
                           hint="choose one of: " + ", ".join(TTA_MODES))
     if getattr(MODELS.get(name), "modality", None) != "image":
         raise ConfigError(f"test-time flips are for image networks; '{name}' is not one",
                           hint="remove model.options.tta")
-    return FlipTTA(model, int(spec.get("spatial_dims", 2)), str(tta))
+    return str(tta)
+
+
+def with_tta(model: torch.nn.Module, name: str, spec: dict[str, Any],
+             tta: str | None) -> torch.nn.Module:
+    """``model`` wrapped in flip test-time augmentation (``tta``: ``hflip`` or ``flips``);
+    unchanged for None or ``"none"``.
+
+    Raises:
+        ConfigError: see :func:`check_tta`.
+    """
+    from meddx.models.combine import FlipTTA
+
+    mode = check_tta(name, tta)
+    return model if mode is None else FlipTTA(model, int(spec.get("spatial_dims", 2)), mode)

@@ -31,9 +31,17 @@ from torch import nn
 
 from meddx.errors import ConfigError
 
-__all__ = ["Ensemble", "FlipTTA", "TTA_MODES", "flip_views", "explained_network", "tta_views"]
+__all__ = ["Ensemble", "FlipTTA", "TTA_MODES", "WRAPPER_OPTIONS", "flip_views",
+           "explained_network", "plain_options", "tta_views"]
 
 TTA_MODES = ("none", "hflip", "flips")
+WRAPPER_OPTIONS = ("members", "tta")
+
+
+def plain_options(options: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``options`` without the platform's wrapper options (``members``, ``tta``) except
+    ``keep``: what one plain network of the recipe is built with."""
+    return {k: v for k, v in options.items() if k not in WRAPPER_OPTIONS or k in keep}
 
 
 class Ensemble(nn.Module):
@@ -52,18 +60,12 @@ class Ensemble(nn.Module):
     @classmethod
     def from_members(cls, nets: list[nn.Module]) -> Ensemble:
         """One ensemble from separately trained networks (same architecture), in eval mode."""
-        if len(nets) < 2:
-            raise ConfigError("an ensemble needs two or more members")
         shapes = [{k: tuple(v.shape) for k, v in n.state_dict().items()} for n in nets]
         if any(type(n) is not type(nets[0]) or s != shapes[0] for n, s in zip(nets, shapes,
                                                                               strict=True)):
             raise ConfigError("ensemble members must share one architecture",
                               hint="join packages trained with the same network and options")
         return cls(list(nets)).eval()
-
-    def member(self, k: int) -> nn.Module:
-        """Member ``k`` (shares its weights with the ensemble)."""
-        return self.members[k]
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, ``(K, B, outputs)``."""

@@ -116,13 +116,14 @@ def _drift(values: Sequence[float], hist: Any, n_ref: int) -> dict[str, Any]:
     return out
 
 
-def _wilson(k: int, n: int, z: float = 1.96) -> dict[str, float | None]:
+def _wilson(k: int, n: int) -> dict[str, float | None]:
+    """``k`` of ``n`` with its Wilson 95% interval (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return {"value": None, "low": None, "high": None}
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"value": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"value": k / n, "low": float(ci.low), "high": float(ci.high)}
 
 
 def _weighted_ece(y: np.ndarray, r: np.ndarray, W: np.ndarray, n_bins: int = 15) -> np.ndarray:

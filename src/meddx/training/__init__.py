@@ -52,7 +52,8 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn.Module, str, dict]:
     """The configured (or the modality's default) network for this bundle."""
-    from meddx.models import build_network, with_tta
+    from meddx.models import build_network, check_tta
+    from meddx.models.combine import plain_options
 
     modality = get_modality(bundle.modality)
     name, options = cfg.model.name, dict(cfg.model.options)
@@ -60,16 +61,14 @@ def build_model_for(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[torch.nn
         name, default_options = modality.default_network(bundle.task, bundle.input_spec)
         options = {**default_options, **options}
     spec = modality.network_spec(bundle.input_spec)
-    tta = options.get("tta")
-    if tta not in (None, "none") and not cfg.train.augment.flips:
+    # checked now, not after training; the network trains plain and test-time augmentation
+    # wraps it when it is packaged
+    if check_tta(name, options.get("tta")) and not cfg.train.augment.flips:
         raise ConfigError("model.options.tta flips the image at test time, but "
                           "train.augment.flips is off (laterality matters here?)",
                           hint="remove model.options.tta, or train with flips")
-    # trained plain: test-time augmentation wraps the network when it is packaged
-    plain = {k: v for k, v in options.items() if k != "tta"}
-    model = build_network(name, num_outputs=bundle.task.num_outputs, spec=spec, options=plain)
-    if tta not in (None, "none"):
-        with_tta(model, name, spec, tta)  # checked now, not after training
+    model = build_network(name, num_outputs=bundle.task.num_outputs, spec=spec,
+                          options=plain_options(options, keep=("members",)))
     if cfg.model.init_weights:
         from meddx.models.combine import Ensemble
 
@@ -247,6 +246,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     """
     import numpy as np
 
+    from meddx.models.combine import plain_options
     from meddx.package import load_package
     from meddx.training.module import selection_score
     from meddx.training.posthoc import split_logits
@@ -267,9 +267,8 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
             packages.append(load_package(folder / "model"))
             continue
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
-        member_options = {k_: v for k_, v in net_options.items() if k_ != "tta"}
         member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
-                                    "model.options": {**member_options, "members": 1}})
+                                    "model.options": plain_options(net_options)})
         _BANNER.repeat = trained_here  # printed with the first member trained here
         try:
             member = train(member_cfg, out=folder, progress=progress, post_hoc=False,

@@ -29,9 +29,6 @@ __all__ = ["join_packages"]
 
 logger = logging.getLogger(__name__)
 
-_WRAPPER_OPTIONS = ("members", "tta")
-
-
 def _plain(package: ModelPackage) -> torch.nn.Module:
     """The package's network without its TTA wrapper."""
     from meddx.models.combine import FlipTTA
@@ -41,8 +38,9 @@ def _plain(package: ModelPackage) -> torch.nn.Module:
 
 
 def _base_options(package: ModelPackage) -> dict[str, Any]:
-    return {k: v for k, v in package.card.network.get("options", {}).items()
-            if k not in _WRAPPER_OPTIONS}
+    from meddx.models.combine import plain_options
+
+    return plain_options(package.card.network.get("options", {}))
 
 
 def _check_compatible(packages: list[ModelPackage]) -> None:

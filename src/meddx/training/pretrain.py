@@ -155,10 +155,11 @@ def pretrain(config: ExperimentConfig | str | Path | dict, *, out: str | Path,
     bundle = bundle or load_bundle(cfg)
     views = get_modality(bundle.modality).contrastive_views(bundle.input_spec)
     loader, n_images = _loader(bundle, splits, batch_size, cfg.seed)
+    # one plain network: an ensemble's members and test-time flips are not pretrained
+    from meddx.models.combine import plain_options
     from meddx.training import build_model_for
 
-    # one plain network: an ensemble's members and test-time flips are not pretrained
-    plain = {k: v for k, v in cfg.model.options.items() if k not in ("members", "tta")}
+    plain = plain_options(cfg.model.options)
     model, net_name, net_options = build_model_for(cfg.updated(**{"model.options": plain}),
                                                    bundle)
     head_name, width = backbone_of(model, bundle.task.num_outputs)
