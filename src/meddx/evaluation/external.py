@@ -4,8 +4,9 @@
 normalisation fitted on the training data, never refitted on the new data), predicts every case
 once, and writes the same report as :func:`~meddx.evaluation.evaluator.evaluate`, marked
 *external*, with what shows a transport failure first: calibration-in-the-large and the
-calibration slope with bootstrap CIs, and for each operating point with a target (e.g.
-``sensitivity@0.95``) whether it still keeps its promise on these data.
+calibration slope with bootstrap CIs, and for every operating point of the card (the default
+first) whether it still keeps its promise on these data: its target where it has one (e.g.
+``sensitivity@0.95``), else its sensitivity and specificity on the calibration split.
 
 Data it reads:
 
@@ -63,19 +64,48 @@ def external_bundle(package: ModelPackage, data: str | Path) -> DataBundle:
 
 
 # --------------------------------------------------------------------------- transport
+def _finite(x: Any) -> bool:
+    return x is not None and np.isfinite(x)
+
+
 def _promise(name: str, op: dict[str, Any]) -> dict[str, Any] | None:
+    """What operating point ``name`` promised and what it does on these data: a target point
+    (``sensitivity@0.95``) against its target; a point without one (``balanced``, ``youden``)
+    against its sensitivity and specificity on the calibration split. None for a point with
+    no figures (e.g. a degenerate split)."""
+    metrics = op.get("metrics") or {}
+    row: dict[str, Any] = {
+        "operating_point": name, "default": bool(op.get("default")),
+        "threshold": op.get("threshold"), "method": op.get("method"),
+        "sensitivity": metrics.get("sensitivity"), "specificity": metrics.get("specificity"),
+        "calib_sensitivity": op.get("calib_sensitivity"),
+        "calib_specificity": op.get("calib_specificity"),
+    }
     method, target = op.get("method"), op.get("target")
-    if method not in ("sensitivity", "specificity") or target is None:
+    if method in ("sensitivity", "specificity") and target is not None:
+        m = metrics.get(method) or {}
+        value, high = m.get("value"), m.get("high")
+        if not _finite(value):
+            return None
+        status = "holds" if value >= target else (
+            "broken" if _finite(high) and high < target else "uncertain")
+        return {**row, "metric": method, "target": target, "value": value, "low": m.get("low"),
+                "high": high, "status": status}
+    below = [k for k in ("sensitivity", "specificity")
+             if _finite(row[f"calib_{k}"]) and _finite((metrics.get(k) or {}).get("high"))
+             and metrics[k]["high"] < row[f"calib_{k}"]]
+    known = any(_finite((metrics.get(k) or {}).get("value")) for k in ("sensitivity",
+                                                                        "specificity"))
+    if not known:
         return None
-    m = op["metrics"].get(method) or {}
-    value, high = m.get("value"), m.get("high")
-    if value is None or not np.isfinite(value):
-        return None
-    status = "holds" if value >= target else (
-        "broken" if high is not None and np.isfinite(high) and high < target else "uncertain")
-    return {"operating_point": name, "metric": method, "target": target, "value": value,
-            "low": m.get("low"), "high": high, "status": status,
-            "default": bool(op.get("default"))}
+    return {**row, "metric": None, "target": None, "value": None, "low": None, "high": None,
+            "status": "below calibration" if below else "as on calibration", "below": below}
+
+
+def _promises(operating_points: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every stored operating point, the default first, then in the card's order."""
+    rows = [p for name, op in operating_points.items() if (p := _promise(name, op)) is not None]
+    return sorted(rows, key=lambda p: not p["default"])
 
 
 def transport_section(result: EvaluationResult, n_resamples: int, seed: int
@@ -101,11 +131,9 @@ def transport_section(result: EvaluationResult, n_resamples: int, seed: int
             out["warnings"].append(f"calibration-in-the-large {a['value']:+.2f} (95% CI "
                                    f"{a['low']:+.2f} to {a['high']:+.2f}): the model "
                                    f"{direction}-predicts the mean risk on these data")
-    for name, op in result.operating_points.items():
-        p = _promise(name, op)
-        if p is None:
-            continue
-        out["promises"].append(p)
+    out["promises"] = _promises(result.operating_points)
+    for p in out["promises"]:
+        name = p["operating_point"]
         if p["status"] == "broken":
             out["warnings"].append(
                 f"operating point {name} no longer holds its promise: {p['metric']} "
