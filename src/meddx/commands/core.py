@@ -402,7 +402,8 @@ def _row(p: Any) -> dict[str, Any]:
     d = p.to_dict()
     probs = d["calibrated"] or d["probabilities"]
     row = {"id": d["id"], "decision": _text(d["decision"]),
-           "operating_point": d["operating_point"], "threshold": d["threshold"],
+           "operating_point": d["operating_point"],
+           "threshold": None if d["threshold"] is None else round(d["threshold"], 4),
            "most_likely_class": _text(d["label"])}
     row.update({f"p[{k}]": round(v, 4) for k, v in probs.items()})
     row["conformal_set"] = _text(d["prediction_set"]) if d["prediction_set"] else None
@@ -410,7 +411,7 @@ def _row(p: Any) -> dict[str, Any]:
     row["review"] = d["review"]
     row["ood"] = d["ood"]
     if d["ood_score"] is not None:
-        row["ood_score"] = d["ood_score"]
+        row["ood_score"] = round(d["ood_score"], 4)
     dropped = (d.get("notes") or {}).get("dropped_lines")
     if isinstance(dropped, dict):
         row["dropped_lines"] = dropped.get("total", 0)
