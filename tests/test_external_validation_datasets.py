@@ -58,3 +58,12 @@ def test_cli_validate_takes_an_npz_and_a_split(package, breast_npz, tmp_path):
                                  str(tmp_path / "cli"), "--bootstrap", "20", "--split", "val"])
     assert r.exit_code == 0, r.output
     assert "external validation on other_site.npz (n=20)" in " ".join(r.stdout.split())
+
+
+def test_split_is_refused_for_data_read_case_by_case(package, tmp_path):
+    from meddx.errors import ConfigError
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n")
+    with pytest.raises(ConfigError, match="read case by case"):
+        validate(package.path, csv, bootstrap=0, split="val")

@@ -58,6 +58,7 @@ def external_bundle(package: ModelPackage, data: str | Path, split: str = "test"
     Raises:
         DataError: the data cannot be found or read, or no case is left to evaluate.
         EvaluationError: the data do not fit the model, or have no such split.
+        ConfigError: ``split`` other than ``test`` for data read case by case.
     """
     data = Path(data)
     if not data.exists():
@@ -66,6 +67,10 @@ def external_bundle(package: ModelPackage, data: str | Path, split: str = "test"
     modality = get_modality(card.modality)
     if not _case_by_case(modality, data):
         return dataset_bundle(package, data, split)
+    if split != "test":
+        raise ConfigError(f"split '{split}' applies to a dataset file with splits; {data.name} "
+                          "is read case by case, every case being external",
+                          hint="leave out --split")
     tensors, targets, ids, info = modality.read_external(data, card.preprocessing, card.task)
     if not ids:
         raise DataError("no case of the external data could be read", path=str(data))
