@@ -8,6 +8,7 @@ from the issue also run through the installed console script itself.
 
 from __future__ import annotations
 
+import enum
 import json
 import subprocess
 import sys
@@ -72,6 +73,20 @@ def _commands() -> list[tuple[list[str], object]]:
     return found
 
 
+def _value(param: object) -> str:
+    """A value the parser accepts for ``param``, so that only the surplus argument is wrong:
+    the first choice of a choice, else "1" (an int, a float, a string, and a path that exists:
+    the cases run in a folder holding a file named ``1``)."""
+    choices = getattr(getattr(param, "type", None), "choices", None)
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if not choices and isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = list(annotation)
+    if choices:
+        first = list(choices)[0]
+        return str(first.value if isinstance(first, enum.Enum) else first)
+    return "1"
+
+
 def _cases() -> list[tuple[str, list[str], str]]:
     """(kind, argv, expected message) for each command: an unknown option; a missing
     required argument or option; a surplus argument; a misspelt sub-command of a group."""
@@ -88,19 +103,21 @@ def _cases() -> list[tuple[str, list[str], str]]:
         arguments = [p for p in params if p.param_type_name == "argument"]
         if any(p.nargs == -1 for p in arguments):
             continue  # a variadic argument takes any surplus
-        given = ["1"] * len(arguments)
+        given = [_value(p) for p in arguments]
         for p in required:
             if p.param_type_name == "option":
-                given += [p.opts[0], "1"]
+                given += [p.opts[0], _value(p)]
         cases.append(("extra", [*path, *given, "surplus-argument"], "unexpected extra argument"))
     return cases
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[tuple[str, ...], dict]:
+def results(tmp_path_factory) -> dict[tuple[str, ...], dict]:
     cases = _cases()
+    folder = tmp_path_factory.mktemp("usage")
+    (folder / "1").write_text("")  # "1" names an existing file for path arguments
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([c[1] for c in cases])],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(cases), proc.stderr[-3000:]
