@@ -75,15 +75,26 @@ def _sop_uids_present(ds: Any) -> bool:
                for k in ("SOPClassUID", "SOPInstanceUID"))
 
 
-def _truncated(ds: Any) -> str | None:
-    """The first top-level element whose value is shorter than its stated length."""
+def _truncated(ds: Any, size: int) -> str | None:
+    """Why the top level of ``ds`` looks cut short, or None.
+
+    pydicom reads a short value or a partial element header at the end of a file silently;
+    the raw elements still know their offsets and stated lengths, so compare them with the file.
+    """
     from pydicom.dataelem import RawDataElement
 
+    end = 0
     for raw in ds._dict.values():  # raw elements: before conversion, lengths are still known
-        if (isinstance(raw, RawDataElement) and raw.length not in (_UNDEFINED, 0)
-                and raw.value is not None and len(raw.value) < raw.length):
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED:
+            end = size  # an undefined-length element runs to its delimiter: pydicom checks it
+            continue
+        have = len(raw.value) if raw.value is not None else raw.length
+        if have < raw.length:
             return (f"file is truncated: element ({raw.tag.group:04X},{raw.tag.element:04X}) "
-                    f"has {len(raw.value)} of its {raw.length} bytes")
+                    f"has {have} of its {raw.length} bytes")
+        end = max(end, raw.value_tell + raw.length)
+    if 0 < end < size:
+        return f"file is truncated: {size - end} byte(s) after the last element are no element"
     return None
 
 
@@ -99,36 +110,40 @@ def read_dicom(path: str | Path) -> Any:
         NotDicomError: no Part 10 header and not a DICOM dataset either.
         DataError: corrupt, truncated, or no SOP Class/Instance UID (reason in the message).
     """
-    import pydicom
-
     path = Path(path)
     part10 = _is_part10(path)
     # pydicom's warnings can quote raw bytes of the file (patient data): keep them off stderr
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(path, force=not part10)
-            problem = _truncated(ds)
-            for _ in ds.iterall():  # convert every element and sequence now, not when writing
-                pass
-        except Exception as e:  # noqa: BLE001 - a parser fed garbage raises anything
-            if not part10:
-                raise NotDicomError("not a DICOM file", path=str(path)) from e
-            raise DataError(f"corrupt DICOM file: it does not parse ({type(e).__name__})",
-                            path=str(path)) from e
-    if not part10 and not _sop_uids_present(ds):
-        raise NotDicomError("not a DICOM file", path=str(path))
-    eof = [w for w in caught if "EOF" in str(w.message) or "end of file" in str(w.message)]
-    if problem or eof:
-        raise DataError(problem or "file is truncated: it ends inside a data element",
-                        path=str(path))
-    if not _sop_uids_present(ds):
-        raise DataError("corrupt DICOM file: no valid SOP Class and SOP Instance UID",
-                        path=str(path))
-    if not part10:
-        _set_detected_syntax(ds)
-    check_pixels(ds, path)
+        ds, problem = _parse(path, part10)
+        if not part10 and not _sop_uids_present(ds):
+            raise NotDicomError("not a DICOM file", path=str(path))
+        if problem or any("EOF" in str(w.message) for w in caught):
+            raise DataError(problem or "file is truncated: it ends inside a data element",
+                            path=str(path))
+        if not _sop_uids_present(ds):
+            raise DataError("corrupt DICOM file: no valid SOP Class and SOP Instance UID",
+                            path=str(path))
+        if not part10:
+            _set_detected_syntax(ds)
+        check_pixels(ds, path)
     return ds
+
+
+def _parse(path: Path, part10: bool) -> tuple[Any, str | None]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=not part10)
+        problem = _truncated(ds, path.stat().st_size)
+        for _ in ds.iterall():  # convert every element and sequence now, not when writing
+            pass
+    except Exception as e:  # noqa: BLE001 - a parser fed garbage raises anything
+        if not part10:
+            raise NotDicomError("not a DICOM file", path=str(path)) from e
+        raise DataError(f"corrupt DICOM file: it does not parse ({type(e).__name__})",
+                        path=str(path)) from e
+    return ds, problem
 
 
 def _set_detected_syntax(ds: Any) -> None:
@@ -160,7 +175,7 @@ def check_pixels(ds: Any, path: str | Path = "") -> None:
 
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
-        if "Rows" in ds and "Columns" in ds:
+        if "Rows" in ds or "Image" in ds.SOPClassUID.name:
             raise DataError("image without pixel data: the file is probably truncated",
                             path=str(path))
         return

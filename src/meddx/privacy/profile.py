@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -42,7 +42,7 @@ EDITION = "2024e"
 TABLE_FILE = "ps3.15_table_e1-1.json"
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     """What happens to one attribute."""
 
     REMOVE = "X"
@@ -109,7 +109,7 @@ def action_for(tag: int, *, keep_patient_characteristics: bool = False) -> Actio
         tag: the attribute tag as an int (``0xggggeeee``).
         keep_patient_characteristics: apply the Retain Patient Characteristics Option.
     """
-    group, element = tag >> 16, tag & 0xFFFF
+    group = tag >> 16
     if group % 2:
         return Action.REMOVE  # (gggg,eeee) where gggg is odd: private attributes
     if group & 0xFF00 in (0x5000, 0x6000):
