@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.fileset import FileSet
 
 from conftest import IN_CI, require_data
 from meddx.errors import DataError
@@ -68,6 +69,10 @@ def bad_folder(root: Path) -> Path:
                 little_endian=True)  # no preamble, no DICM, no file meta
     assert (folder / "f_no_header.dcm").read_bytes()[128:132] != b"DICM"
     (folder / "g_notes.txt").write_text("not dicom")
+    index = FileSet()
+    index.add(pydicom.dcmread(bundled("CT_small.dcm")))
+    index.write(root / "media")  # a DICOMDIR lists patient names: never copied
+    shutil.copy(root / "media" / "DICOMDIR", folder / "DICOMDIR")
     (folder / "h_good.dcm").write_bytes(mr)
     return folder
 
@@ -85,6 +90,7 @@ def test_folder_run_refuses_bad_files_by_name_and_goes_on(tmp_path: Path) -> Non
     assert "--allow-burned-in" in status["e_burned_in.dcm"][1]
     assert "allow_burned_in" not in status["e_burned_in.dcm"][1]
     assert status["g_notes.txt"] == ("skipped", "not DICOM")
+    assert status["DICOMDIR"][0] == "skipped" and "DICOMDIR" in status["DICOMDIR"][1]
     for name in ("b_good.dcm", "f_no_header.dcm", "h_good.dcm"):
         assert status[name][0] == "written", status[name]
     written = sorted((tmp_path / "out").rglob("*"))
@@ -102,14 +108,14 @@ def test_cli_summary_names_refusals_and_exits_nonzero(tmp_path: Path) -> None:  
     result = run_cli(str(folder), str(tmp_path / "out"))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert "3 written, 4 refused, 1 skipped" in result.stdout
+    assert "3 written, 4 refused, 2 skipped" in result.stdout
     for name in ("a_corrupt.dcm", "c_cut_in_dataset.dcm", "d_cut_in_pixels.dcm",
                  "e_burned_in.dcm"):
         assert re.search(rf"refused: {name}: \S", result.stderr), result.stderr
     assert "--allow-burned-in" in result.stderr
     assert "no DICOM Part 10 header" in result.stderr  # the raw dataset is never silent
     again = run_cli(str(folder), str(tmp_path / "out2"), "--allow-burned-in")
-    assert "4 written, 3 refused, 1 skipped" in again.stdout
+    assert "4 written, 3 refused, 2 skipped" in again.stdout
 
 
 @pytest.mark.slow  # one CLI subprocess

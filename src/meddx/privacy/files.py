@@ -30,6 +30,7 @@ __all__ = ["DeidSummary", "FileOutcome", "NotDicomError", "deidentify_file",
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED = 0xFFFFFFFF
+_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 
 class NotDicomError(DataError):
@@ -117,7 +118,10 @@ def read_dicom(path: str | Path) -> Any:
         warnings.simplefilter("always")
         ds, problem = _parse(path, part10)
         if not part10 and not _sop_uids_present(ds):
-            raise NotDicomError("not a DICOM file", path=str(path))
+            raise NotDicomError("not DICOM", path=str(path))
+        if (getattr(ds, "file_meta", None) or {}).get("MediaStorageSOPClassUID") == _DICOMDIR:
+            raise NotDicomError("DICOMDIR: an index of the input that lists patient names; "
+                                "not copied", path=str(path))
         if problem or any("EOF" in str(w.message) for w in caught):
             raise DataError(problem or "file is truncated: it ends inside a data element",
                             path=str(path))
@@ -140,7 +144,7 @@ def _parse(path: Path, part10: bool) -> tuple[Any, str | None]:
             pass
     except Exception as e:  # noqa: BLE001 - a parser fed garbage raises anything
         if not part10:
-            raise NotDicomError("not a DICOM file", path=str(path)) from e
+            raise NotDicomError("not DICOM", path=str(path)) from e
         raise DataError(f"corrupt DICOM file: it does not parse ({type(e).__name__})",
                         path=str(path)) from e
     return ds, problem
@@ -205,6 +209,21 @@ def _write_atomic(out: Any, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _deidentify_read(path: Path, ds: Any, salt: str, options: dict[str, Any]
+                     ) -> tuple[Any, DeidReport]:
+    out, report = deidentify(ds, salt=salt, **options)
+    if not _is_part10(path):
+        report.warnings.append("no DICOM Part 10 header: read as a raw dataset "
+                               f"({ds.file_meta.TransferSyntaxUID.name})")
+    return out, report
+
+
+def _reason(e: DataError | OSError) -> str:
+    if isinstance(e, OSError):
+        return f"cannot be read or written ({e.strerror or type(e).__name__})"
+    return e.message + (f" ({e.hint})" if e.hint else "")
+
+
 def deidentify_file(src: str | Path, dst: str | Path, *, salt: str, **options: Any
                     ) -> DeidReport:
     """De-identify one DICOM file into ``dst`` (never in place).
@@ -215,7 +234,7 @@ def deidentify_file(src: str | Path, dst: str | Path, *, salt: str, **options: A
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ConfigError("de-identification never overwrites its input", path=str(src))
-    out, report = deidentify(read_dicom(src), salt=salt, **options)
+    out, report = _deidentify_read(src, read_dicom(src), salt, options)
     _write_atomic(out, dst)
     return report
 
@@ -229,17 +248,13 @@ def _one(path: Path, name: str, dst: Path, salt: str, seen: dict[str, str],
         target += ".dcm"
         if target in seen:
             raise DataError(f"same SOP Instance UID as {seen[target]}: not written twice")
-        out, report = deidentify(ds, salt=salt, **options)
+        out, report = _deidentify_read(path, ds, salt, options)
         _write_atomic(out, dst / target)
-    except NotDicomError:
-        return FileOutcome(name, "skipped", "not DICOM")
-    except DataError as e:
-        reason = e.message + (f" ({e.hint})" if e.hint else "")
-        return FileOutcome(name, "refused", reason)
+    except NotDicomError as e:
+        return FileOutcome(name, "skipped", e.message)
+    except (DataError, OSError) as e:
+        return FileOutcome(name, "refused", _reason(e))
     seen[target] = name
-    if not _is_part10(path):
-        report.warnings.append("no DICOM Part 10 header: read as a raw dataset "
-                               f"({ds.file_meta.TransferSyntaxUID.name})")
     return FileOutcome(name, "written", target=target, report=report)
 
 
@@ -249,9 +264,8 @@ def deidentify_one(src: str | Path, dst: str | Path, *, salt: str, **options: An
     src, dst = Path(src), Path(dst)
     try:
         report = deidentify_file(src, dst, salt=salt, **options)
-    except DataError as e:
-        reason = e.message + (f" ({e.hint})" if e.hint else "")
-        return DeidSummary([FileOutcome(src.name, "refused", reason)])
+    except (DataError, OSError) as e:
+        return DeidSummary([FileOutcome(src.name, "refused", _reason(e))])
     return DeidSummary([FileOutcome(src.name, "written", target=dst.name, report=report)])
 
 
