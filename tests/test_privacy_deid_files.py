@@ -147,3 +147,17 @@ def test_output_passes_its_iod_as_the_input_does(name: str, tmp_path: Path) -> N
     for keyword in ("PatientSex", "PositionReferenceIndicator", "PatientName", "StudyDate"):
         assert keyword in out, keyword  # Type 2: present (empty or dummy), never deleted
     assert dciodvfy_errors(tmp_path / "out.dcm") - dciodvfy_errors(src) == set()
+
+
+def test_library_warnings_never_carry_patient_data_out(tmp_path: Path, capfd, caplog,
+                                                       recwarn) -> None:  # privacy
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    ds.StudyInstanceUID = "1.2.DOE.JOHN"  # invalid UI: pydicom warns and logs the value
+    ds.add_new(0x00291010, "UN", b"DOE^JOHN 19700101")  # a private value of unknown VR
+    ds.save_as(tmp_path / "in.dcm")
+    caplog.set_level("DEBUG")
+    caplog.clear(), capfd.readouterr(), recwarn.clear()  # what building the file said
+    deidentify_folder(tmp_path, tmp_path.parent / f"{tmp_path.name}-out", salt="s")
+    out, err = capfd.readouterr()
+    assert "DOE" not in out + err + caplog.text
+    assert [str(w.message) for w in recwarn if "DOE" in str(w.message)] == []

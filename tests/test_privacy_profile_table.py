@@ -40,7 +40,7 @@ def tag_of(row) -> int:
     return int(row.tag.strip("()").replace(",", ""), 16)
 
 
-def marker_value(i: int, vr: str, uid: str):
+def marker_value(i: int, vr: str, uid: str, action: Action = Action.REMOVE):
     text = f"MK{i:03d}"
     if vr in SHARED_MARKERS:
         return SHARED_MARKERS[vr]
@@ -59,6 +59,8 @@ def marker_value(i: int, vr: str, uid: str):
         item.ExtendedCodeMeaning = f"{text}SQTEXT"
         item.add_new(0x00090010, "LO", "MKPRIVCREATOR")
         item.add_new(0x00091001, "LO", f"{text}SQPRIV")
+        if action is Action.DUMMY:  # e.g. Institution Code Sequence: its code names the site
+            item.CodeValue = f"{text}CODE"
         return Sequence([item])
     return text
 
@@ -91,7 +93,7 @@ def build(tmp_path: Path) -> tuple[Path, dict[int, object], list[str], list[byte
                                          *(m.encode() for m in SHARED_MARKERS.values())]
     for i, row in enumerate(concrete_rows()):
         tag, vr = tag_of(row), dictionary_VR(tag_of(row)).split(" or ")[0]
-        value = marker_value(i, vr, UID_A if i % 2 else UID_B)
+        value = marker_value(i, vr, UID_A if i % 2 else UID_B, row.action)
         if tag >> 16 == 0x0002:  # file meta (Media Storage SOP Instance UID)
             ds.file_meta.add_new(tag, vr, value)
             placed[tag] = value
@@ -160,14 +162,17 @@ def test_each_action_code_is_carried_out(marked) -> None:
         where = f"{row.tag} {row.name} ({row.code})"
         if action is Action.REMOVE:
             assert elem is None, where
-        elif action is Action.EMPTY or (action is Action.DUMMY and elem.VR == "SQ"):
+        elif action is Action.EMPTY:
             assert elem is not None and elem.is_empty, where
+        elif elem is not None and elem.VR == "SQ":  # D, X/Z/U*: structure kept, items walked
+            assert action in (Action.DUMMY, Action.REMAP) and len(elem.value) == 1, where
+            item = elem.value[0]  # private creator and element gone, free text a dummy
+            assert item.ExtendedCodeMeaning == "ANONYMIZED", where
+            assert len(item) == 1 + (action is Action.DUMMY), where
+            assert item.get("CodeValue", "ANONYMIZED") == "ANONYMIZED", where
         elif action is Action.DUMMY:
             assert elem is not None and not elem.is_empty, where
             assert str(elem.value) != str(placed[tag]), where
-        elif action is Action.REMAP and elem.VR == "SQ":  # X/Z/U*: items walked
-            assert elem is not None and len(elem.value) == 1, where
-            assert elem.value[0].ExtendedCodeMeaning == "" and len(elem.value[0]) == 1, where
         else:
             assert action is Action.REMAP and pydicom.uid.UID(elem.value).is_valid, where
             assert seen.setdefault(str(placed[tag]), elem.value) == elem.value, where

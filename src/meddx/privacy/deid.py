@@ -5,13 +5,15 @@ see :mod:`meddx.privacy.profile`) lists gets the table's action: removed (X), em
 given a dummy (D) or remapped to a salted UID (U). Curves, overlays and private attributes go.
 The profile keeps what it does not list; meddx is stricter about free text there:
 
-* unlisted attributes on the allow-list :data:`KEEP` (what decodes and interprets the pixels:
-  Image Pixel module, LUTs, geometry, acquisition technique, codes) are kept;
+* unlisted attributes on the allow-list :data:`KEEP` (what decodes and interprets the pixels
+  and waveforms: Image Pixel module, LUTs, geometry, acquisition technique, codes) are kept;
 * unlisted numbers and coded strings (CS, DS, IS, US, FL …) are kept — they carry no names;
 * unlisted well-known UIDs (SOP classes, transfer syntaxes) are kept, other UIDs remapped;
-* every other unlisted attribute (text, dates, binary) is emptied, not deleted, so an IOD's
-  Type 2 attributes stay present; unknown public tags are removed;
-* sequences are walked item by item with the same rules.
+* every other unlisted text, name or date gets a dummy and other binary values are emptied —
+  never deleted, so an IOD's Type 1 and 2 attributes stay present; unknown public tags go;
+* sequences are walked item by item with the same rules; inside a sequence the table says D
+  for, every text, name, date and code becomes a dummy and every UID is remapped (the
+  structure, coded strings and numbers stay: an SR's content tree still parses).
 
 On top: Patient ID gets a salted pseudonym (its D dummy), ``PatientIdentityRemoved = YES``
 and ``DeidentificationMethodCodeSequence`` (DCM 113100; 113108 with patient characteristics)
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meddx.errors import ConfigError, DataError
@@ -67,12 +69,15 @@ EchoTrainLength ScanningSequence SequenceVariant MRAcquisitionType ImagedNucleus
 ImagingFrequency NumberOfAverages PercentSampling PercentPhaseFieldOfView PixelBandwidth
 AcquisitionMatrix InPlanePhaseEncodingDirection SAR ContrastBolusAgent ContrastBolusRoute
 DoseGridScaling DoseUnits DoseType DoseSummationType GridFrameOffsetVector"""
+_WAVEFORM = """WaveformSequence WaveformData WaveformPaddingValue MultiplexGroupLabel ChannelLabel
+ChannelMinimumValue ChannelMaximumValue"""
 _CODES = """CodeValue CodingSchemeDesignator CodingSchemeVersion CodeMeaning LongCodeValue
 URNCodeValue ContextIdentifier ContextUID MappingResource ContextGroupVersion
 PositionReferenceIndicator"""
 
-KEEP = frozenset(" ".join((_PIXELS, _LUTS, _GEOMETRY, _IMAGE, _TECHNIQUE, _CODES)).split())
+KEEP = frozenset(" ".join((_PIXELS, _LUTS, _GEOMETRY, _IMAGE, _TECHNIQUE, _WAVEFORM, _CODES)).split())
 """Unlisted attributes kept whatever their VR (Table E.1-1 wins where it lists one)."""
+_BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 _SAFE_VRS = frozenset({"CS", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT"})
 BURNED_IN_HINT = ("mask the text first, or re-run with --allow-burned-in once you have checked "
                   "that the pixels identify no one")
@@ -108,6 +113,7 @@ class _Rules:
     salt: str
     patient: str
     keep_patient_characteristics: bool
+    dummy_all: bool = False  # inside a sequence the table says D for: every value a dummy
 
 
 def _unlisted_action(elem: Any) -> Action:
@@ -122,7 +128,9 @@ def _unlisted_action(elem: Any) -> Action:
         values = elem.value if elem.VM > 1 else [elem.value]
         known = all(str(v) in UID_dictionary for v in values if v)
         return Action.KEEP if known else Action.REMAP
-    return Action.EMPTY
+    if elem.VR in _BINARY_VRS:
+        return Action.EMPTY
+    return Action.DUMMY  # free text, names, dates: a dummy also satisfies Type 1
 
 
 def _remap(elem: Any, rules: _Rules) -> None:
@@ -152,15 +160,16 @@ def _apply(ds: Any, elem: Any, action: Action, rules: _Rules, report: DeidReport
         del ds[elem.tag]
     elif elem.is_empty:
         return  # Z, D and U leave an empty value empty (nothing to hide, nothing to invent)
-    elif action is Action.EMPTY or (is_sq and action is Action.DUMMY):
+    elif action is Action.EMPTY:
         elem.value = Sequence([]) if is_sq else None
         report.emptied += 1
+    elif is_sq:  # D: the items' every value a dummy; KEEP or REMAP (X/Z/U*): the same rules
+        inner = replace(rules, dummy_all=True) if action is Action.DUMMY else rules
+        for item in elem.value:
+            _walk(item, inner, report)
     elif action is Action.DUMMY:
         _dummy(elem, rules)
         report.dummied += 1
-    elif is_sq:  # KEEP or REMAP (X/Z/U*): walk the items
-        for item in elem.value:
-            _walk(item, rules, report)
     elif action is Action.REMAP:
         if elem.VR == "UI":
             _remap(elem, rules)
@@ -173,7 +182,10 @@ def _walk(ds: Any, rules: _Rules, report: DeidReport) -> None:
     for elem in list(ds):
         action = action_for(int(elem.tag),
                             keep_patient_characteristics=rules.keep_patient_characteristics)
-        _apply(ds, elem, action or _unlisted_action(elem), rules, report)
+        action = action or _unlisted_action(elem)
+        if rules.dummy_all and action is not Action.REMOVE and elem.VR not in _SAFE_VRS:
+            action = Action.REMAP if elem.VR == "UI" else Action.DUMMY
+        _apply(ds, elem, action, rules, report)
 
 
 def deidentify(ds: Any, *, salt: str, keep_patient_characteristics: bool = False,

@@ -16,8 +16,11 @@ below proves it decodes — and the summary says the header was missing. Anythin
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from meddx.errors import ConfigError, DataError
 from meddx.privacy.deid import DeidReport, deidentify, new_uid
 
 __all__ = ["DeidSummary", "FileOutcome", "NotDicomError", "deidentify_file",
-           "deidentify_folder", "deidentify_one", "read_dicom"]
+           "deidentify_folder", "deidentify_one", "quiet_pydicom", "read_dicom"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED = 0xFFFFFFFF
@@ -99,6 +102,27 @@ def _truncated(ds: Any, size: int) -> str | None:
     return None
 
 
+@contextmanager
+def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Catch pydicom's warnings and log records while it handles a file.
+
+    Both can quote raw values of the file (names, ids, dates); they are collected (for the
+    truncation check) or dropped, never printed or logged.
+    """
+    pydicom_logger = logging.getLogger("pydicom")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    pydicom_logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        pydicom_logger.removeFilter(drop)
+
+
 def _is_part10(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(132)[128:132] == b"DICM"
@@ -113,9 +137,7 @@ def read_dicom(path: str | Path) -> Any:
     """
     path = Path(path)
     part10 = _is_part10(path)
-    # pydicom's warnings can quote raw bytes of the file (patient data): keep them off stderr
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with quiet_pydicom() as caught:
         ds, problem = _parse(path, part10)
         if not part10 and not _sop_uids_present(ds):
             raise NotDicomError("not DICOM", path=str(path))
@@ -234,8 +256,10 @@ def deidentify_file(src: str | Path, dst: str | Path, *, salt: str, **options: A
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ConfigError("de-identification never overwrites its input", path=str(src))
-    out, report = _deidentify_read(src, read_dicom(src), salt, options)
-    _write_atomic(out, dst)
+    ds = read_dicom(src)
+    with quiet_pydicom():
+        out, report = _deidentify_read(src, ds, salt, options)
+        _write_atomic(out, dst)
     return report
 
 
@@ -248,8 +272,9 @@ def _one(path: Path, name: str, dst: Path, salt: str, seen: dict[str, str],
         target += ".dcm"
         if target in seen:
             raise DataError(f"same SOP Instance UID as {seen[target]}: not written twice")
-        out, report = _deidentify_read(path, ds, salt, options)
-        _write_atomic(out, dst / target)
+        with quiet_pydicom():
+            out, report = _deidentify_read(path, ds, salt, options)
+            _write_atomic(out, dst / target)
     except NotDicomError as e:
         return FileOutcome(name, "skipped", e.message)
     except (DataError, OSError) as e:

@@ -9,7 +9,8 @@ code        action      why this choice (PS3.15 E.3)
 ==========  ==========  ====================================================================
 X           remove
 Z           empty       zero length; sequences become empty
-D           dummy       a non-identifying value of the same VR (``dummy_value``)
+D           dummy       a non-identifying value of the same VR (``dummy_value``); for a
+                        sequence, every text, date and code in its items (see ``deid``)
 U           remap       UIDs replaced by salted UIDs, the same input UID → the same new UID
 Z/D, X/D,   dummy       D is allowed by all three and satisfies an IOD where the attribute is
 X/Z/D                   Type 1, so no IOD loses a required attribute
