@@ -5,7 +5,8 @@ goes to a temporary name beside the target and is renamed into place, so an inte
 never leaves a partial file. A file is **refused** (with its name and the reason in the
 summary) when it claims to be DICOM but cannot be de-identified safely: corrupt or truncated,
 pixel data that does not decode, burned-in annotation, a duplicate SOP Instance UID. A file is
-**skipped** when it is not DICOM at all (notes, thumbnails, DICOMDIR-less junk).
+**skipped** when it is not DICOM at all (notes, thumbnails) or is a DICOMDIR (an index of
+the input that lists patient names: never copied).
 
 Files without the Part 10 header (no preamble and ``DICM``; raw datasets as some archives and
 DIMSE dumps store them) are read with ``force=True``: when they hold a SOP Class and SOP
