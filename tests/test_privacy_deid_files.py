@@ -56,7 +56,7 @@ def bad_folder(root: Path) -> Path:
     ct, mr = bundled("CT_small.dcm").read_bytes(), bundled("MR_small.dcm").read_bytes()
     (folder / "a_corrupt.dcm").write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(400))
     (folder / "b_good.dcm").write_bytes(ct)
-    (folder / "c_cut_in_dataset.dcm").write_bytes(mr[:1500])
+    (folder / "c_cut_in_dataset.dcm").write_bytes(mr[:700])  # inside the header elements
     (folder / "d_cut_in_pixels.dcm").write_bytes(ct[:-3000])
     ds = pydicom.dcmread(bundled("MR_small.dcm"))
     ds.BurnedInAnnotation = "YES"

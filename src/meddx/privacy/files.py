@@ -143,8 +143,8 @@ def read_dicom(path: str | Path) -> Any:
         if not part10 and not _sop_uids_present(ds):
             raise NotDicomError("not DICOM", path=str(path))
         if (getattr(ds, "file_meta", None) or {}).get("MediaStorageSOPClassUID") == _DICOMDIR:
-            raise NotDicomError("DICOMDIR: an index of the input that lists patient names; "
-                                "not copied", path=str(path))
+            raise NotDicomError("a DICOMDIR (an index of the input that lists patient "
+                                "names): not copied", path=str(path))
         if problem or any("EOF" in str(w.message) for w in caught):
             raise DataError(problem or "file is truncated: it ends inside a data element",
                             path=str(path))
