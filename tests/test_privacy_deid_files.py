@@ -161,3 +161,4 @@ def test_library_warnings_never_carry_patient_data_out(tmp_path: Path, capfd, ca
     out, err = capfd.readouterr()
     assert "DOE" not in out + err + caplog.text
     assert [str(w.message) for w in recwarn if "DOE" in str(w.message)] == []
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -228,6 +229,9 @@ def _write_atomic(out: Any, dst: Path) -> None:
     try:
         out.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, dst)
+    except (ValueError, TypeError, OverflowError, struct.error) as e:  # pydicom won't encode it
+        raise DataError(f"cannot be written as DICOM ({type(e).__name__}: {str(e)[:120]})"
+                        ) from e
     finally:
         tmp.unlink(missing_ok=True)
 
