@@ -19,7 +19,7 @@ MYPY_FILES := src/meddx/__init__.py src/meddx/version.py src/meddx/errors.py src
 	src/meddx/modalities/base.py src/meddx/modalities/loading.py src/meddx/fhir/cds.py \
 	src/meddx/package.py src/meddx/inference/__init__.py src/meddx/inference/prediction.py
 
-.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium clean
+.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium dicom3tools clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -61,11 +61,17 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# dciodvfy checks that de-identified DICOM still passes its IOD (Debian dicom3tools; root or sudo)
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dicom3tools >/dev/null; }
+
 demo: $(STAMP)
 	$(VENV)/bin/meddx train configs/breastmnist-demo.yaml --out runs/demo
 	$(VENV)/bin/meddx evaluate runs/demo/model --dataset breastmnist --split test --out runs/demo/eval
 
-test: lint docs chromium
+test: lint docs chromium dicom3tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
