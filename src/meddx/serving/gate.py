@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meddx.errors import AuthError
@@ -88,16 +87,28 @@ class AuthGateMiddleware:
     def __init__(self, app: ASGIApp, fastapi_app: Any) -> None:
         self.app = app
         self.fastapi_app = fastapi_app
-        self._kinds: dict[int, str | None] = {}
+        self._table: list[tuple[Any, frozenset[str], str | None]] | None = None
+
+    def _routes(self) -> list[tuple[Any, frozenset[str], str | None]]:
+        """``(path regex, methods, auth kind)`` of every route, in the router's order
+        (FastAPI may hold included routers as lazy groups: they are flattened here)."""
+        if self._table is None:
+            table = []
+            for item in self.fastapi_app.router.routes:
+                expand = getattr(item, "effective_route_contexts", None)
+                for route in (expand() if expand is not None else (item,)):
+                    regex = getattr(route, "path_regex", None)
+                    methods = getattr(route, "methods", None)
+                    if regex is not None and methods and hasattr(route, "dependant"):
+                        table.append((regex, frozenset(methods), route_auth(route)))
+            self._table = table
+        return self._table
 
     def _kind(self, scope: Scope) -> str | None:
-        for route in self.fastapi_app.router.routes:
-            match, _ = route.matches(scope)
-            if match is Match.FULL:
-                key = id(route)
-                if key not in self._kinds:
-                    self._kinds[key] = route_auth(route)
-                return self._kinds[key]
+        path, method = scope.get("path", ""), scope.get("method", "")
+        for regex, methods, kind in self._routes():
+            if method in methods and regex.match(path):
+                return kind
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

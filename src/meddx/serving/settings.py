@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from meddx.errors import ConfigError
 
 __all__ = ["IssuerTrust", "ServeSettings", "load_api_keys", "load_trust", "LOOPBACK_HOSTS",
-           "parse_operating_points", "ALL_MODELS"]
+           "parse_operating_points", "ALL_MODELS", "valid_origin"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 #: key of ``ServeSettings.operating_points`` for "every served model that has operating points"
 ALL_MODELS = "*"
 SAFE_ALGS = ("ES384", "RS384", "ES256", "RS256")
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class IssuerTrust(BaseModel):
@@ -147,7 +147,7 @@ class ServeSettings(BaseModel):
     @classmethod
     def _exact_origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for origin in v:
-            if not _ORIGIN.fullmatch(origin):
+            if not valid_origin(origin):
                 raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (no "
                                  "path, no wildcard); list each allowed origin exactly")
         return tuple(o.lower() for o in v)
@@ -179,6 +179,11 @@ class ServeSettings(BaseModel):
     def url_for(self, path: str) -> str:
         """Absolute public URL of ``path`` (the exact JWT audience for that endpoint)."""
         return self.base_url + "/" + path.lstrip("/")
+
+
+def valid_origin(origin: str) -> bool:
+    """True for an exact browser origin ``scheme://host[:port]`` (no path, no wildcard)."""
+    return _ORIGIN.fullmatch(origin) is not None
 
 
 def parse_operating_points(values: list[str]) -> dict[str, str]:
