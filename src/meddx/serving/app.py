@@ -85,14 +85,12 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error, hint = _HTTP_ERRORS.get(exc.status_code, (f"HTTP{exc.status_code}", None))
-        context.note_error(error)
         message = exc.detail if isinstance(exc.detail, str) else "the request was refused"
         return JSONResponse({"error": error, "message": message, "hint": hint},
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        context.note_error("ValidationError")
         # where and what, never the value sent (it may hold patient data)
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
                              for e in exc.errors()[:5])

@@ -87,10 +87,10 @@ class AuthGateMiddleware:
     def __init__(self, app: ASGIApp, fastapi_app: Any) -> None:
         self.app = app
         self.fastapi_app = fastapi_app
-        self._table: list[tuple[Any, frozenset[str], str | None]] | None = None
+        self._table: list[tuple[Any, frozenset[str], str | None, Any]] | None = None
 
-    def _routes(self) -> list[tuple[Any, frozenset[str], str | None]]:
-        """``(path regex, methods, auth kind)`` of every route, in the router's order
+    def _routes(self) -> list[tuple[Any, frozenset[str], str | None, Any]]:
+        """``(path regex, methods, auth kind, route)`` of every route, in the router's order
         (FastAPI may hold included routers as lazy groups: they are flattened here)."""
         if self._table is None:
             table = []
@@ -100,22 +100,24 @@ class AuthGateMiddleware:
                     regex = getattr(route, "path_regex", None)
                     methods = getattr(route, "methods", None)
                     if regex is not None and methods and hasattr(route, "dependant"):
-                        table.append((regex, frozenset(methods), route_auth(route)))
+                        table.append((regex, frozenset(methods), route_auth(route), route))
             self._table = table
         return self._table
 
-    def _kind(self, scope: Scope) -> str | None:
+    def _match(self, scope: Scope) -> tuple[str | None, Any, dict[str, str]]:
+        """The auth kind, the route and its path parameters of the route ``scope`` calls."""
         path, method = scope.get("path", ""), scope.get("method", "")
-        for regex, methods, kind in self._routes():
-            if method in methods and regex.match(path):
-                return kind
-        return None
+        for regex, methods, kind, route in self._routes():
+            found = regex.match(path) if method in methods else None
+            if found:
+                return kind, route, found.groupdict()
+        return None, None, {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        kind = self._kind(scope)
+        kind, route, params = self._match(scope)
         if kind is None:
             await self.app(scope, receive, send)
             return
@@ -128,6 +130,9 @@ class AuthGateMiddleware:
                 allow_api_key=kind == "rest")
         except AuthError:
             context.note_error("AuthError")
+            # answered before routing: name the route for the monitoring layer
+            scope.setdefault("route", route)
+            scope.setdefault("path_params", params)
             await unauthorized(close=True)(scope, receive, send)
             return
         scope[CALLER_KEY] = (kind, caller)
