@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: the policy of answers that set none (JSON, PNG, FHIR): nothing may load or frame them
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
-_UNCACHED_EXEMPT = ("/static/", "/docs-assets/")
+_CACHEABLE = ("/static/", "/docs-assets/")
 
 
 def unauthorized(close: bool = False) -> JSONResponse:
@@ -149,7 +149,7 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        static = scope.get("path", "").startswith(_UNCACHED_EXEMPT)
+        static = scope.get("path", "").startswith(_CACHEABLE)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
