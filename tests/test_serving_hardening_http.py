@@ -185,6 +185,23 @@ def test_unauthenticated_upload_refused_before_its_body_is_read(server, credenti
     assert b"www-authenticate: Bearer" in reply.lower().replace(b"bearer", b"Bearer")
 
 
+def test_eight_anonymous_uploads_at_once_all_refused_unread(server):
+    """The probe's case: eight anonymous 15 MB uploads in parallel were all read before; now
+    each is answered from its headers while its body is still unsent."""
+    head = post_head(PREDICT, 15 * 1024 * 1024, ctype="multipart/form-data; boundary=xyz")
+    socks = [socket.create_connection(("127.0.0.1", server), timeout=5) for _ in range(8)]
+    start = time.perf_counter()
+    try:
+        for s in socks:
+            s.sendall(head + b"x" * 65536)
+        replies = [s.recv(4096) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    assert all(r.startswith(b"HTTP/1.1 401") for r in replies), [r[:40] for r in replies]
+    assert time.perf_counter() - start < 3
+
+
 def test_cds_call_without_jwt_refused_before_its_body(server, api_key):
     """CDS Hooks services take JWTs only: an API key is refused from the headers too."""
     head = post_head("/cds-services/splice-tiny", 4 * 1024 * 1024, f"Bearer {api_key[0]}")
