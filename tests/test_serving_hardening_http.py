@@ -77,6 +77,9 @@ def test_answers_carrying_patient_data_are_not_cached_nor_sniffed(client, auth):
     fhir = client.post(PREDICT + "?format=fhir", headers=auth, json={"inputs": [SEQUENCE]})
     assert fhir.status_code == 200 and fhir.json()["resourceType"] == "Bundle"
     assert_uncached(fhir)
+    fhir_op = client.post("/fhir/splice-tiny/$predict", headers=auth, json={"inputs": [SEQUENCE]})
+    assert fhir_op.status_code == 200 and fhir_op.json()["resourceType"] == "Bundle"
+    assert_uncached(fhir_op)
     assert_uncached(client.get("/v1/models", headers=auth))
     assert_uncached(client.post(PREDICT, json={"inputs": [SEQUENCE]}))  # 401 too
     page = client.get("/")  # the web page keeps its own (stricter) policy
