@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -409,3 +410,44 @@ def test_a_job_dir_named_by_the_operator_is_kept(tiny_sequence_package, keys, ap
     with TestClient(create_app([tiny_sequence_package.path], settings)) as c:
         c.get("/v1/models/splice-tiny/jobs/0123", headers=auth)
     assert job_dir.is_dir()
+
+
+def streamed_app():
+    """A route that streams its body (as slide uploads do) behind the body timeout, with
+    the service's error handler."""
+    from fastapi import FastAPI
+
+    from meddx.serving.app import _install_handlers
+    from meddx.serving.limits import BodyTimeoutMiddleware
+    from meddx.serving.routers.jobs import UPLOAD_PATH
+
+    app = FastAPI()
+    _install_handlers(app)
+
+    @app.post("/v1/models/{name}/jobs")
+    async def upload(name: str, request: Request) -> dict:
+        return {"size": sum([len(c) async for c in request.stream()])}
+
+    app.add_middleware(BodyTimeoutMiddleware, total_s=0.5, idle_s=1.0, streamed=(UPLOAD_PATH,))
+    return app
+
+
+def test_streamed_upload_has_no_total_limit_but_an_idle_one():
+    """A slide upload may take longer than the total limit while it keeps coming (0.3 s per
+    chunk for 1.5 s, total limit 0.5 s); once it stalls past the idle limit it is 408."""
+    with live_server(streamed_app()) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(post_head("/v1/models/m/jobs", 5, ctype="application/octet-stream"))
+            for _ in range(5):
+                time.sleep(0.3)
+                s.sendall(b"x")
+            ok = s.recv(65536)
+        assert ok.startswith(b"HTTP/1.1 200") and b'"size":5' in ok
+        s, reply, took = raw_request(port, post_head("/v1/models/m/jobs", 100,
+                                                     ctype="application/octet-stream"), b"x")
+        with s:
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert 0.8 < took < 2.5
+            reply, closed = read_to_close(s, reply)
+        assert closed and b"connection: close" in reply.lower() and b'"hint"' in reply
