@@ -451,3 +451,25 @@ def test_streamed_upload_has_no_total_limit_but_an_idle_one():
             assert 0.8 < took < 2.5
             reply, closed = read_to_close(s, reply)
         assert closed and b"connection: close" in reply.lower() and b'"hint"' in reply
+
+
+def test_the_gate_sees_every_route_and_only_these_are_public(client):
+    """Every documented endpoint but the health probes and the FHIR CapabilityStatement is
+    authenticated before its body (a new data route without a caller dependency, or a
+    FastAPI change hiding routes from the gate, fails here)."""
+    from meddx.serving.gate import AuthGateMiddleware
+
+    app = client.app
+    gate = AuthGateMiddleware(app=None, fastapi_app=app)
+    public, gated = set(), {}
+    for path, methods in app.openapi()["paths"].items():
+        for method in methods:
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            kind, _, _ = gate._match({"path": concrete, "method": method.upper()})
+            (public.add(path) if kind is None else gated.__setitem__(path, kind))
+    assert public == {"/health/live", "/health/ready", "/fhir/metadata"}
+    assert gated["/v1/models/{name}/predict"] == "rest" and gated["/metrics"] == "rest"
+    assert gated["/cds-services/{service_id}"] == "cds"
+    assert gated["/cds-services/{service_id}/feedback"] == "cds"
+    assert gated["/cds-services"] == "rest"
+    assert gated["/v1/models/{name}/jobs"] == "rest"
