@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meddx.errors import ConfigError, MeddxError, NotFoundError
+from meddx.redaction import reading_user_data
 from meddx.registry import suggest
 from meddx.serving import context
 from meddx.serving.audit import sha256_bytes
@@ -115,19 +116,20 @@ class ServedModel:
 
     # ------------------------------------------------------------------ answer
     def read(self, uploads: list[Upload]) -> list[Any]:
-        """Check and decode uploads into Samples (content type, pixel cap, modality reader)."""
-        accepted = getattr(self.predictor.modality, "upload_content_types", None)
-        pixels = [check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
-                  for u in uploads]
-        # files that make one input together (a WFDB header and its signal) are grouped by
-        # the modality
-        sources = self.predictor.modality.group_uploads(
-            [{"name": u.name, "data": u.data} for u in uploads])
-        samples = [self.predictor.read(s) for s in sources]
-        if len(pixels) != len(samples):  # files grouped into one input: no per-file size
-            pixels = [None] * len(samples)
-        for s, n in zip(samples, pixels, strict=True):
-            self.predictor.modality.check_served(s, self.card.preprocessing, n)
+        """Check and decode uploads into Samples (content type, pixel and decoded-size caps,
+        modality reader); third-party messages raised meanwhile are withheld from the log."""
+        modality = self.predictor.modality
+        with reading_user_data():
+            pixels = [check_upload(u, modality, self.settings.max_image_pixels,
+                                   self.settings.max_decoded_bytes) for u in uploads]
+            # files that make one input together (a WFDB header and its signal) are grouped
+            # by the modality
+            sources = modality.group_uploads([{"name": u.name, "data": u.data} for u in uploads])
+            samples = [self.predictor.read(s) for s in sources]
+            if len(pixels) != len(samples):  # files grouped into one input: no per-file size
+                pixels = [None] * len(samples)
+            for s, n in zip(samples, pixels, strict=True):
+                modality.check_served(s, self.card.preprocessing, n)
         return samples
 
     def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
@@ -141,9 +143,10 @@ class ServedModel:
     def answer_sources(self, sources: list[Any], digests: list[str],
                        explain: bool = False) -> list[Answer]:
         """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
-        samples = [self.predictor.read(s) for s in sources]
-        for s in samples:
-            self.predictor.modality.check_served(s, self.card.preprocessing, None)
+        with reading_user_data():
+            samples = [self.predictor.read(s) for s in sources]
+            for s in samples:
+                self.predictor.modality.check_served(s, self.card.preprocessing, None)
         return self.answer_samples(samples, digests, explain)
 
     def answer_samples(self, samples: list[Any], digests: list[str],
