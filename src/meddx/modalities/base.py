@@ -169,6 +169,8 @@ class Modality(ABC):
     #: inputs are too large for a synchronous request: the service takes them as jobs
     #: (:meth:`check_job_source`, :meth:`read_job`)
     reads_in_jobs: ClassVar[bool] = False
+    #: test-time flips keep the label (spatial images): ``model.options.tta`` is allowed
+    flip_tta: ClassVar[bool] = False
     #: content types an uploaded file may declare (``text/*``: any text type)
     upload_content_types: ClassVar[frozenset[str]] = TEXT_TYPES
     #: the hint of a refused upload content type: what to send instead

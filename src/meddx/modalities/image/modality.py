@@ -139,6 +139,7 @@ class ImageModality(Modality):
 
     name = "image"
     Options = ImageOptions
+    flip_tta = True
     upload_content_types = IMAGE_TYPES
     upload_hint = UPLOAD_HINT
     input_hint = ('send a FHIR Binary, Media or DocumentReference, {"data": base64, '
