@@ -301,6 +301,36 @@ def _uploads() -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
+def cds_prefetch_bundle() -> dict[str, Any]:
+    """Every kind of resource a CDS service may take, each malformed and marked."""
+    dcm = base64.b64encode(dicom_bad_transfer_syntax()).decode()
+    png = base64.b64encode(png_bad()).decode()
+    bundle = ehr_bundle_bad()
+    bundle["entry"] += [
+        {"resource": {"resourceType": "Media", "id": MARK, "status": "completed",
+                      "createdDateTime": "2024-05-01",
+                      "content": {"contentType": "application/dicom", "data": dcm,
+                                  "title": MARK}}},
+        {"resource": {"resourceType": "DocumentReference", "status": "current",
+                      "description": MARK,
+                      "content": [{"attachment": {"contentType": "image/png", "data": png,
+                                                  "title": MARK}}]}},
+    ]
+    return bundle
+
+
+def _cds_calls(client: httpx.Client) -> dict[str, int]:
+    """Every CDS service called with the malformed prefetch in each of its keys."""
+    out = {}
+    for service in client.get("/cds-services").json()["services"]:
+        prefetch = {key: cds_prefetch_bundle() for key in service.get("prefetch", {})}
+        body = {"hook": service["hook"], "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                "context": {"userId": "Practitioner/1", "patientId": MARK}, "prefetch": prefetch}
+        out[f"CDS {service['id']}"] = client.post(f"/cds-services/{service['id']}",
+                                                 json=body).status_code
+    return out
+
+
 def test_no_marker_reaches_the_server_log_or_the_audit_log(served) -> None:
     base, names, tmp, proc = served
     statuses = {}
@@ -312,9 +342,11 @@ def test_no_marker_reaches_the_server_log_or_the_audit_log(served) -> None:
             r = client.post(f"/v1/models/{names['pathology']}/jobs?filename=s.tiff",
                             content=body, headers={"Content-Type": "application/octet-stream"})
             statuses[what] = r.status_code
+        cds = _cds_calls(client)
         assert client.get("/health/live").status_code == 200
     _stop(proc)
     assert all(400 <= s < 500 for s in statuses.values()), statuses
+    assert len(cds) >= 2 and all(s in (200, 422) for s in cds.values()), cds
     logs = {name: (tmp / name).read_bytes() for name in ("stdout.txt", "stderr.txt",
                                                          "audit.jsonl")}
     assert logs["audit.jsonl"], "the audit log recorded the refusals"
