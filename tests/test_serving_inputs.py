@@ -204,3 +204,22 @@ def test_nifti_decoded_size_is_shape_times_dtype() -> None:
     img = nib.Nifti1Image(np.zeros((4, 5, 6), dtype=np.float64), np.eye(4))
     size = declared_size(img.to_bytes(), "nifti")
     assert size.pixels == 120 and size.decoded_bytes == 120 * 8
+
+
+def test_json_ecg_array_is_read_as_the_hint_says(tiny_ecg_package, tmp_path) -> None:
+    """``{"data": [[…]], "fs": …}`` — what an ECG model's JSON hint offers — is an array for
+    the ECG reader, not base64 (a ``data`` string stays a base64 file for every modality)."""
+    from meddx.serving.app import create_app
+
+    settings = ServeSettings(insecure_no_auth=True, warmup=False, research_use=True,
+                             audit_log=tmp_path / "audit.jsonl")
+    t = np.arange(1000) / 100.0
+    trace = (np.sin(2 * np.pi * 1.2 * t)).round(4).tolist()
+    with live_server(create_app([tiny_ecg_package.path], settings)) as url:
+        r = httpx.post(f"{url}/v1/models/af-untrained/predict", timeout=60,
+                       json={"inputs": [{"data": [trace], "fs": 100.0, "leads": ["I"]}]})
+        assert r.status_code == 200, r.text
+        bad = httpx.post(f"{url}/v1/models/af-untrained/predict", timeout=60,
+                         json={"inputs": ["/etc/passwd"]})
+    assert bad.status_code == 422
+    assert "FHIR Observation" in bad.json()["hint"] and "passwd" not in bad.text
