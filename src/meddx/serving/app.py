@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meddx.errors import AuthError, MeddxError, OverloadedError
+from meddx.redaction import install as install_redaction
 from meddx.serving import context
 from meddx.serving.apidocs import install_api_docs
 from meddx.serving.audit import AuditLog, default_audit_path
@@ -144,6 +145,7 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     from meddx.errors import ConfigError
 
     settings = settings or ServeSettings()
+    install_redaction()  # third-party messages about user data never reach the log
     if not (settings.api_keys or settings.issuers or settings.insecure_no_auth):
         raise ConfigError("the service would accept no caller",
                           hint="give --api-key-file and/or --cds-jwks (or --insecure-no-auth "

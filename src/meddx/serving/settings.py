@@ -88,6 +88,9 @@ class ServeSettings(BaseModel):
     # --- limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
+    max_decoded_bytes: int = Field(64 * 1024 * 1024, gt=0,
+                                   description="decoded image size cap (pixels × channels × "
+                                               "bytes per sample), checked from the header")
     max_batch: int = Field(32, gt=0)
     max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
     workers: int = Field(2, gt=0, description="requests computing at once")
