@@ -42,6 +42,9 @@ def serve(
                                           "no authentication, loopback only."),
     backend: str = typer.Option("auto", help="auto | torch | onnx | onnx-int8."),
     max_body_mb: float = typer.Option(20.0, help="Request body cap (MB)."),
+    max_decoded_mb: float = typer.Option(64.0, "--max-decoded-mb", help="Largest decoded "
+                                         "image (MiB: pixels × channels × bytes per sample, "
+                                         "read from the header before decoding); then 413."),
     max_in_flight: int = typer.Option(32, help="Requests admitted at once; more queue."),
     queue_size: int | None = typer.Option(None, "--queue-size", help="Requests waiting for "
                                           "admission; more get 429 (default 2 × "
@@ -115,6 +118,7 @@ def serve(
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
         trust_keys=tuple(trust_key),
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
+        max_decoded_bytes=int(max_decoded_mb * 1024 * 1024),
         queue_size=queue_size, queue_timeout_s=queue_timeout_s,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         body_timeout_s=body_timeout_s, body_idle_timeout_s=body_idle_timeout_s,
