@@ -1,0 +1,1 @@
+"""DICOM networking and results (issue 21)."""
