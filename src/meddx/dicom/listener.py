@@ -174,13 +174,14 @@ class Listener:
                            "-byte limit")
         try:
             ds = dcmread(src, stop_before_pixels=True)
-            uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                    str(ds.SOPClassUID))
         except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OSError) as e:
             return _status("cannot-understand", f"not readable as DICOM: {type(e).__name__}")
+        names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        uids = tuple(str(ds.get(n) or "") for n in names)
+        missing = [n for n, v in zip(names, uids, strict=True) if not v]
+        if missing:
+            return _status("cannot-understand", f"missing {', '.join(missing)}")
         study, series, sop, sop_class = uids
-        if not all(uids):
-            return _status("cannot-understand", "missing Study, Series or SOP Instance UID")
         if sop != str(event.request.AffectedSOPInstanceUID):
             return _status("mismatch", "SOP Instance UID differs from the request's")
         if self.store.has_instance(sop):
