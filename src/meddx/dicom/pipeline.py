@@ -190,8 +190,8 @@ class Pipeline:
             try:
                 s = pred.read(r.path)
             except MeddxError as e:
-                self.store.fail([r.sop_uid], "decode-failure", str(e), study_uid=study_uid,
-                                series_uid=series_uid)
+                self.store.fail([r.sop_uid], _read_reason(e), f"{model.algorithm.name}: {e}",
+                                study_uid=study_uid, series_uid=series_uid)
                 continue
             s.id = r.sop_uid
             samples.append(s)
@@ -222,10 +222,18 @@ class Pipeline:
         npy.parent.mkdir(exist_ok=True)
         np.save(npy, volume[None])  # (C=1, D, H, W): read as one 3D image
         pred = model.predictor
-        sample = pred.read(npy)
+        try:
+            sample = pred.read(npy)
+        except MeddxError as e:
+            self.store.fail([r.sop_uid for r in rows], _read_reason(e),
+                            f"{model.algorithm.name}: {e}", study_uid=study_uid,
+                            series_uid=series_uid)
+            return
+        finally:
+            npy.unlink(missing_ok=True)
         sample.id = series_uid
+        sample.meta.pop("path", None)
         p = pred.predict_samples([sample], explain=self.explain)[0]
-        npy.unlink(missing_ok=True)
         heat: tuple[tuple[str, np.ndarray], ...] = ()
         if p.explanation is not None:
             heat = _slice_maps(p.explanation, volume.shape, [by_path[o].sop_uid for o in order])
@@ -262,6 +270,13 @@ class Pipeline:
             self.store.fail([], "ood", f"{model.algorithm.name}: input outside the training "
                             "data; no decision made (the SR says so)",
                             study_uid=analysis.study_uid, series_uid=analysis.series_uid)
+
+
+def _read_reason(e: MeddxError) -> str:
+    """An image the model cannot take (too small, wrong shape) vs one that cannot be read."""
+    from meddx.errors import InputMismatchError
+
+    return "no-matching-model" if isinstance(e, InputMismatchError) else "decode-failure"
 
 
 def _digest(*parts: str) -> str:
