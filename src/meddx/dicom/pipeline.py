@@ -13,8 +13,10 @@ routed (:mod:`meddx.dicom.routing`); every model that accepts it answers:
 
 The answer (:class:`~meddx.dicom.model.SeriesAnalysis`) is written as DICOM by
 :func:`~meddx.dicom.results.result_datasets` and queued in the :class:`~meddx.dicom.send.Outbox`.
-Result UIDs are derived from the analysis key (series, model, package sha256, instances), so
-an analysis repeated after a crash re-sends the *same* objects: the PACS stores them once.
+The analysis is keyed by (series, model, package sha256, instances): an analysis already queued
+is never made again, and one repeated after a crash between queueing and bookkeeping makes
+the *same* objects (the writers derive result UIDs from the same inputs), which the PACS
+stores once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from meddx.dicom.model import Algorithm, SeriesAnalysis
 from meddx.dicom.routing import ModelSlot, RoutingConfig, SeriesInfo, choose, series_info
@@ -255,7 +256,6 @@ class Pipeline:
             self.store.mark_analysed(sop_uids)  # the same instances again: no second SR
             return
         datasets = result_datasets(analysis)
-        _stable_uids(datasets, key)
         if self.deid:
             from meddx.privacy.deid import deidentify
 
@@ -281,24 +281,6 @@ def _read_reason(e: MeddxError) -> str:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
-
-
-def _stable_uids(datasets: list[Any], key: str) -> None:
-    """Result UIDs derived from the analysis key (the same analysis ⇒ the same objects)."""
-    series_map: dict[str, str] = {}
-    old_to_new: dict[str, str] = {}
-    for i, ds in enumerate(datasets):
-        old = str(ds.SeriesInstanceUID)
-        series_map.setdefault(old, str(generate_uid(entropy_srcs=[key, "series",
-                                                                  str(len(series_map))])))
-        new = str(generate_uid(entropy_srcs=[key, "instance", str(i)]))
-        old_to_new[str(ds.SOPInstanceUID)] = new
-    for ds in datasets:
-        ds.SeriesInstanceUID = series_map[str(ds.SeriesInstanceUID)]
-        ds.SOPInstanceUID = old_to_new[str(ds.SOPInstanceUID)]
-        if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in \
-                ds.file_meta:
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
 def _to_grid(heat: np.ndarray, path: Path) -> np.ndarray:
