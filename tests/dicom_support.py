@@ -86,3 +86,28 @@ def volume_package(out: Path):
     return _untrained_package(out, "ct-volume-untrained", "image",
                               {"kind": "binary", "class_names": ["normal", "abnormal"],
                                "positive_class": "abnormal"}, "resnet18", {}, spec)
+
+
+def breast_package(out: Path, name: str = "breast-tiny", ood_threshold: float = 1e6):
+    """A BreastMNIST-shaped package (28×28 gray, malignant vs benign) of an untrained, seeded
+    ResNet-18 whose card carries what a deployed package has: temperature, an operating point,
+    a conformal threshold and an energy OOD detector (``ood_threshold`` low: everything is
+    out of distribution). Training one costs minutes on a loaded 2-core machine; the DICOM
+    path only needs the answer's shape, not its accuracy."""
+    from conftest import BINARY_SPEC, _untrained_package
+    from meddx.package import (Calibration, Conformal, OODDetector, OperatingPoint,
+                               load_package, save_package)
+
+    spec = {"spatial_dims": 2, "channels": 1, "size": 28, "normalize": "dtype-range",
+            "format": "medmnist", "value_range": [0, 255], **BINARY_SPEC}
+    pkg = _untrained_package(out, name, "image",
+                             {"kind": "binary", "class_names": ["malignant", "benign"],
+                              "positive_class": "malignant"}, "resnet18", {}, spec)
+    card = pkg.card.model_copy(update={
+        "calibration": Calibration(temperature=1.5),
+        "operating_points": {"sensitivity@0.90": OperatingPoint(
+            method="sensitivity", threshold=0.45, positive_class="malignant", target=0.9)},
+        "default_operating_point": "sensitivity@0.90",
+        "conformal": Conformal(threshold=0.8),
+        "ood": OODDetector(method="energy", threshold=ood_threshold, false_alarm=0.05)})
+    return save_package(pkg.path, pkg.build_model(), card) and load_package(pkg.path)
