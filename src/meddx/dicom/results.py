@@ -15,6 +15,7 @@ analysis gives the same SOP Instance UIDs: a PACS that receives it twice stores 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from meddx.dicom.codes import CODING_SCHEME, C, class_code, yes_no
 from meddx.dicom.model import SeriesAnalysis
@@ -32,7 +32,7 @@ from meddx.inference.prediction import Prediction
 from meddx.version import __version__
 
 __all__ = ["structured_report", "heatmap_images", "result_datasets", "read_sources",
-           "derived_uid", "SR_SERIES_NUMBER", "HEATMAP_SERIES_NUMBER"]
+           "derived_uid", "hashed_uid", "SR_SERIES_NUMBER", "HEATMAP_SERIES_NUMBER"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ NOT_FOR_DIAGNOSIS = "meddx AI heat map - NOT FOR DIAGNOSIS"
 
 def derived_uid(analysis: SeriesAnalysis, *parts: str) -> str:
     """A UID fixed by the analysed instances, the model and ``parts`` (2.25 form)."""
-    return str(generate_uid(prefix=None, entropy_srcs=[
-        analysis.study_uid, analysis.series_uid, analysis.algorithm.package_sha256,
-        *(str(p) for p in analysis.sources), *parts]))
+    return hashed_uid(analysis.study_uid, analysis.series_uid,
+                      analysis.algorithm.package_sha256, *(str(p) for p in analysis.sources),
+                      *parts)
+
+
+def hashed_uid(*parts: str) -> str:
+    """A 2.25 UID from the sha256 of ``parts`` (pydicom's ``generate_uid(prefix=None)`` is
+    random whatever the entropy sources, so it cannot be used for repeatable UIDs)."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+    return f"2.25.{int(digest[:32], 16)}"
 
 
 def read_sources(analysis: SeriesAnalysis, pixels: bool = False) -> list[Dataset]:
@@ -195,7 +202,7 @@ def _report_content(analysis: SeriesAnalysis, sources: list[Dataset]) -> hd.sr.M
     device = hd.sr.ObserverContext(
         observer_type=C.DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=str(generate_uid(prefix=None, entropy_srcs=[analysis.algorithm.package_sha256])),
+            uid=hashed_uid("device", analysis.algorithm.package_sha256),
             name=analysis.algorithm.name[:64], manufacturer_name=MANUFACTURER,
             model_name=f"{analysis.algorithm.name} {analysis.algorithm.version}"[:64]))
     return hd.sr.MeasurementReport(
