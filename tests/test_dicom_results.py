@@ -12,9 +12,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+
 from conftest import IN_CI
 from dicom_results_support import breast_analysis, breast_images, ultrasound_study
-
 from meddx.dicom.codes import MEDDX_SCHEME, C
 from meddx.dicom.results import heatmap_images, result_datasets, structured_report
 from meddx.errors import ConfigError, DataError
