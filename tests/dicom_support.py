@@ -95,8 +95,14 @@ def breast_package(out: Path, name: str = "breast-tiny", ood_threshold: float = 
     out of distribution). Training one costs minutes on a loaded 2-core machine; the DICOM
     path only needs the answer's shape, not its accuracy."""
     from conftest import BINARY_SPEC, _untrained_package
-    from meddx.package import (Calibration, Conformal, OODDetector, OperatingPoint,
-                               load_package, save_package)
+    from meddx.package import (
+        Calibration,
+        Conformal,
+        OODDetector,
+        OperatingPoint,
+        load_package,
+        save_package,
+    )
 
     spec = {"spatial_dims": 2, "channels": 1, "size": 28, "normalize": "dtype-range",
             "format": "medmnist", "value_range": [0, 255], **BINARY_SPEC}

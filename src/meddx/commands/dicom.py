@@ -21,9 +21,11 @@ _WORK = typer.Option(Path("dicom-work"), "--work", help="Work folder: received i
 _DEST = typer.Option(None, "--dest", help="Where results go: AE@host:port (C-STORE) or a "
                      "DICOMweb URL (STOW-RS).")
 _DEST_AUTH_FILE = typer.Option(None, "--dest-auth-file", help="File holding the destination's "
-                               "credentials ('Bearer <token>' or 'Basic user:password').")
+                               "credentials (a token, or user:password with --dest-auth basic).")
 _DEST_AUTH_ENV = typer.Option(None, "--dest-auth-env", help="Environment variable holding the "
                               "destination's credentials.")
+_DEST_AUTH = typer.Option("bearer", "--dest-auth", help="bearer (the file/variable holds a "
+                          "token) or basic (it holds user:password).")
 _ROUTING = typer.Option(None, "--routing", help="Routing YAML: which model runs on which "
                         "series (see docs/pacs.md).")
 _QUIET = typer.Option(10.0, "--quiet", help="Seconds without a new instance after which a "
@@ -33,16 +35,18 @@ _DURATION = typer.Option(None, "--duration", help="Stop after this many seconds 
                          "until Ctrl-C).")
 
 
-def _destination(dest: str | None, auth_file: Path | None, auth_env: str | None) -> Any:
+def _destination(dest: str | None, auth_file: Path | None, auth_env: str | None,
+                 auth_kind: str = "bearer") -> Any:
     from meddx.dicom.send import Destination
     from meddx.errors import ConfigError
 
     if not dest:
         raise ConfigError("no destination for the results", hint="add --dest AE@host:port or "
                           "--dest https://pacs/dicom-web")
-    auth = {"credentials_file": str(auth_file) if auth_file else None,
-            "credentials_env": auth_env}
+    auth: dict[str, Any] = {"credentials_file": auth_file, "credentials_env": auth_env}
     auth = {k: v for k, v in auth.items() if v}
+    if auth:
+        auth["auth"] = auth_kind
     if dest.startswith(("http://", "https://")):
         return Destination(kind="dicomweb", url=dest, **auth)
     ae, _, rest = dest.partition("@")
@@ -92,8 +96,8 @@ def listen(
     allow: list[str] = typer.Option(..., "--allow", help="Calling AE title allowed to send, "
                                     "AE or AE@host (repeat for more)."),
     work: Path = _WORK, dest: str = _DEST, dest_auth_file: Path = _DEST_AUTH_FILE,
-    dest_auth_env: str = _DEST_AUTH_ENV, routing: Path = _ROUTING, quiet: float = _QUIET,
-    deid: bool = _DEID,
+    dest_auth_env: str = _DEST_AUTH_ENV, dest_auth: str = _DEST_AUTH, routing: Path = _ROUTING,
+    quiet: float = _QUIET, deid: bool = _DEID,
     max_instance_mb: int = typer.Option(512, "--max-instance-mb", help="Largest instance."),
     max_instances: int = typer.Option(5000, "--max-instances", help="Most instances a study."),
     max_per_ae: int = typer.Option(4, "--max-associations-per-ae",
@@ -108,8 +112,8 @@ def listen(
     """
     from meddx.dicom.listener import Listener, ListenerConfig, parse_allow
 
-    pipeline = _pipeline(models, work, _destination(dest, dest_auth_file, dest_auth_env),
-                         routing, quiet, deid)
+    pipeline = _pipeline(models, work, _destination(dest, dest_auth_file, dest_auth_env,
+                                                    dest_auth), routing, quiet, deid)
     config = ListenerConfig(ae_title=ae_title, port=port, allow=parse_allow(allow),
                             max_instance_bytes=max_instance_mb * 1024 * 1024,
                             max_instances_per_study=max_instances,
@@ -128,14 +132,15 @@ def watch(
     url: str = typer.Argument(..., help="DICOMweb root, e.g. http://pacs:8042/dicom-web."),
     models: list[Path] = typer.Option(..., "--model", help="Model package folder (repeat)."),
     auth_file: Path = typer.Option(None, "--auth-file", help="File with the server's "
-                                   "credentials ('Bearer <token>' or 'Basic user:password')."),
+                                   "credentials (a token, or user:password with --auth basic)."),
     auth_env: str = typer.Option(None, "--auth-env", help="Environment variable with them."),
+    auth: str = typer.Option("bearer", "--auth", help="bearer or basic."),
     since: str = typer.Option(None, "--since", help="Only studies from this Study Date "
                               "(YYYYMMDD)."),
     interval: float = typer.Option(10.0, "--interval", help="Seconds between QIDO-RS polls."),
     work: Path = _WORK, dest: str = _DEST, dest_auth_file: Path = _DEST_AUTH_FILE,
-    dest_auth_env: str = _DEST_AUTH_ENV, routing: Path = _ROUTING, quiet: float = _QUIET,
-    deid: bool = _DEID, duration: float = _DURATION,
+    dest_auth_env: str = _DEST_AUTH_ENV, dest_auth: str = _DEST_AUTH, routing: Path = _ROUTING,
+    quiet: float = _QUIET, deid: bool = _DEID, duration: float = _DURATION,
 ) -> None:
     """Poll a DICOMweb server for new studies (QIDO-RS), retrieve them (WADO-RS), analyse
     them and send the results to --dest (default: STOW-RS back to the same server).
@@ -145,11 +150,11 @@ def watch(
     """
     from meddx.dicom.watch import Watcher, make_client, read_credentials
 
-    if dest is None:
-        dest, dest_auth_file, dest_auth_env = url, auth_file, auth_env
-    pipeline = _pipeline(models, work, _destination(dest, dest_auth_file, dest_auth_env),
-                         routing, quiet, deid)
-    watcher = Watcher(make_client(url, read_credentials(auth_file, auth_env)), pipeline.store,
+    if dest is None:  # STOW-RS back to the server watched, with its credentials
+        dest, dest_auth_file, dest_auth_env, dest_auth = url, auth_file, auth_env, auth
+    pipeline = _pipeline(models, work, _destination(dest, dest_auth_file, dest_auth_env,
+                                                    dest_auth), routing, quiet, deid)
+    watcher = Watcher(make_client(url, read_credentials(auth_file, auth_env, auth)), pipeline.store,
                       since=since)
     last = [0.0]
 

@@ -7,8 +7,7 @@ WADO-RS, written to the work folder and recorded exactly as the listener records
 Studies already complete cost one QIDO row per poll and no retrieval.
 
 Credentials come from a file or an environment variable, never the command line (where
-``ps`` and shell histories would show them): the text is ``Bearer <token>``,
-``Basic <user>:<password>``, or a bare token (taken as a bearer token).
+``ps`` and shell histories would show them): a bearer token, or ``user:password`` for basic.
 """
 
 from __future__ import annotations
@@ -28,16 +27,23 @@ logger = logging.getLogger(__name__)
 _UID = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "count": "00201208"}
 
 
-def read_credentials(file: str | Path | None = None, env: str | None = None) -> dict[str, str]:
+def read_credentials(file: str | Path | None = None, env: str | None = None,
+                     kind: str = "bearer") -> dict[str, str]:
     """The Authorization header from a credentials file or environment variable ({}: none).
 
+    The file or variable holds a token (``kind="bearer"``) or ``user:password``
+    (``kind="basic"``), the same format as a :class:`~meddx.dicom.send.Destination`'s.
+
     Raises:
-        ConfigError: the file or variable is missing or empty, or both are given.
+        ConfigError: the file or variable is missing or empty, both are given, or basic
+            credentials lack the colon.
     """
     if file is not None and env is not None:
         raise ConfigError("give credentials by file or by environment variable, not both")
     if file is None and env is None:
         return {}
+    if kind not in ("bearer", "basic"):
+        raise ConfigError(f"unknown credentials kind {kind!r}; choose bearer or basic")
     if file is not None:
         try:
             text = Path(file).read_text(encoding="utf-8").strip()
@@ -46,17 +52,13 @@ def read_credentials(file: str | Path | None = None, env: str | None = None) -> 
                               path=str(file)) from e
     else:
         text = os.environ.get(str(env), "").strip()
-        if not text:
-            raise ConfigError(f"environment variable {env} is not set or empty",
-                              hint=f"export {env}='Bearer <token>' or 'Basic user:password'")
     if not text:
-        raise ConfigError("the credentials are empty", hint="write 'Bearer <token>' or "
-                          "'Basic user:password'")
-    scheme, _, value = text.partition(" ")
-    if scheme.lower() == "basic" and ":" in value:
-        return {"Authorization": "Basic " + base64.b64encode(value.encode()).decode()}
-    if scheme.lower() == "bearer" and value:
-        return {"Authorization": "Bearer " + value.strip()}
+        raise ConfigError("the credentials are empty", hint="put the token (or user:password "
+                          "with --auth basic) in the file or environment variable")
+    if kind == "basic":
+        if ":" not in text:
+            raise ConfigError("basic credentials must read user:password")
+        return {"Authorization": "Basic " + base64.b64encode(text.encode()).decode()}
     return {"Authorization": "Bearer " + text}
 
 
