@@ -160,6 +160,12 @@ class Store:
             return db.execute("SELECT 1 FROM instances WHERE sop_uid=?",
                               (sop_uid,)).fetchone() is not None
 
+    def is_result(self, sop_uid: str) -> bool:
+        """Whether this SOP Instance UID is one of meddx's own results (never fetched back)."""
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM analyses WHERE instr(result_uids, ?) > 0",
+                              (f'"{sop_uid}"',)).fetchone() is not None
+
     def complete_studies(self, quiet: float, now: float | None = None) -> list[str]:
         """Studies with unfinished instances and nothing received for ``quiet`` seconds
         (after a restart this includes every study left half-processed)."""

@@ -4,7 +4,8 @@ Each poll asks QIDO-RS for the studies (optionally from a Study Date on) with th
 ``NumberOfStudyRelatedInstances``; a study with more instances than the store holds is listed
 with QIDO-RS at instance level and every instance the store does not know is retrieved with
 WADO-RS, written to the work folder and recorded exactly as the listener records a C-STORE.
-Studies already complete cost one QIDO row per poll and no retrieval.
+Studies already complete cost one QIDO row per poll and no retrieval; meddx's own results,
+stored back into the study, are recognised by their SOP Instance UIDs and never fetched.
 
 Credentials come from a file or an environment variable, never the command line (where
 ``ps`` and shell histories would show them): a bearer token, or ``user:password`` for basic.
@@ -117,7 +118,8 @@ class Watcher:
         for item in self._call(self.client.search_for_instances, study_instance_uid=study,
                                get_remaining=True):
             series, sop = _value(item, "series"), _value(item, "sop")
-            if not series or not sop or self.store.has_instance(sop):
+            if not series or not sop or self.store.has_instance(sop) or \
+                    self.store.is_result(sop):
                 continue
             ds = self._call(self.client.retrieve_instance, study, series, sop)
             dest = self.folder / key / f"{sop}.dcm"
