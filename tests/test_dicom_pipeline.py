@@ -73,7 +73,7 @@ def test_2d_series_one_analysis_max_risk_and_heatmaps(tmp_path: Path, breast_pkg
     assert pred["id"] == str(study[int(np.argmax(risks))].SOPInstanceUID)
     counts = pipe.store.counts()
     assert counts["analysed"] == 3 and counts["failed"] == 0 and counts["pending"] == 0
-    assert len(pipe.outbox.pending()) == 4
+    assert {i.sop_instance_uid for i in pipe.outbox.pending()} == set(analysis["result_uids"])
 
 
 def _path(pipe: Pipeline, ds: Dataset) -> Path:
@@ -138,19 +138,54 @@ def test_killed_after_queueing_restarts_without_a_second_result(
     with pytest.raises(KeyboardInterrupt):
         pipe.process_ready(now=1e12)
     monkeypatch.undo()
-    first = {str(i.sop_uid) for i in pipe.outbox.pending()} if hasattr(
-        pipe.outbox.pending()[0], "sop_uid") else None
+    first = {i.sop_instance_uid for i in pipe.outbox.pending()}
+    assert len(first) == 1 + 2  # SR + heat maps queued before the kill
     again = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)  # the restarted process
     assert again.store.complete_studies(5.0, now=1e12)  # the half-done study is found
     again.process_ready(now=1e12)
     assert again.store.counts()["pending"] == 0
     (analysis,) = again.store.analyses()
     uids = analysis["result_uids"]
-    # the repeated analysis made the same objects: the PACS stores them once
-    assert len(set(uids)) == len(uids)
-    if first is not None:
-        assert first == set(uids)
+    # the repeated analysis made the same objects, so nothing new is queued (and a PACS that
+    # got them before the kill stores them once)
+    assert set(uids) == first == {i.sop_instance_uid for i in again.outbox.pending()}
     # the same instances sent once more: duplicates, no new analysis
     _receive(again.store, study)
     again.process_ready(now=1e12)
     assert len(again.store.analyses()) == 1 and again.store.counts()["duplicates"] == 2
+
+
+def test_logs_name_studies_by_salted_key_and_deid_strips_results(
+        tmp_path: Path, breast_pkg, breast_npz: Path, caplog) -> None:
+    import logging
+
+    pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
+    pipe.deid = True
+    study = breast_study(breast_npz, 1)
+    _receive(pipe.store, study)
+    with caplog.at_level(logging.DEBUG):
+        pipe.process_ready(now=1e12)
+    text = caplog.text
+    assert pipe.store.study_key(str(study[0].StudyInstanceUID)) in text
+    for phi in ("Doe^Jane", "BRST-0001", "ACC123", str(study[0].StudyInstanceUID)):
+        assert phi not in text
+    for item in pipe.outbox.pending():  # --deid: the research copies carry no identity
+        ds = dcmread(item.path)
+        assert ds.get("PatientName", "") != "Doe^Jane" and ds.PatientID != "BRST-0001"
+        assert ds.get("AccessionNumber", "") in ("", None)
+        assert ds.StudyInstanceUID != study[0].StudyInstanceUID
+
+
+def test_out_of_distribution_gets_an_sr_without_decision_and_is_listed(
+        tmp_path: Path, breast_npz: Path) -> None:
+    from dicom_support import breast_package as make
+
+    pkg = make(tmp_path / "pkg", ood_threshold=-1e6)  # everything is outside the training data
+    pipe = _pipeline(tmp_path / "work", [pkg], BREAST_ONLY)
+    _receive(pipe.store, breast_study(breast_npz, 2))
+    pipe.process_ready(now=1e12)
+    (analysis,) = pipe.store.analyses()
+    assert analysis["prediction"]["ood"] is True and analysis["prediction"]["decision"] is None
+    (failure,) = pipe.store.failures()
+    assert failure["reason"] == "ood" and "no decision" in failure["detail"]
+    assert pipe.store.counts()["analysed"] == 2
