@@ -4,6 +4,11 @@ study in Orthanc, found by QIDO-RS and read back with pydicom and highdicom."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +174,59 @@ def test_credentials_come_from_a_file_or_the_environment(tmp_path: Path, monkeyp
         read_credentials(env="EMPTY_AUTH")
     with pytest.raises(ConfigError, match="not both"):
         read_credentials(token, "PACS_AUTH")
+
+
+def _meddx(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-m", "meddx.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError("meddx dicom listen did not open its port")
+
+
+@pytest.mark.slow
+def test_cli_node_killed_mid_study_finishes_it_after_restart(orthanc, tmp_path: Path,
+                                                             breast_pkg, breast_npz: Path) -> None:
+    """`meddx dicom listen` as a real process: killed (SIGKILL) after the study arrived and
+    before it was analysed, then started again: the study is finished, one SR in Orthanc."""
+    from orthanc_support import free_port
+
+    orthanc.clear()
+    port, work = free_port(), tmp_path / "work"
+    orthanc.add_modality("meddx", "MEDDX", port)
+    args = ["dicom", "listen", str(breast_pkg.path), "--port", str(port), "--allow",
+            f"{orthanc.ae_title}@127.0.0.1", "--work", str(work),
+            "--dest", f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"]
+    first = _meddx(*args, "--quiet", "600")
+    try:
+        _wait_port(port, first)
+        us = breast_study(breast_npz, 2, start=20)
+        orthanc.rest("/modalities/meddx/store", json=[_push(orthanc, us, tmp_path / "us")])
+    finally:
+        first.kill()  # mid-study: received, never analysed
+        first.wait()
+    study_uid = str(us[0].StudyInstanceUID)
+    assert not _instances(orthanc, study_uid, "SR")
+    second = _meddx(*args, "--quiet", "1", "--duration", "15")
+    out = second.communicate(timeout=300)[0].decode()
+    assert second.returncode == 0, out
+    (sr,) = _instances(orthanc, study_uid, "SR")
+    assert sr.Manufacturer == "meddx"
+    assert "Doe^Jane" not in out and study_uid not in out
+
+    status = subprocess.run([sys.executable, "-m", "meddx.cli", "dicom", "status", "--work",
+                             str(work), "--json"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["counts"]["received"] == data["counts"]["analysed"] == 2
+    assert data["pending_deliveries"] == [] and data["failed_deliveries"] == []
