@@ -138,14 +138,16 @@ def _wait_ready(server: OrthancServer, deadline_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def running_orthanc(folder: Path, meddx_port: int | None = None) -> Iterator[OrthancServer]:
-    """Start Orthanc in ``folder`` (config, storage, log), yield it, stop it."""
+def running_orthanc(folder: Path, meddx_port: int | None = None,
+                    dicom_port: int | None = None) -> Iterator[OrthancServer]:
+    """Start Orthanc in ``folder`` (config, storage, log), yield it, stop it (``dicom_port``:
+    a given DICOM port, e.g. one a test has so far found closed)."""
     binary, plugin = orthanc_binary(), dicomweb_plugin()
     if binary is None or plugin is None:
         raise FileNotFoundError("Orthanc or its DICOMweb plugin is not installed "
                                 "(make orthanc: apt-get install orthanc orthanc-dicomweb)")
     folder.mkdir(parents=True, exist_ok=True)
-    server = OrthancServer(http_port=free_port(), dicom_port=free_port(),
+    server = OrthancServer(http_port=free_port(), dicom_port=dicom_port or free_port(),
                            meddx_port=meddx_port or free_port(), folder=folder)
     config = folder / "orthanc.json"
     config.write_text(json.dumps(_config(server, plugin), indent=1))

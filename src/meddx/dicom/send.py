@@ -408,6 +408,7 @@ def _send_dicomweb(dest: Destination, items: list[OutboxItem]
         user, _, password = secret.partition(":")
         session.auth = (user, password)
     client = DICOMwebClient(str(dest.url), session=session, timeout=dest.timeout_s)
+    client.set_http_retry_params(retry=False)  # the outbox retries, with its own back-off
     out: dict[int, tuple[bool, str | None]] = {}
     for item in items:
         try:
