@@ -230,3 +230,10 @@ def test_cli_node_killed_mid_study_finishes_it_after_restart(orthanc, tmp_path: 
     data = json.loads(status.stdout)
     assert data["counts"]["received"] == data["counts"]["analysed"] == 2
     assert data["pending_deliveries"] == [] and data["failed_deliveries"] == []
+    queue = subprocess.run([sys.executable, "-m", "meddx.cli", "dicom", "queue", "--work",
+                            str(work), "--json"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert queue.returncode == 0, queue.stderr
+    (entry,) = json.loads(queue.stdout)["studies"]
+    assert entry["priority"] in ("stat", "urgent", "routine") and 0 <= entry["risk"] <= 1
+    assert "study_uid" not in entry and study_uid not in queue.stdout  # the key only

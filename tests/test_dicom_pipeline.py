@@ -74,6 +74,12 @@ def test_2d_series_one_analysis_max_risk_and_heatmaps(tmp_path: Path, breast_pkg
     counts = pipe.store.counts()
     assert counts["analysed"] == 3 and counts["failed"] == 0 and counts["pending"] == 0
     assert {i.sop_instance_uid for i in pipe.outbox.pending()} == set(analysis["result_uids"])
+    from meddx.dicom.worklist import load_worklist
+
+    (entry,) = load_worklist(pipe.store.path, include_uid=True)  # the study is on the worklist
+    assert entry.study_uid == str(study[0].StudyInstanceUID)
+    assert entry.study_key == pipe.store.study_key(entry.study_uid)
+    assert entry.risk == pytest.approx(max(risks), abs=1e-6)
 
 
 def _path(pipe: Pipeline, ds: Dataset) -> Path:

@@ -171,24 +171,23 @@ def queue(work: Path = _WORK,
           as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
           show_uid: bool = typer.Option(False, "--show-study-uid",
                                         help="Show Study Instance UIDs (operators only).")) -> None:
-    """The worklist: studies by risk, highest first, with priority and reasons."""
+    """The worklist: studies by priority (stat, urgent, routine), then risk, highest first."""
     from rich.console import Console
     from rich.table import Table
 
-    from meddx.dicom.pipeline import worklist
+    from meddx.dicom.worklist import TABLE_HEADER, load_worklist, worklist_rows
 
-    entries = worklist(_store(work), include_uid=show_uid)
+    store = _store(work)
+    entries = load_worklist(store.path, include_uid=show_uid)
     if as_json:
-        typer.echo(json.dumps(entries, indent=1))
+        typer.echo(json.dumps({"count": len(entries), "studies": [
+            e.to_dict(include_uid=show_uid) for e in entries]}, indent=1))
         return
     table = Table(title=f"worklist ({len(entries)} studies)")
-    cols = ["priority", "risk", "study", "models", "reasons"] + (["study_uid"] if show_uid else [])
-    for c in cols:
+    for c in TABLE_HEADER:
         table.add_column(c)
-    for e in entries:
-        risk = "-" if e["risk"] is None else f"{e['risk']:.3f}"
-        table.add_row(e["priority"], risk, e["study"], ", ".join(e["models"]),
-                      "; ".join(e["reasons"]), *([e.get("study_uid", "")] if show_uid else []))
+    for row in worklist_rows(entries):
+        table.add_row(*row)
     Console().print(table)
 
 

@@ -37,7 +37,7 @@ from meddx.dicom.routing import ModelSlot, RoutingConfig, SeriesInfo, choose, se
 from meddx.dicom.store import InstanceRow, Store
 from meddx.errors import MeddxError
 
-__all__ = ["Pipeline", "ordered_volume", "aggregate"]
+__all__ = ["Pipeline", "ordered_volume", "aggregate", "stored_analyses", "update_worklist"]
 
 logger = logging.getLogger(__name__)
 _MAX_HEATMAPS_3D = 3  # a volume's heat map goes out on its hottest slices only
@@ -160,6 +160,7 @@ class Pipeline:
                 self.store.fail([r.sop_uid for r in rows], "model-error", str(e),
                                 study_uid=study_uid, series_uid=series_uid)
         self.store.finish_study(study_uid)
+        update_worklist(self.store, study_uid)
         logger.info("study %s processed", key)
 
     # ------------------------------------------------------------------ one series
@@ -270,6 +271,35 @@ class Pipeline:
             self.store.fail([], "ood", f"{model.algorithm.name}: input outside the training "
                             "data; no decision made (the SR says so)",
                             study_uid=analysis.study_uid, series_uid=analysis.series_uid)
+
+
+def stored_analyses(store: Store, study_uid: str) -> list[SeriesAnalysis]:
+    """The study's analyses as the store kept them (after a restart too), for ranking."""
+    from meddx.inference.prediction import Prediction
+
+    fields = set(Prediction.__dataclass_fields__)
+    out = []
+    for a in store.analyses():
+        if a["study_uid"] != study_uid:
+            continue
+        pred = Prediction(**{k: v for k, v in a["prediction"].items() if k in fields})
+        model = pred.model
+        sources = tuple(r.path for r in store.series_instances(a["series_uid"]))
+        out.append(SeriesAnalysis(study_uid=study_uid, series_uid=a["series_uid"],
+                                  sources=sources, prediction=pred, algorithm=Algorithm(
+                                      name=model["name"], version=model["version"],
+                                      package_sha256=model["sha256"])))
+    return out
+
+
+def update_worklist(store: Store, study_uid: str) -> None:
+    """Rank the study from all its analyses and store its worklist entry (the work folder's
+    SQLite file, read by ``meddx dicom queue`` and ``worklist_json``)."""
+    from meddx.dicom.worklist import rank, save_worklist
+
+    analyses = stored_analyses(store, study_uid)
+    if analyses:
+        save_worklist(store.path, rank(analyses, salt=store.salt, include_uid=True))
 
 
 def _read_reason(e: MeddxError) -> str:
