@@ -138,11 +138,17 @@ class Pipeline:
         return done
 
     def run(self, stop: threading.Event, interval: float = 0.5) -> None:
-        """Process complete studies and deliver queued results until ``stop`` is set."""
+        """Process complete studies and deliver queued results until ``stop`` is set; each
+        study's results are delivered as soon as it is processed, not after the batch."""
         while not stop.is_set():
             try:
-                self.process_ready()
-                self.outbox.deliver()
+                for study in self.store.complete_studies(self.quiet):
+                    with self._lock:
+                        self.process_study(study)
+                    self.outbox.deliver()
+                    if stop.is_set():
+                        break
+                self.outbox.deliver()  # retries of earlier results whose time has come
             except Exception:  # a bad study must not stop the node; it is logged by key
                 logger.exception("pipeline step failed")
             stop.wait(interval)
