@@ -195,3 +195,19 @@ def test_out_of_distribution_gets_an_sr_without_decision_and_is_listed(
     (failure,) = pipe.store.failures()
     assert failure["reason"] == "ood" and "no decision" in failure["detail"]
     assert pipe.store.counts()["analysed"] == 2
+
+
+def test_a_failing_writer_lists_the_series_instead_of_looping(
+        tmp_path: Path, breast_pkg, breast_npz: Path, monkeypatch) -> None:
+    import meddx.dicom.results as results
+
+    def broken(analysis: object, **kwargs: object) -> list:
+        raise ValueError("highdicom refused a value")
+
+    monkeypatch.setattr(results, "result_datasets", broken)
+    pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
+    _receive(pipe.store, breast_study(breast_npz, 2))
+    pipe.process_ready(now=1e12)
+    assert pipe.store.complete_studies(5.0, now=1e12) == []  # not picked up again and again
+    reasons = {f["reason"] for f in pipe.store.failures()}
+    assert reasons == {"model-error"} and pipe.store.counts()["failed"] == 2

@@ -150,12 +150,12 @@ def watch(
     """
     from meddx.dicom.watch import Watcher, make_client, read_credentials
 
+    client = make_client(url, read_credentials(auth_file, auth_env, auth))  # fail fast
     if dest is None:  # STOW-RS back to the server watched, with its credentials
         dest, dest_auth_file, dest_auth_env, dest_auth = url, auth_file, auth_env, auth
     pipeline = _pipeline(models, work, _destination(dest, dest_auth_file, dest_auth_env,
                                                     dest_auth), routing, quiet, deid)
-    watcher = Watcher(make_client(url, read_credentials(auth_file, auth_env, auth)), pipeline.store,
-                      since=since)
+    watcher = Watcher(client, pipeline.store, since=since)
     last = [0.0]
 
     def poll() -> None:

@@ -163,11 +163,20 @@ class Pipeline:
             try:
                 self._series(study_uid, series_uid, rows)
             except MeddxError as e:
-                self.store.fail([r.sop_uid for r in rows], "model-error", str(e),
-                                study_uid=study_uid, series_uid=series_uid)
+                self._fail_rest(study_uid, series_uid, rows, str(e))
+            except Exception as e:  # a library bug on one series must not poison the node:
+                # the series is listed (and logged by key), never retried forever
+                logger.exception("series of study %s failed", key)
+                self._fail_rest(study_uid, series_uid, rows, f"internal error: "
+                                f"{type(e).__name__}")
         self.store.finish_study(study_uid)
         update_worklist(self.store, study_uid)
         logger.info("study %s processed", key)
+
+    def _fail_rest(self, study_uid: str, series_uid: str, rows: list[InstanceRow],
+                   detail: str) -> None:
+        self.store.fail([r.sop_uid for r in rows], "model-error", detail[:300],
+                        study_uid=study_uid, series_uid=series_uid)
 
     # ------------------------------------------------------------------ one series
     def _series(self, study_uid: str, series_uid: str, rows: list[InstanceRow]) -> None:
