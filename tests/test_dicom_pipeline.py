@@ -175,6 +175,17 @@ def test_logs_name_studies_by_salted_key_and_deid_strips_results(
     assert pipe.store.study_key(str(study[0].StudyInstanceUID)) in text
     for phi in ("Doe^Jane", "BRST-0001", "ACC123", str(study[0].StudyInstanceUID)):
         assert phi not in text
+    audit = (pipe.store.work / "audit.jsonl").read_text()
+    for phi in ("Doe^Jane", "BRST-0001", "ACC123", str(study[0].StudyInstanceUID),
+                str(study[0].SOPInstanceUID)):
+        assert phi not in audit
+    from meddx.monitoring.logs import read_audit
+
+    data = read_audit(tmp_path / "audit.jsonl")  # the format `meddx monitor` reads
+    assert len(data.answered) == 1 and data.answered[0].model == "breast-tiny"
+    assert data.answered[0].request_id == pipe.store.study_key(str(study[0].StudyInstanceUID))
+    assert pipe.store.counts()["analysed"] == 1 and not pipe.store.failures()
+    assert len(pipe.outbox.pending()) == 2  # SR + heat map
     for item in pipe.outbox.pending():  # --deid: the research copies carry no identity
         ds = dcmread(item.path)
         assert ds.get("PatientName", "") != "Doe^Jane" and ds.PatientID != "BRST-0001"

@@ -126,6 +126,7 @@ class Pipeline:
                               Algorithm.from_predictor(p)) for p in predictors]
         self.quiet, self.deid, self.explain = quiet, deid, explain
         self._lock = threading.Lock()
+        self._audit_lock = threading.Lock()
 
     # ------------------------------------------------------------------ driving
     def process_ready(self, now: float | None = None) -> list[str]:
@@ -163,6 +164,7 @@ class Pipeline:
             try:
                 self._series(study_uid, series_uid, rows)
             except MeddxError as e:
+                logger.warning("series of study %s failed: %s", key, type(e).__name__)
                 self._fail_rest(study_uid, series_uid, rows, str(e))
             except Exception as e:  # a library bug on one series must not poison the node:
                 # the series is listed (and logged by key), never retried forever
@@ -172,6 +174,51 @@ class Pipeline:
         self.store.finish_study(study_uid)
         update_worklist(self.store, study_uid)
         logger.info("study %s processed", key)
+
+    def _deidentify(self, analysis: SeriesAnalysis, datasets: list[Any]) -> list[Any]:
+        """Research copies. A heat map carries meddx's own burned-in label (no PHI) on the
+        source's pixels: it goes only when its source is not flagged as having burned-in
+        text itself (BurnedInAnnotation YES), else it is left out and the SR goes alone."""
+        from meddx.privacy.deid import deidentify
+
+        flagged = set()
+        for path in analysis.sources:
+            head = dcmread(path, stop_before_pixels=True)
+            if str(head.get("BurnedInAnnotation", "")).upper() == "YES":
+                flagged.add(str(head.SOPInstanceUID))
+        out = []
+        for ds in datasets:
+            refs = {str(r.ReferencedSOPInstanceUID) for r in ds.get("SourceImageSequence", [])}
+            if refs & flagged:
+                logger.warning("heat map left out of the de-identified results of study %s: "
+                               "its source has burned-in text", self.store.study_key(
+                                   analysis.study_uid))
+                continue
+            out.append(deidentify(ds, salt=self.store.salt, allow_burned_in=bool(refs))[0])
+        return out
+
+    def _audit(self, model: _Model, analysis: SeriesAnalysis, n_results: int) -> None:
+        """One ``predict`` line per analysis in ``work/audit.jsonl``, in the service's audit
+        format (``meddx monitor`` reads it); studies and instances by salted hashes only."""
+        import datetime as dt
+        import json
+
+        preds = [p for _, p in analysis.per_image] or [analysis.prediction]
+        outputs = []
+        for p in preds:
+            out = p.to_dict()
+            out["id"] = self.store.study_key(p.id)  # a salted hash, like the study's
+            out.pop("notes", None)
+            outputs.append(out)
+        line = {"time": dt.datetime.now(dt.UTC).isoformat(), "event": "predict",
+                "route": "dicom", "request_id": self.store.study_key(analysis.study_uid),
+                "model": {"name": model.algorithm.name, "version": model.algorithm.version,
+                          "sha256": model.algorithm.package_sha256},
+                "aggregate": "volume" if model.slot.spatial_dims == 3 else
+                model.slot.route.aggregate, "results_queued": n_results,
+                "outputs": outputs}
+        with self._audit_lock, (self.store.work / "audit.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _fail_rest(self, study_uid: str, series_uid: str, rows: list[InstanceRow],
                    detail: str) -> None:
@@ -273,15 +320,14 @@ class Pipeline:
             return
         datasets = result_datasets(analysis)
         if self.deid:
-            from meddx.privacy.deid import deidentify
-
-            datasets = [deidentify(ds, salt=self.store.salt)[0] for ds in datasets]
+            datasets = self._deidentify(analysis, datasets)
         self.store.save_analysis(analysis_key=key, study_uid=analysis.study_uid,
                                  series_uid=analysis.series_uid, model=model.algorithm.name,
                                  prediction=analysis.prediction.to_dict(),
                                  result_uids=[str(ds.SOPInstanceUID) for ds in datasets])
         self.outbox.enqueue(datasets, self.destination)
         self.store.mark_queued(key, sop_uids)
+        self._audit(model, analysis, len(datasets))
         if analysis.prediction.ood:
             self.store.fail([], "ood", f"{model.algorithm.name}: input outside the training "
                             "data; no decision made (the SR says so)",
