@@ -157,6 +157,25 @@ def test_heat_maps_are_blended_secondary_captures_in_the_source_study(analysis, 
         assert (band[..., 0] == band[..., 2]).all()  # grey, where the heat map is colour
 
 
+@slow
+def test_dcmtk_renders_the_sr_as_a_readable_document(analysis, tmp_path):
+    """What a reader sees in an SR viewer: dcmtk's dsrdump (Debian dcmtk, installed with
+    Orthanc) renders the finding, the decision, the probability and the operating point."""
+    exe = shutil.which("dsrdump")
+    if exe is None:
+        pytest.skip("dcmtk's dsrdump not installed")
+    path = tmp_path / "sr.dcm"
+    structured_report(analysis).save_as(path, enforce_file_format=True)
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    pred = analysis.prediction
+    for text in ('"Decision at operating point")=(', '"Calibrated probability")=',
+                 f'"Operating point")="{pred.operating_point}"',
+                 '"Algorithm Name")="' + analysis.algorithm.name + '"',
+                 '"Finding")=(malignant,99MEDDX'):
+        assert text in run.stdout, text
+
+
 def test_blend_keeps_grey_where_cold_and_colours_where_hot():
     from meddx.dicom.results import blend
 
