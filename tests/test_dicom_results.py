@@ -13,13 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import IN_CI
-from dicom_results_support import breast_analysis, breast_images, ultrasound_study
+from conftest import IN_CI, require_data
+from dicom_results_support import breast_analysis, breast_images, slide_instance, ultrasound_study
 from meddx.dicom.codes import MEDDX_SCHEME, C
 from meddx.dicom.results import heatmap_images, result_datasets, structured_report
 from meddx.errors import ConfigError, DataError
 
-pytestmark = pytest.mark.slow  # the tiny package is trained once per session
+slow = pytest.mark.slow  # the tiny package is trained once per session
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,7 @@ def _values(group) -> tuple[dict, dict]:
     return quals, nums
 
 
+@slow
 def test_sr_carries_finding_probability_decision_set_ood_and_algorithm(analysis, study, tmp_path):
     src = pydicom.dcmread(study[0])
     ds = _reread(structured_report(analysis), tmp_path / "sr.dcm")
@@ -121,6 +122,7 @@ def _dciodvfy(path: Path) -> str:
     return run.stdout + run.stderr
 
 
+@slow
 def test_results_validate_with_dciodvfy(analysis, tmp_path):
     for i, ds in enumerate(result_datasets(analysis)):
         path = tmp_path / f"r{i}.dcm"
@@ -129,6 +131,7 @@ def test_results_validate_with_dciodvfy(analysis, tmp_path):
         assert errors == [], (ds.SOPClassUID.name, errors)
 
 
+@slow
 def test_heat_maps_are_blended_secondary_captures_in_the_source_study(analysis, study, tmp_path):
     src = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in study}
     sr = structured_report(analysis)
@@ -154,7 +157,26 @@ def test_heat_maps_are_blended_secondary_captures_in_the_source_study(analysis, 
         assert (band[..., 0] == band[..., 2]).all()  # grey, where the heat map is colour
 
 
-def test_blend_keeps_grey_where_cold_and_colours_where_hot(analysis):
+@slow
+def test_dcmtk_renders_the_sr_as_a_readable_document(analysis, tmp_path):
+    """What a reader sees in an SR viewer: dcmtk's dsrdump (Debian dcmtk, installed with
+    Orthanc) renders the finding, the decision, the probability and the operating point."""
+    exe = shutil.which("dsrdump")
+    if exe is None:
+        pytest.skip("dcmtk's dsrdump not installed")
+    path = tmp_path / "sr.dcm"
+    structured_report(analysis).save_as(path, enforce_file_format=True)
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    pred = analysis.prediction
+    for text in ('"Decision at operating point")=(', '"Calibrated probability")=',
+                 f'"Operating point")="{pred.operating_point}"',
+                 '"Algorithm Name")="' + analysis.algorithm.name + '"',
+                 '"Finding")=(malignant,99MEDDX'):
+        assert text in run.stdout, text
+
+
+def test_blend_keeps_grey_where_cold_and_colours_where_hot():
     from meddx.dicom.results import blend
 
     grey = np.full((40, 40), 100, np.uint8)
@@ -166,12 +188,14 @@ def test_blend_keeps_grey_where_cold_and_colours_where_hot(analysis):
     assert (hot[:, 0] > hot[:, 2] + 40).all()  # jet at 1.0 is red
 
 
+@slow
 def test_same_analysis_gives_same_uids(analysis):
     first = [str(ds.SOPInstanceUID) for ds in result_datasets(analysis)]
     again = [str(ds.SOPInstanceUID) for ds in result_datasets(analysis)]
     assert first == again and len(set(first)) == len(first)
 
 
+@slow
 def test_bad_sources_and_heat_maps_get_specific_errors(analysis, tmp_path, study):
     from dataclasses import replace
 
@@ -190,3 +214,53 @@ def test_bad_sources_and_heat_maps_get_specific_errors(analysis, tmp_path, study
         heatmap_images(replace(analysis, heatmaps=((uid, np.full((28, 28), np.nan)),)))
     with pytest.raises(ConfigError, match="2-D"):
         replace(analysis, heatmaps=((uid, np.zeros((2, 28, 28))),))
+
+
+def test_slide_finding_is_an_sr_on_the_slide_and_attention_map_a_secondary_capture(tmp_path):
+    """A whole-slide image (a tiled VL Whole Slide Microscopy level made from the bundled SVS):
+    the slide-level SR references the slide instance; the attention map is blended on the
+    whole pixel matrix (all tiles) as an SC in slide coordinates. The Prediction is set here:
+    the writers are under test, not a pathology model."""
+    from meddx.dicom.model import Algorithm, SeriesAnalysis
+    from meddx.inference.prediction import Prediction
+
+    path = slide_instance(require_data("pathology/CMU-1-Small-Region.svs"), tmp_path / "wsi")
+    src = pydicom.dcmread(path)
+    pred = Prediction(id="slide", probabilities={"tumour": 0.9, "normal": 0.1}, label="tumour",
+                      calibrated={"tumour": 0.85, "normal": 0.15}, decision="tumour",
+                      operating_point="youden", threshold=0.5, prediction_set=["tumour"],
+                      ood=False, ood_score=0.2,
+                      model={"name": "wsi", "version": "2", "sha256": "ef" * 32,
+                             "positive_class": "tumour"})
+    attention = np.zeros((20, 15))
+    attention[5:10, 5:10] = 1.0  # on a coarse tile grid: resized onto the slide level
+    analysis = SeriesAnalysis(
+        study_uid=src.StudyInstanceUID, series_uid=src.SeriesInstanceUID, sources=(path,),
+        algorithm=Algorithm("wsi", "2", "ef" * 32), prediction=pred,
+        heatmaps=((str(src.SOPInstanceUID), attention),), slide=True,
+        aggregation="attention-weighted mean of tile features")
+    sr_ds, sc = result_datasets(analysis)
+    sr_path, sc_path = tmp_path / "sr.dcm", tmp_path / "sc.dcm"
+    sr_ds.save_as(sr_path, enforce_file_format=True)
+    sc.save_as(sc_path, enforce_file_format=True)
+    sr = hd.sr.srread(sr_path)
+    (main,) = [g for g in sr.content.get_image_measurement_groups()
+               if g.finding_category.value == C.SLIDE_RESULT.value]
+    assert [(r.referenced_sop_class_uid, r.referenced_sop_instance_uid)
+            for r in main.source_images] == [(src.SOPClassUID, src.SOPInstanceUID)]
+    quals, nums = _values(main)
+    assert quals[C.DECISION.value] == [C.POSITIVE.value]
+    assert nums[C.CALIBRATED_PROBABILITY.value] == pytest.approx(0.85)
+    assert sr.ContentSequence is not None and sr_ds.StudyInstanceUID == src.StudyInstanceUID
+    back = pydicom.dcmread(sc_path)
+    assert back.StudyInstanceUID == src.StudyInstanceUID and back.ContainerIdentifier == "SLIDE-1"
+    rgb = back.pixel_array
+    assert rgb.shape[:2] == (src.TotalPixelMatrixRows, src.TotalPixelMatrixColumns)
+    # the hot square (rows 25–50 % of the slide, columns 33–67 %) is red; the tile borders of
+    # a wrongly assembled matrix would not line up with it
+    h, w = rgb.shape[:2]
+    hot = rgb[int(0.30 * h):int(0.45 * h), int(0.38 * w):int(0.62 * w)].astype(int)
+    assert (hot[..., 0] - hot[..., 2]).mean() > 60
+    for p in (sr_path, sc_path):
+        errors = [line for line in _dciodvfy(p).splitlines() if line.startswith("Error")]
+        assert errors == [], errors

@@ -188,3 +188,39 @@ def test_concurrent_enqueue_of_the_same_object_queues_it_once(study, tmp_path):
         t.join()
     assert len({tuple(g) for g in got}) == 1 and len(box.pending()) == len(results)
     assert len(os.listdir(box.files)) == len(results)
+
+
+def test_concurrent_deliveries_send_each_object_once(study, tmp_path):
+    """Four threads deliver at once to a real (pynetdicom) Storage SCP that answers slowly:
+    every object arrives exactly once."""
+    import time
+    from collections import Counter
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: Counter[str] = Counter()
+
+    def store(event):
+        time.sleep(0.3)
+        received[str(event.request.AffectedSOPInstanceUID)] += 1
+        return 0x0000
+
+    ae = AE(ae_title="SLOW")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        box = Outbox(tmp_path / "outbox.db")
+        results = _results(study)
+        box.enqueue(results, Destination(kind="dimse", host="127.0.0.1", port=port,
+                                         ae_title="SLOW"))
+        threads = [threading.Thread(target=box.deliver) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert received == Counter({str(ds.SOPInstanceUID): 1 for ds in results})
+        assert len(box.sent()) == len(results)
+    finally:
+        scp.shutdown()

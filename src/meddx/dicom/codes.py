@@ -40,7 +40,7 @@ class C:
     NO = _std("373067005", "SCT", "No")
     DEVICE = _std("121007", "DCM", "Device")
     NO_UNITS = _std("1", "UCUM", "no units")
-    SLIDE = _std("433466003", "SCT", "Microscope slide")
+    SLIDE_PROCEDURE = _std("108257001", "SCT", "Anatomic pathology procedure")
     # meddx-specific
     CALIBRATED_PROBABILITY = _meddx("CALPROB", "Calibrated probability")
     PROBABILITY = _meddx("PROB", "Probability before calibration")

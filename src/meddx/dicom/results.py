@@ -40,6 +40,8 @@ SR_SERIES_NUMBER = 9901
 HEATMAP_SERIES_NUMBER = 9902
 MANUFACTURER = "meddx"
 NOT_FOR_DIAGNOSIS = "meddx AI heat map - NOT FOR DIAGNOSIS"
+MAX_SLIDE_PIXELS = 4096 * 4096
+VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
 def derived_uid(analysis: SeriesAnalysis, *parts: str) -> str:
@@ -207,7 +209,7 @@ def _report_content(analysis: SeriesAnalysis, sources: list[Dataset]) -> hd.sr.M
             model_name=f"{analysis.algorithm.name} {analysis.algorithm.version}"[:64]))
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=C.SLIDE if analysis.slide else C.IMAGING_PROCEDURE,
+        procedure_reported=C.SLIDE_PROCEDURE if analysis.slide else C.IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
 
@@ -244,20 +246,31 @@ def structured_report(analysis: SeriesAnalysis, *, series_number: int = SR_SERIE
     return sr
 
 
-def _grey_uint8(ds: Dataset) -> np.ndarray:
+def _pixels(path: Path, ds: Dataset) -> np.ndarray:
+    """The image a heat map lies on: the frame of a single-frame image, the whole pixel matrix
+    of a tiled whole-slide level (assembled by highdicom)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "TotalPixelMatrixRows" in ds and frames > 1:
+        size = int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns)
+        if size > MAX_SLIDE_PIXELS:
+            raise DataError(f"slide level of {size} pixels is too large to draw a heat map on",
+                            path=str(path), hint="attach the attention map to the slide's "
+                            "thumbnail or a low-resolution level instance")
+        return np.asarray(hd.imread(path).get_total_pixel_matrix()).round().astype(np.uint8)
+    arr = ds.pixel_array
+    return arr[0] if frames > 1 else arr
+
+
+def _grey_uint8(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     """The displayed grey image (modality LUT and VOI window applied) as uint8 H×W."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    arr = ds.pixel_array
-    if getattr(ds, "NumberOfFrames", 1) not in (None, 1, "1") and arr.ndim >= 3:
-        arr = arr[0]
     if ds.get("PhotometricInterpretation", "").startswith("MONOCHROME"):
         arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
         if ds.PhotometricInterpretation == "MONOCHROME1":
             arr = arr.max() - arr
-    else:  # colour: luminance
-        rgb = pydicom.pixels.convert_color_space(arr, ds.PhotometricInterpretation, "RGB") \
-            if ds.PhotometricInterpretation != "RGB" else arr
+    else:  # colour: luminance (pydicom has already turned YBR into RGB)
+        rgb = arr
         arr = np.asarray(rgb, np.float64) @ np.array([0.299, 0.587, 0.114])
     lo, hi = float(np.min(arr)), float(np.max(arr))
     return np.zeros(arr.shape, np.uint8) if hi <= lo else (
@@ -320,10 +333,10 @@ def _orientation(ds: Dataset) -> tuple[str, str]:
     return letters(iop[:3]) or "L", letters(iop[3:]) or "P"
 
 
-def _secondary_capture(analysis: SeriesAnalysis, ds: Dataset, heat: np.ndarray,
+def _secondary_capture(analysis: SeriesAnalysis, path: Path, ds: Dataset, heat: np.ndarray,
                        index: int, series_number: int) -> Dataset:
-    rgb = _burn_label(blend(_enlarge(_grey_uint8(ds)), heat))
-    slide = analysis.slide or ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.6"
+    rgb = _burn_label(blend(_enlarge(_grey_uint8(ds, _pixels(path, ds))), heat))
+    slide = ds.SOPClassUID == VL_WSM
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ds, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="SLIDE" if slide else "PATIENT",
@@ -331,9 +344,13 @@ def _secondary_capture(analysis: SeriesAnalysis, ds: Dataset, heat: np.ndarray,
         sop_instance_uid=derived_uid(analysis, "heat", str(ds.SOPInstanceUID)),
         instance_number=index + 1, manufacturer=MANUFACTURER,
         patient_orientation=None if slide else _orientation(ds),
-        container_identifier=str(ds.get("ContainerIdentifier", "")) or None if slide else None,
+        container_identifier=str(ds.ContainerIdentifier) if slide else None,
+        specimen_descriptions=[hd.SpecimenDescription.from_dataset(item) for item in
+                               ds.SpecimenDescriptionSequence] if slide else None,
         series_description="meddx AI heat map - not for diagnosis",
     )
+    if slide and "PatientOrientation" not in sc:  # type 2C, no patient axes on a slide
+        sc.PatientOrientation = ""
     if "Laterality" in ds:  # type 2C in General Series: kept as the source has it
         sc.Laterality = ds.Laterality
     sc.BurnedInAnnotation = "YES"
@@ -365,8 +382,9 @@ def heatmap_images(analysis: SeriesAnalysis, *, series_number: int = HEATMAP_SER
         if sop_uid not in by_uid:
             raise ConfigError(f"heat map for instance {sop_uid}, which is not among the "
                               "analysis' sources", hint="pass its file in sources")
-        full = pydicom.dcmread(by_uid[sop_uid][0])
-        out.append(_secondary_capture(analysis, full, heat, i, series_number))
+        path = by_uid[sop_uid][0]
+        out.append(_secondary_capture(analysis, path, pydicom.dcmread(path), heat, i,
+                                      series_number))
     return out
 
 

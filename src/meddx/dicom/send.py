@@ -202,6 +202,7 @@ class Outbox:
         self.max_attempts, self.max_age_s = max_attempts, max_age_s
         self.base_delay_s, self.max_delay_s = base_delay_s, max_delay_s
         self._lock = threading.Lock()
+        self._delivering = threading.Lock()  # one deliver() at a time: no item sent twice
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
@@ -287,7 +288,10 @@ class Outbox:
         Returns:
             which items were sent, deferred to a later try, or failed for good.
         """
-        now = time.time() if now is None else now
+        with self._delivering:
+            return self._deliver(time.time() if now is None else now)
+
+    def _deliver(self, now: float) -> DeliveryReport:
         due = self._items("state=? AND next_attempt<=?", (STATE_PENDING, now))
         report = DeliveryReport()
         by_dest: dict[str, list[OutboxItem]] = {}
