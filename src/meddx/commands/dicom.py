@@ -72,6 +72,11 @@ def _pipeline(models: list[Path], work: Path, dest: Any, routing: Path | None, q
 
 
 def _serve(pipeline: Any, duration: float | None, extra: Any = None) -> None:
+    import logging
+
+    # their INFO lines name instances and peers by UID; ours name studies by salted key
+    for noisy in ("highdicom", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
     worker = threading.Thread(target=pipeline.run, args=(stop,), daemon=True)
     worker.start()
