@@ -221,7 +221,7 @@ def test_cli_node_killed_mid_study_finishes_it_after_restart(orthanc, tmp_path: 
     assert second.returncode == 0, out
     (sr,) = _instances(orthanc, study_uid, "SR")
     assert sr.Manufacturer == "meddx"
-    assert "Doe^Jane" not in out and study_uid not in out
+    assert "Doe^Jane" not in out and study_uid not in out and str(us[0].SOPInstanceUID) not in out
 
     status = subprocess.run([sys.executable, "-m", "meddx.cli", "dicom", "status", "--work",
                              str(work), "--json"], capture_output=True, text=True, timeout=300,
