@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.evaluation",),
     ("meddx.monitoring",),
     ("meddx.privacy",),
+    ("meddx.dicom",),
     ("meddx.serving",),
     ("meddx.commands", "meddx.cli"),
     ("meddx",),  # the package's face: the public API, imported lazily
