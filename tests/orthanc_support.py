@@ -131,7 +131,7 @@ def _wait_ready(server: OrthancServer, deadline_s: float = 30.0) -> None:
         if server.process is not None and server.process.poll() is not None:
             raise RuntimeError(f"Orthanc exited with {server.process.returncode}:\n{server.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.http_url + "/system", timeout=2).status_code == 200:
+            if httpx.get(server.http_url + "/system", timeout=2).status_code in (200, 401):
                 return
         time.sleep(0.2)
     raise RuntimeError(f"Orthanc did not answer within {deadline_s:.0f} s:\n{server.log()}")
@@ -139,9 +139,11 @@ def _wait_ready(server: OrthancServer, deadline_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def running_orthanc(folder: Path, meddx_port: int | None = None,
-                    dicom_port: int | None = None) -> Iterator[OrthancServer]:
+                    dicom_port: int | None = None,
+                    config: dict[str, Any] | None = None) -> Iterator[OrthancServer]:
     """Start Orthanc in ``folder`` (config, storage, log), yield it, stop it (``dicom_port``:
-    a given DICOM port, e.g. one a test has so far found closed)."""
+    a given DICOM port, e.g. one a test has so far found closed; ``config``: settings laid
+    over the defaults, e.g. authentication)."""
     binary, plugin = orthanc_binary(), dicomweb_plugin()
     if binary is None or plugin is None:
         raise FileNotFoundError("Orthanc or its DICOMweb plugin is not installed "
@@ -149,10 +151,10 @@ def running_orthanc(folder: Path, meddx_port: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     server = OrthancServer(http_port=free_port(), dicom_port=dicom_port or free_port(),
                            meddx_port=meddx_port or free_port(), folder=folder)
-    config = folder / "orthanc.json"
-    config.write_text(json.dumps(_config(server, plugin), indent=1))
+    config_path = folder / "orthanc.json"
+    config_path.write_text(json.dumps({**_config(server, plugin), **(config or {})}, indent=1))
     with open(folder / "orthanc.log", "wb") as log:
-        server.process = subprocess.Popen([binary, str(config)], stdout=log,
+        server.process = subprocess.Popen([binary, str(config_path)], stdout=log,
                                           stderr=subprocess.STDOUT, cwd=folder)
     try:
         _wait_ready(server)

@@ -224,3 +224,26 @@ def test_concurrent_deliveries_send_each_object_once(study, tmp_path):
         assert len(box.sent()) == len(results)
     finally:
         scp.shutdown()
+
+
+def test_stow_rs_with_basic_credentials_from_a_file(study, tmp_path):
+    """An Orthanc that requires HTTP basic authentication: without credentials the object is
+    refused and waits; with ``user:password`` read from a file it is stored."""
+    users = {"meddx": "s3cret-pw"}
+    with running_orthanc(tmp_path / "pacs", config={"AuthenticationEnabled": True,
+                                                    "RegisteredUsers": users}) as pacs:
+        results = _results(study)[:1]
+        box = Outbox(tmp_path / "outbox.db", base_delay_s=1)
+        anonymous = Destination(kind="dicomweb", url=pacs.dicomweb_url, name="anon")
+        box.enqueue(results, anonymous, now=0.0)
+        report = box.deliver(now=0.0)
+        assert report.deferred and "HTTP 401" in box.pending()[0].last_error
+        secret = tmp_path / "pacs-credentials"
+        secret.write_text("meddx:s3cret-pw\n")
+        signed = Destination(kind="dicomweb", url=pacs.dicomweb_url, auth="basic",
+                             credentials_file=secret, name="signed")
+        (item,) = box.enqueue(results, signed, now=0.0)
+        assert box.deliver(now=0.0).sent == [item]
+        r = httpx.get(f"{pacs.http_url}/instances", auth=("meddx", "s3cret-pw"), timeout=10)
+        assert len(r.json()) == 1
+        assert "s3cret-pw" not in (tmp_path / "outbox.db").read_bytes().decode("latin-1")
