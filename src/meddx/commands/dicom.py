@@ -174,16 +174,21 @@ def watch(
 @dicom_app.command("queue")
 def queue(work: Path = _WORK,
           as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+          as_fhir: bool = typer.Option(False, "--fhir", help="A FHIR R4B Bundle of Task "
+                                       "resources (priority, the study as focus)."),
           show_uid: bool = typer.Option(False, "--show-study-uid",
                                         help="Show Study Instance UIDs (operators only).")) -> None:
     """The worklist: studies by priority (stat, urgent, routine), then risk, highest first."""
     from rich.console import Console
     from rich.table import Table
 
-    from meddx.dicom.worklist import TABLE_HEADER, load_worklist, worklist_rows
+    from meddx.dicom.worklist import TABLE_HEADER, load_worklist, to_fhir_bundle, worklist_rows
 
     store = _store(work)
     entries = load_worklist(store.path, include_uid=show_uid)
+    if as_fhir:
+        typer.echo(json.dumps(to_fhir_bundle(entries), indent=1))
+        return
     if as_json:
         typer.echo(json.dumps({"count": len(entries), "studies": [
             e.to_dict(include_uid=show_uid) for e in entries]}, indent=1))

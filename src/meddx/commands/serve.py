@@ -82,6 +82,9 @@ def serve(
     max_slide_mb: float = typer.Option(4096.0, "--max-slide-mb", help="Slide size cap (MB)."),
     job_dir: Path | None = typer.Option(None, "--job-dir", help="Server-owned folder for job "
                                         "files (default: a private temporary folder)."),
+    dicom_work: Path | None = typer.Option(None, "--dicom-work", help="Work folder of `meddx "
+                                           "dicom listen/watch`: GET /v1/worklist answers its "
+                                           "worklist (JSON, or FHIR Tasks with ?format=fhir)."),
     operating_point: list[str] = typer.Option(
         [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
         "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
@@ -125,7 +128,7 @@ def serve(
         cors_origins=_cors_origins(cors_origin), api_docs=api_docs,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
-        max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
+        max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir, dicom_work=dicom_work,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         operating_points=parse_operating_points(operating_point),
         metrics=metrics,

@@ -33,7 +33,8 @@ from meddx.errors import ConfigError
 from meddx.inference.prediction import Prediction
 
 __all__ = ["WorklistEntry", "rank", "study_key", "save_worklist", "load_worklist",
-           "worklist_json", "worklist_rows", "TABLE_HEADER", "to_fhir", "PRIORITIES"]
+           "worklist_json", "worklist_rows", "TABLE_HEADER", "to_fhir", "to_fhir_bundle",
+           "PRIORITIES"]
 
 Priority = Literal["stat", "urgent", "routine"]
 PRIORITIES: tuple[str, ...] = ("stat", "urgent", "routine")
@@ -276,3 +277,18 @@ def to_fhir(entry: WorklistEntry) -> Any:
         "note": [{"text": "AI triage, not a diagnosis. Models: " + ", ".join(entry.models)}],
     }
     return Task.model_validate(raw)
+
+
+def to_fhir_bundle(entries: Iterable[WorklistEntry]) -> dict[str, Any]:
+    """The worklist as a FHIR R4B ``Bundle`` (type ``searchset``) of :func:`to_fhir` Tasks,
+    most urgent first, validated; JSON-ready."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    tasks = [to_fhir(e) for e in entries]
+    raw = {"resourceType": "Bundle", "type": "searchset", "total": len(tasks),
+           "timestamp": dt.datetime.now(dt.UTC).isoformat(),
+           "entry": [{"fullUrl": f"urn:meddx:worklist:{e.study_key}",
+                      "resource": t.model_dump(mode="json", exclude_none=True),
+                      "search": {"mode": "match"}}
+                     for e, t in zip(entries, tasks, strict=True)]}
+    return Bundle.model_validate(raw).model_dump(mode="json", exclude_none=True)

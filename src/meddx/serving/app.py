@@ -44,7 +44,7 @@ from meddx.serving.gate import (
 from meddx.serving.heatmaps import HeatmapStore
 from meddx.serving.limits import BodyLimitMiddleware, BodyTimeoutMiddleware, LimitsMiddleware
 from meddx.serving.metrics import MonitorMiddleware, ServiceMetrics, metrics_router
-from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui
+from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui, worklist
 from meddx.serving.settings import ServeSettings
 from meddx.version import __version__
 
@@ -164,7 +164,8 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                   lifespan=_lifespan(st), docs_url=None, redoc_url=None)
     app.state.meddx = st
     _install_handlers(app)
-    for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router):
+    for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router,
+              worklist.router):
         app.include_router(r)
     metrics = None
     if settings.metrics != "off":

@@ -126,6 +126,9 @@ class ServeSettings(BaseModel):
     job_dir: Path | None = Field(None, description="server-owned folder for job files")
     slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
     max_slide_bytes: int = Field(4 * 1024**3, gt=0)
+    # --- the imaging department (see meddx.dicom)
+    dicom_work: Path | None = Field(None, description="work folder of `meddx dicom listen` / "
+                                    "`watch` whose worklist GET /v1/worklist answers")
     # --- browsers and docs
     cors_origins: tuple[str, ...] = Field((), description="browser origins (scheme://host"
                                           "[:port]) allowed cross-origin calls, e.g. a "
