@@ -182,3 +182,27 @@ def test_wsm_series_goes_through_the_pipeline_to_sr_attention_map_and_worklist(
     pipe.process_ready(now=300.0)
     assert len(pipe.store.analyses()) == 1 and len(pipe.outbox.pending()) == 2
     assert list((pipe.store.work / "slides").iterdir()) == []  # the links are cleaned up
+
+
+def test_blank_slide_is_listed_with_its_reason_not_crashing(slide_pkg, slide_series,
+                                                           tmp_path: Path) -> None:
+    """A WSM series without tissue (all frames white) cannot be tiled: every instance ends in
+    the failure list with the reader's reason; no result is queued, the node goes on."""
+    import copy
+
+    pipe = _pipeline(tmp_path, [slide_pkg])
+    study, series = generate_uid(), generate_uid()
+    blank = []
+    for ds in slide_series:
+        ds = copy.deepcopy(ds)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PixelData = b"\xff" * len(ds.PixelData)
+        blank.append(ds)
+    _receive(pipe.store, blank, now=100.0)
+    pipe.process_ready(now=110.0)
+    failures = pipe.store.failures()
+    assert {f["sop_uid"] for f in failures} == {str(d.SOPInstanceUID) for d in blank}
+    assert {f["reason"] for f in failures} == {"decode-failure"}
+    assert all("tissue" in f["detail"] for f in failures), failures
+    assert pipe.store.analyses() == [] and pipe.outbox.pending() == []

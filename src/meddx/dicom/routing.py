@@ -126,10 +126,10 @@ class ModelSlot:
 
         spec = card.preprocessing or {}
         route = next((r for r in routing.routes if r.model == card.name), Route(model=card.name))
-        dims = spec.get("spatial_dims")
+        dims, modality = spec.get("spatial_dims"), getattr(card, "modality", None)
         return cls(name=card.name, spatial_dims=2 if dims is None else int(dims),
                    channels=int(spec.get("channels") or 1), route=route,
-                   slide=bool(get_modality(card.modality).reads_slides))
+                   slide=bool(modality and get_modality(modality).reads_slides))
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,8 @@ def _card_reason(slot: ModelSlot, s: SeriesInfo) -> str | None:
         if not slot.slide:
             return "a whole-slide image needs a whole-slide model; this one reads images"
         return None
+    if slot.spatial_dims not in (2, 3):
+        return f"the model reads no images (its input has {slot.spatial_dims} spatial dims)"
     if slot.channels == 1 and s.photometric not in _GRAY:
         return f"photometric {s.photometric or '(none)'} is not gray; the model takes 1 channel"
     if slot.channels == 3 and s.photometric not in _COLOUR + _GRAY:
