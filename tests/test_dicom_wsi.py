@@ -206,3 +206,57 @@ def test_blank_slide_is_listed_with_its_reason_not_crashing(slide_pkg, slide_ser
     assert {f["reason"] for f in failures} == {"decode-failure"}
     assert all("tissue" in f["detail"] for f in failures), failures
     assert pipe.store.analyses() == [] and pipe.outbox.pending() == []
+
+
+@pytest.mark.slow
+def test_orthanc_sends_a_slide_and_gets_its_sr_and_attention_map_back(
+        orthanc, slide_pkg, slide_series, tmp_path: Path) -> None:
+    """End to end against Orthanc: the WSM series stored in Orthanc is sent to the meddx node
+    by C-STORE; the slide SR and the attention map SC come back by C-STORE into the same study,
+    found by QIDO-RS and read back by WADO-RS."""
+    import time
+
+    import highdicom as hd
+
+    from meddx.dicom.listener import Listener, ListenerConfig
+    from meddx.dicom.send import Destination, Outbox
+    from meddx.dicom.watch import make_client
+
+    orthanc.clear()
+    store = Store(tmp_path / "work")
+    dest = Destination(kind="dimse", host="127.0.0.1", port=orthanc.dicom_port,
+                       ae_title=orthanc.ae_title)
+    pipe = Pipeline(store, [load_model(slide_pkg.path)], Outbox(store.work / "outbox.sqlite"),
+                    dest, quiet=1.0)
+    listener = Listener(store, ListenerConfig(port=0, host="127.0.0.1",
+                                              allow={orthanc.ae_title: "127.0.0.1"}))
+    listener.start()
+    try:
+        orthanc.add_modality("meddx", "MEDDX", listener.port)
+        study = None
+        for i, ds in enumerate(slide_series):
+            path = tmp_path / f"{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            study = orthanc.upload(path)["ParentStudy"]
+        orthanc.rest("/modalities/meddx/store", json=[study])  # Orthanc → C-STORE → meddx
+        assert store.counts()["received"] == len(slide_series)
+        pipe.process_ready(now=time.time() + 60)
+        report = pipe.outbox.deliver()
+        assert not report.failed and not report.deferred, report.errors
+    finally:
+        listener.stop()
+    study_uid = str(slide_series[0].StudyInstanceUID)
+    client = make_client(orthanc.dicomweb_url)
+    ours = [ds for s in client.search_for_series(study_instance_uid=study_uid)
+            for ds in client.iter_series(study_uid, s["0020000E"]["Value"][0])
+            if ds.get("Manufacturer") == "meddx"]
+    (sr,) = [ds for ds in ours if ds.Modality == "SR"]
+    (sc,) = [ds for ds in ours if ds.Modality != "SR"]
+    report_sr = hd.sr.ComprehensiveSR.from_dataset(sr)
+    assert report_sr.PatientID == slide_series[0].PatientID
+    referenced = {str(r.ReferencedSOPInstanceUID)
+                  for item in sr.CurrentRequestedProcedureEvidenceSequence
+                  for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert referenced == {str(d.SOPInstanceUID) for d in slide_series}
+    assert sc.PhotometricInterpretation == "RGB" and sc.StudyInstanceUID == study_uid
+    assert sc.ContainerIdentifier == slide_series[0].ContainerIdentifier
