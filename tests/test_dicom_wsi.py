@@ -18,7 +18,6 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from conftest import require_data  # noqa: E402
 from dicom_results_support import slide_instance  # noqa: E402
-from dicom_support import breast_package  # noqa: E402
 from meddx.dicom.pipeline import Pipeline  # noqa: E402
 from meddx.dicom.routing import VL_WSM, ModelSlot, RoutingConfig, choose, series_info  # noqa: E402
 from meddx.dicom.store import Store  # noqa: E402
@@ -101,10 +100,16 @@ def test_routing_sends_a_wsm_series_to_the_slide_model_only(slide_pkg, slide_ser
                                                             tmp_path: Path) -> None:
     """The slide model takes the WSM series (the card's modality reads slides; no name is
     compared); an image model refuses it, and the slide model refuses an image series."""
-    breast = breast_package(tmp_path / "breast")
+    from meddx.package import ModelCard
+    from meddx.tasks import TaskSpec
+
+    image_card = ModelCard(name="breast", modality="image", task=TaskSpec(
+        kind="binary", class_names=["benign", "malignant"], positive_class="malignant"),
+        network={"name": "resnet18", "options": {}},
+        preprocessing={"spatial_dims": 2, "channels": 1, "size": 28})
     routing = RoutingConfig()
     slide_slot = ModelSlot.from_card(slide_pkg.card, routing)
-    image_slot = ModelSlot.from_card(breast.card, routing)
+    image_slot = ModelSlot.from_card(image_card, routing)
     assert slide_slot.slide and not image_slot.slide
     info = series_info(slide_series[0], len(slide_series))
     assert info.sop_class == VL_WSM
