@@ -285,7 +285,8 @@ def predict(
     read_cpus: float = typer.Option(1.0, "--read-cpus", help="With --ray: CPUs reserved per "
                                     "read task."),
 ) -> None:
-    """Predict with a package: probabilities, calibrated risk, decision and conformal set.
+    """Predict with a package: the decision at the operating point (the recommendation, first
+    column), the most likely class, (calibrated) probabilities, the conformal set, the OOD flag.
 
     Inputs that cannot be assessed are listed with their reason (stderr; in CSV and JSON
     output too). Lines a reader left out are counted by reason: a warning line here, and
@@ -388,15 +389,46 @@ def _name(source: Any) -> str:
     return text if len(text) < 40 else text[:37] + "…"
 
 
+# The columns of the table and the CSV, named by what they are; the recommendation first.
+COLUMNS = {
+    "decision": "the recommendation: the decision at the operating point (empty: no decision, "
+                "e.g. an input unlike the training data)",
+    "operating_point": "the card's rule that decision uses (e.g. sensitivity@0.95: the "
+                       "threshold that kept 95% sensitivity on the calibration split)",
+    "threshold": "the decision is the positive class when its (calibrated) probability is at "
+                 "least this",
+    "most_likely_class": "the class with the highest probability, with no threshold (it can "
+                         "differ from the decision: the operating point trades errors)",
+    "conformal_set": "the classes the conformal predictor cannot rule out at its coverage",
+    "refer": "the conformal set is not a single class: a human should look",
+    "review": "the decision and the conformal set disagree: flagged, never resolved silently",
+    "ood": "the input is unlike the training data (no decision is made); empty: the package "
+           "has no detector",
+}
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, list):
+        return "|".join(map(str, value))
+    if isinstance(value, dict):  # multilabel decision: the labels decided present
+        return "|".join(k for k, v in value.items() if v)
+    return value
+
+
 def _row(p: Any) -> dict[str, Any]:
     d = p.to_dict()
     probs = d["calibrated"] or d["probabilities"]
-    row = {"id": d["id"], "label": d["label"]}
+    row = {"id": d["id"], "decision": _text(d["decision"]),
+           "operating_point": d["operating_point"],
+           "threshold": None if d["threshold"] is None else round(d["threshold"], 4),
+           "most_likely_class": _text(d["label"])}
     row.update({f"p[{k}]": round(v, 4) for k, v in probs.items()})
-    row["decision"] = d["decision"]
-    row["set"] = "|".join(d["prediction_set"]) if d["prediction_set"] else None
+    row["conformal_set"] = _text(d["prediction_set"]) if d["prediction_set"] else None
     row["refer"] = d["refer"]
     row["review"] = d["review"]
+    row["ood"] = d["ood"]
+    if d["ood_score"] is not None:
+        row["ood_score"] = round(d["ood_score"], 4)
     dropped = (d.get("notes") or {}).get("dropped_lines")
     if isinstance(dropped, dict):
         row["dropped_lines"] = dropped.get("total", 0)
@@ -426,11 +458,14 @@ def _print_table(preds: list[Any], failures: list[dict[str, str]]) -> None:
         table = Table(title=f"{preds[0].model.get('name')} — "
                       + ("calibrated probabilities" if calibrated else "probabilities"))
         # escaped: "p[died]" and ids or labels with brackets are text, not rich markup
-        for col in rows[0]:
-            table.add_column(escape(col), overflow="fold", no_wrap=col == "id")
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        for col in cols:
+            table.add_column(escape(col.replace("_", " ")), overflow="fold", no_wrap=col == "id")
         for r in rows:
-            table.add_row(*["" if v is None else escape(str(v)) for v in r.values()])
+            table.add_row(*["" if r.get(c) is None else escape(str(r[c])) for c in cols])
         console.print(table)
+        console.print("\n".join(f"[bold]{k.replace('_', ' ')}[/]: {escape(v)}"
+                                 for k, v in COLUMNS.items()), style="dim")
     for f in failures:
         Console(stderr=True).print(f"[red]failed[/] {escape(f['id'])}: {escape(f['error'])}")
 
