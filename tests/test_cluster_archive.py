@@ -138,7 +138,9 @@ def test_archive_rows_equal_single_process_predict_and_a_rerun_skips_them(
                 assert dict(got[key])[cls] == pytest.approx(v, abs=1e-5)
         assert got["decision"] == want["decision"]
         assert got["operating_point"] == want["operating_point"]
-        assert got["prediction_set"] == want["prediction_set"]
+        assert got["conformal_set"] == want["prediction_set"]
+        assert got["most_likely_class"] == want["label"]
+        assert got["threshold"] == pytest.approx(want["threshold"])
         assert got["ood"] == want["ood"]
 
     again = _meddx("predict", model, str(folder), *_ray_args(ray_cluster.address, out, 8))

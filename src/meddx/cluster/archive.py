@@ -191,19 +191,27 @@ def read_block(row: dict[str, Any], modality: str, preprocessing: dict[str, Any]
 
 
 # ------------------------------------------------------------------ stage 2: predict + write
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # multilabel decision: the labels decided present
+        return "|".join(k for k, v in value.items() if v)
+    return "|".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def prediction_row(p: Any) -> dict[str, Any]:
-    """One Parquet row of a prediction (the shared schema of single-process and Ray runs)."""
-    label = p.label
+    """One Parquet row of a prediction: the columns of ``meddx predict``'s CSV, named alike
+    (the decision first), with the probabilities as maps of class → value."""
     return {
         "id": p.id,
-        "label": "|".join(label) if isinstance(label, list) else str(label),
+        "decision": _text(p.decision),
+        "operating_point": p.operating_point,
+        "threshold": p.threshold,
+        "most_likely_class": _text(p.label),
         "probabilities": dict(p.probabilities),
         "calibrated": dict(p.calibrated) if p.calibrated else None,
         "risk": p.risk,
-        "decision": p.decision if isinstance(p.decision, str) else None,
-        "operating_point": p.operating_point,
-        "threshold": p.threshold,
-        "prediction_set": list(p.prediction_set) if p.prediction_set is not None else None,
+        "conformal_set": list(p.prediction_set) if p.prediction_set is not None else None,
         "refer": bool(p.refer),
         "review": bool(p.review),
         "ood": p.ood,
@@ -218,10 +226,10 @@ def _schema() -> Any:
 
     probs = pa.map_(pa.string(), pa.float64())
     return pa.schema([
-        ("id", pa.string()), ("label", pa.string()), ("probabilities", probs),
-        ("calibrated", probs), ("risk", pa.float64()), ("decision", pa.string()),
-        ("operating_point", pa.string()), ("threshold", pa.float64()),
-        ("prediction_set", pa.list_(pa.string())), ("refer", pa.bool_()),
+        ("id", pa.string()), ("decision", pa.string()), ("operating_point", pa.string()),
+        ("threshold", pa.float64()), ("most_likely_class", pa.string()),
+        ("probabilities", probs), ("calibrated", probs), ("risk", pa.float64()),
+        ("conformal_set", pa.list_(pa.string())), ("refer", pa.bool_()),
         ("review", pa.bool_()), ("ood", pa.bool_()), ("ood_score", pa.float64()),
         ("model_sha256", pa.string()), ("error", pa.string()),
     ])
