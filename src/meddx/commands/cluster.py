@@ -56,7 +56,7 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".s
 
 def wsi_cohort(
     model: Path = typer.Argument(..., help="A slide-level model package (pathology)."),
-    source: str = typer.Argument(..., metavar="SLIDES", help="A folder of slide files or a CSV "
+    slides: str = typer.Argument(..., metavar="SLIDES", help="A folder of slide files or a CSV "
                                  "manifest (path[,id]; a DICOM WSI folder goes in a manifest)."),
     ray_address: str = typer.Option(..., "--ray", metavar="ADDRESS",
                                     help="host:port of the Ray head, 'auto' or 'local'."),
@@ -85,7 +85,7 @@ def wsi_cohort(
                         worker_cpus=worker_cpus if worker_cpus is not None else float(threads),
                         read_cpus=read_cpus)
     env = {"MEDDX_CACHE": str(cache.resolve())} if cache else None
-    _run_job(cfg, source, SLIDE_SUFFIXES, ray_address, env, "slides")
+    _run_job(cfg, slides, SLIDE_SUFFIXES, ray_address, env, "slides")
 
 
 def _run_job(cfg: Any, source: str, suffixes: tuple[str, ...], ray_address: str,
