@@ -325,7 +325,8 @@ def _pipeline(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256
     ds = ds.map(read_block, num_cpus=cfg.read_cpus, memory=cfg.read_memory_mb * 2**20,
                 fn_kwargs={"modality": card.modality,
                            "preprocessing": dict(card.preprocessing)})
-    ds = ds.map(BlockPredictor, concurrency=(1, cfg.workers), num_cpus=cfg.worker_cpus,
+    ds = ds.map(BlockPredictor, num_cpus=cfg.worker_cpus,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
                 fn_constructor_kwargs={
                     "model": str(cfg.model.resolve()), "sha256": sha256,
                     "out": str(cfg.out.resolve()), "backend": cfg.backend,
