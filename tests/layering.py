@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.privacy",),
     ("meddx.dicom",),
     ("meddx.serving",),
+    ("meddx.cluster",),
     ("meddx.commands", "meddx.cli"),
     ("meddx",),  # the package's face: the public API, imported lazily
 )

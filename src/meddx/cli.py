@@ -33,7 +33,8 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # one line per command module; a module whose optional dependencies are missing is skipped
-COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust", "dicom")
+COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust", "dicom",
+                   "cluster")
 
 
 @app.callback()

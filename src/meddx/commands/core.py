@@ -275,6 +275,15 @@ def predict(
     operating_point: str | None = typer.Option(
         None, "--operating-point", help="Decide at this operating point of the card "
         "(e.g. balanced, sensitivity@0.8, youden); default: the card's default."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run as an archive "
+                                   "job on a Ray cluster: host:port, 'auto' or 'local'; "
+                                   "writes a Parquet dataset to --out, resumable."),
+    workers: int = typer.Option(1, "--workers", help="With --ray: predicting actors."),
+    threads: int = typer.Option(1, "--threads", help="With --ray: torch threads per actor."),
+    worker_cpus: float | None = typer.Option(None, "--worker-cpus", help="With --ray: CPUs "
+                                             "reserved per actor (default: --threads)."),
+    read_cpus: float = typer.Option(1.0, "--read-cpus", help="With --ray: CPUs reserved per "
+                                    "read task."),
 ) -> None:
     """Predict with a package: the decision at the operating point (the recommendation, first
     column), the most likely class, (calibrated) probabilities, the conformal set, the OOD flag.
@@ -286,11 +295,19 @@ def predict(
     Examples:\n
       meddx predict runs/breast/model scan1.png scan2.dcm\n
       meddx predict runs/breast/model studies/ --sort risk --format csv\n
-      meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv
+      meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv\n
+      meddx predict runs/breast/model archive.csv --ray head:6379 --out results.parquet
     """
     from meddx.commands.inputs import inline_inputs
     from meddx.inference import load_model
 
+    if ray is not None:
+        from meddx.commands.cluster import archive_predict
+
+        return archive_predict(model, inputs or [], out, ray, backend=backend,
+                               operating_point=operating_point, block_size=batch_size,
+                               workers=workers, threads=threads, worker_cpus=worker_cpus,
+                               read_cpus=read_cpus, suffixes=INPUT_SUFFIXES)
     if fmt not in ("table", "csv", "json"):
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
     predictor = load_model(model, backend=backend, operating_point=operating_point)
