@@ -57,7 +57,8 @@ class Replica:
         cmd = [sys.executable, "-m", "meddx.cli", "serve", *args, "--port", str(self.port),
                "--replica-name", name]
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                          "MEDDX_LINK_SECRET": "replicas-share-this"})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout: float = 180.0) -> None:
@@ -127,7 +128,12 @@ def test_a_jwt_replayed_to_another_replica_is_refused(cluster):
     first = httpx.post(f"{cluster['a'].url}/cds-services/{sid}", json=_hook_body(),
                        headers=headers, timeout=60)
     assert first.status_code == 200, first.text
-    assert "cards" in first.json()
+    links = [link["url"] for card in first.json()["cards"] for link in card.get("links", [])
+             if "/ui/result/" in link["url"]]
+    assert links, first.json()
+    for url in links:  # a card's heat-map link made by A opens on B
+        path = url.removeprefix(PUBLIC)
+        assert httpx.get(f"{cluster['b'].url}{path}", timeout=30).status_code == 200
     replay = httpx.post(f"{cluster['b'].url}/cds-services/{sid}", json=_hook_body(),
                         headers=headers, timeout=60)
     assert replay.status_code == 401

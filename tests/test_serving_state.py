@@ -138,3 +138,20 @@ def test_a_replica_name_is_checked_and_named_in_its_audit_file(tmp_path):
     assert create_app([], settings).state.meddx.audit.path == tmp_path / "audit.w-1.jsonl"
     shared = ServeSettings(state_url="redis://127.0.0.1:1/0")
     assert shared.replica and shared.replica.endswith(f"-{__import__('os').getpid()}")
+
+
+def test_a_heat_map_link_made_on_one_replica_opens_on_another(redis, tmp_path):
+    from meddx.errors import NotFoundError
+    from meddx.serving.heatmaps import HeatmapStore
+
+    a = HeatmapStore(tmp_path / "a", "same-secret", 60, shared=open_state(redis.url))
+    b = HeatmapStore(tmp_path / "b", "same-secret", 60, shared=open_state(redis.url))
+    rid = a.put({"overlay.png": b"\x89PNG-a"}, {"label": "x"})
+    exp, sig = (kv.split("=")[1] for kv in a.query(rid).split("&"))
+    b.check(rid, int(exp), sig)
+    assert b.info(rid)["info"] == {"label": "x"} and b.file(rid, "overlay.png") == b"\x89PNG-a"
+    with pytest.raises(NotFoundError):
+        b.file(rid, "other.png")
+    alone = HeatmapStore(tmp_path / "c", "same-secret", 60, shared=open_state(None))
+    with pytest.raises(NotFoundError):
+        alone.info(rid)  # without a shared store a result stays on its replica

@@ -137,6 +137,9 @@ def serve(
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )
+    if state and not os.environ.get("MEDDX_LINK_SECRET"):
+        logger.warning("--state without MEDDX_LINK_SECRET: heat-map links on CDS cards open only "
+                       "on the replica that made them; give every replica the same secret")
     app = create_app(list(packages), settings)
     st = app.state.meddx
     shared = (f"; replica {settings.replica}, state in {st.store.where}"
