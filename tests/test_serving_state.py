@@ -155,3 +155,26 @@ def test_a_heat_map_link_made_on_one_replica_opens_on_another(redis, tmp_path):
     alone = HeatmapStore(tmp_path / "c", "same-secret", 60, shared=open_state(None))
     with pytest.raises(NotFoundError):
         alone.info(rid)  # without a shared store a result stays on its replica
+
+
+def test_a_single_process_queue_lists_only_the_callers_jobs(tmp_path):
+    """Without a shared store: jobs in memory, listed per owner, nothing written elsewhere."""
+    import threading
+
+    from meddx.serving.jobs import JobQueue
+
+    release = threading.Event()
+    q = JobQueue(tmp_path / "jobs", 1, 4, run=lambda job: release.wait(10) and {} or {},
+                 store=open_state(None))
+    try:
+        mine = q.submit("slides", "me", q.new_folder(), tmp_path / "s.tiff", False)
+        q.submit("slides", "other", q.new_folder(), tmp_path / "t.tiff", False)
+        later = q.submit("slides", "me", q.new_folder(), tmp_path / "u.tiff", False)
+        assert [j.id for j in q.for_owner("me")] == [later.id, mine.id]
+        assert q.for_owner("me", model="other-model") == []
+        assert "replica" not in mine.describe()  # a single service names no replica
+        q.cancel(later)
+        assert q.get(later.id, "me").status == "cancelled"
+    finally:
+        release.set()
+        q.close()
