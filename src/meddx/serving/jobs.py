@@ -198,20 +198,25 @@ class JobQueue:
                mpp: float | None = None) -> Job:
         """Queue a job (raises :class:`QueueFullError` past the queue's size, and
         :class:`~meddx.serving.state.StateUnavailableError` when the shared store is down)."""
-        with self._lock:
-            if sum(j.status == "queued" for j in self._jobs.values()) >= self.max_queued:
-                raise QueueFullError(f"the job queue is full ({self.max_queued} waiting)",
-                                     hint="retry later")
         job = Job(id=uuid.uuid4().hex, model=model, owner=owner, folder=folder,
                   slide=slide, owned_slide=owned_slide, mpp=mpp, replica=self.replica)
         if self._store is not None:
             job.cancel = _SharedCancel(self._store, f"jobcancel:{job.id}")
             job.notify = self._progressed
-            self._publish(job)
-            self._store.index_add(_index(owner), job.id, job.created, self.ttl_s)
         with self._lock:
+            if sum(j.status == "queued" for j in self._jobs.values()) >= self.max_queued:
+                raise QueueFullError(f"the job queue is full ({self.max_queued} waiting)",
+                                     hint="retry later")
             self._jobs[job.id] = job
             self._forget_old()
+        if self._store is not None:
+            try:  # shared before it is queued: no replica may be told of an unknown job
+                self._store.put(f"job:{job.id}", job.record(), self.ttl_s)
+                self._store.index_add(_index(owner), job.id, job.created, self.ttl_s)
+            except MeddxError:
+                with self._lock:
+                    self._jobs.pop(job.id, None)
+                raise
         self._queue.put(job)
         logger.info("job %s queued for %s", job.id, model)
         return job
