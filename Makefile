@@ -19,7 +19,7 @@ MYPY_FILES := src/meddx/__init__.py src/meddx/version.py src/meddx/errors.py src
 	src/meddx/modalities/base.py src/meddx/modalities/loading.py src/meddx/fhir/cds.py \
 	src/meddx/package.py src/meddx/inference/__init__.py src/meddx/inference/prediction.py
 
-.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium dicom3tools redis clean
+.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium dicom3tools orthanc redis clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -67,6 +67,14 @@ dicom3tools:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dicom3tools >/dev/null; }
 
+# Orthanc (the open PACS) with its DICOMweb plugin, started by the DICOM tests as a plain
+# process on loopback (tests/orthanc_support.py); Debian packages, needs root or sudo
+orthanc:
+	@{ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } && \
+	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
+
 # redis-server for the service-replica tests (two `meddx serve --state redis://…` sharing one
 # Redis; the tests start their own on a free loopback port; Debian redis-server; root or sudo)
 redis:
@@ -78,7 +86,7 @@ demo: $(STAMP)
 	$(VENV)/bin/meddx train configs/breastmnist-demo.yaml --out runs/demo
 	$(VENV)/bin/meddx evaluate runs/demo/model --dataset breastmnist --split test --out runs/demo/eval
 
-test: lint docs chromium dicom3tools redis
+test: lint docs chromium dicom3tools orthanc redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -117,3 +117,7 @@ def synthetic_ecg_observation(seconds: float = 12.0, fs: float = 250.0,
     signal = beats + 0.1 * np.sin(2 * np.pi * 0.3 * t)
     return record_to_observation(from_array(signal[None], fs, ["I"], "synthetic"),
                                  subject=subject)
+
+
+# the real PACS for the DICOM tests (tests/orthanc_support.py)
+from orthanc_support import orthanc_fixture  # noqa: E402,F401

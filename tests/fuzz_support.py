@@ -35,6 +35,7 @@ from meddx.catalog import data_roots
 from meddx.errors import MeddxError
 
 MAX_PIXELS = 4_000_000
+MAX_DECODED_BYTES = 64 * 1024 * 1024  # the service default
 INTERESTING_INTS = [0, 1, -1, 2, 7, 8, 15, 16, 255, 256, 65535, 65536, 2**31 - 1, -(2**31),
                     2**32 - 1, 2**63 - 1]
 INTERESTING_TEXT = ["", "0", "-1", "NaN", "nan", "inf", "-inf", "1e308", "-1e308", "1e-320",
@@ -449,8 +450,7 @@ def _serve_uploads(modality: str, spec: dict[str, Any], uploads: list[Any]) -> A
     from meddx.serving.inputs import check_upload
 
     mod = get_modality(modality)
-    accepted = getattr(mod, "upload_content_types", None)
-    pixels = [check_upload(u, modality, MAX_PIXELS, accepted) for u in uploads]
+    pixels = [check_upload(u, mod, MAX_PIXELS, MAX_DECODED_BYTES) for u in uploads]
     sources = mod.group_uploads([{"name": u.name, "data": u.data} for u in uploads])
     samples = [mod.read(s, spec) for s in sources]
     if len(pixels) != len(samples):  # files grouped into one input, as the engine does
@@ -476,7 +476,7 @@ def _serve_json(modality: str, spec: dict[str, Any], body: bytes) -> Any:
 
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": [
         (b"content-type", b"application/fhir+json")], "query_string": b""}, receive)
-    items = asyncio.run(_json_items(request, modality))
+    items = asyncio.run(_json_items(request, get_modality(modality)))
     if all(isinstance(i, Upload) for i in items):
         return _serve_uploads(modality, spec, items)
     mod = get_modality(modality)

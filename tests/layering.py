@@ -14,7 +14,7 @@ from pathlib import Path
 # lowest first; a module may import its own layer and the layers below it, never above
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.version", "meddx.errors", "meddx.registry", "meddx.tasks", "meddx.config",
-     "meddx.catalog", "meddx.fhir", "meddx.signing"),
+     "meddx.catalog", "meddx.fhir", "meddx.signing", "meddx.redaction"),
     ("meddx.modalities",),
     ("meddx.models",),
     ("meddx.package",),
@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.evaluation",),
     ("meddx.monitoring",),
     ("meddx.privacy",),
+    ("meddx.dicom",),
     ("meddx.serving",),
     ("meddx.commands", "meddx.cli"),
     ("meddx",),  # the package's face: the public API, imported lazily
@@ -164,3 +165,59 @@ def circles(modules: set[str], edges: Iterable[Edge]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+# branches on a modality's name outside its folder that are allowed, with the reason
+NAME_BRANCH_ALLOWED: dict[tuple[str, str], str] = {
+    ("evaluation/evaluator.py", "image"): "an error entry's 'image' field (its PNG), not the "
+                                          "modality",
+    ("modalities/pathology/embeddings.py", "image"): "a tile encoder is a package of the image "
+                                                     "modality: the slide folder checks the "
+                                                     "card it loads",
+}
+
+
+def _string_constants(node: ast.AST) -> list[tuple[str, int]]:
+    """String constants of ``node`` itself or of a tuple/list/set literal it is."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [(node.value, node.lineno)]
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return [c for e in node.elts for c in _string_constants(e)]
+    return []
+
+
+def _named_in(node: ast.AST) -> list[tuple[str, int, str]]:
+    """(constant, line, how) for the constants a comparison, a dict literal's keys or a
+    ``match`` case test against."""
+    if isinstance(node, ast.Compare):
+        return [(v, n, "compared") for operand in (node.left, *node.comparators)
+                for v, n in _string_constants(operand)]
+    if isinstance(node, ast.Dict):
+        return [(v, n, "a dict key") for k in node.keys if k is not None
+                for v, n in _string_constants(k)]
+    if isinstance(node, ast.MatchValue):
+        return [(v, n, "a match case") for v, n in _string_constants(node.value)]
+    return []
+
+
+def modality_name_branches(root: Path, folders: dict[str, str],
+                           allowed: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """Code that branches on a modality's name outside that modality's folder: a string
+    constant equal to a registered modality name used in a comparison (``==``, ``!=``,
+    ``in``), as a dict literal's key, or as a ``match`` case, anywhere under ``root`` except
+    ``modalities/<folder>/``. Such code belongs in the modality's folder, behind the contract.
+    ``folders``: modality name → the folder that registers it; ``allowed``: ``(module path
+    relative to root, name)`` → why it is allowed."""
+    allowed = NAME_BRANCH_ALLOWED if allowed is None else allowed
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        own = rel.parts[1] if len(rel.parts) > 2 and rel.parts[0] == "modalities" else None
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            for value, line, how in _named_in(node):
+                if value in folders and folders[value] != own \
+                        and (rel.as_posix(), value) not in allowed:
+                    out.append(f"{rel.as_posix()}:{line}: modality name '{value}' {how} "
+                               "outside its folder")
+    return out

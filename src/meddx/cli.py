@@ -33,7 +33,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # one line per command module; a module whose optional dependencies are missing is skipped
-COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust")
+COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust", "dicom")
 
 
 @app.callback()
@@ -47,6 +47,10 @@ def _root(
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    # what pydicom, Pillow, wfdb … say about a file may quote it: never into our log
+    from meddx.redaction import install as install_redaction
+
+    install_redaction()
 
 
 def _register() -> None:

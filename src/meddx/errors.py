@@ -7,7 +7,8 @@ status in a single handler::
     MeddxError                      base; carries ``context`` (sample_id, path, task …) and a hint
     ├── ConfigError                 bad or unknown configuration, names, options          → 400
     ├── DataError                   unreadable, malformed or mislabelled input data       → 422
-    │   └── InputMismatchError      valid data that does not fit the model (shape, modality) → 422
+    │   ├── InputMismatchError      valid data that does not fit the model (shape, modality) → 422
+    │   └── UnsupportedMediaTypeError  a content type the model does not read              → 415
     ├── ModelError                  package missing, tampered (sha256), incompatible      → 500/409
     ├── EvaluationError             evaluation impossible (split absent, wrong dataset)   → 400
     └── ServingError                service-level failures                                → 500
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InputMismatchError",
+    "UnsupportedMediaTypeError",
     "ModelError",
     "EvaluationError",
     "ServingError",
@@ -90,6 +92,12 @@ class InputMismatchError(DataError):
     """Readable input that does not match what the model was trained on."""
 
     status_code = 422
+
+
+class UnsupportedMediaTypeError(DataError):
+    """A content type the model cannot read (HTTP 415)."""
+
+    status_code = 415
 
 
 class ModelError(MeddxError):

@@ -42,6 +42,9 @@ def serve(
                                           "no authentication, loopback only."),
     backend: str = typer.Option("auto", help="auto | torch | onnx | onnx-int8."),
     max_body_mb: float = typer.Option(20.0, help="Request body cap (MB)."),
+    max_decoded_mb: float = typer.Option(64.0, "--max-decoded-mb", help="Largest decoded "
+                                         "image (MiB: pixels × channels × bytes per sample, "
+                                         "read from the header before decoding); then 413."),
     max_in_flight: int = typer.Option(32, help="Requests admitted at once; more queue."),
     queue_size: int | None = typer.Option(None, "--queue-size", help="Requests waiting for "
                                           "admission; more get 429 (default 2 × "
@@ -79,6 +82,9 @@ def serve(
     max_slide_mb: float = typer.Option(4096.0, "--max-slide-mb", help="Slide size cap (MB)."),
     job_dir: Path | None = typer.Option(None, "--job-dir", help="Server-owned folder for job "
                                         "files (default: a private temporary folder)."),
+    dicom_work: Path | None = typer.Option(None, "--dicom-work", help="Work folder of `meddx "
+                                           "dicom listen/watch`: GET /v1/worklist answers its "
+                                           "worklist (JSON, or FHIR Tasks with ?format=fhir)."),
     operating_point: list[str] = typer.Option(
         [], "--operating-point", help="Decision rule of this deployment: NAME (every model "
         "with operating points, e.g. balanced) or MODEL=NAME (one model). Repeatable."),
@@ -124,13 +130,14 @@ def serve(
         insecure_no_auth=insecure_no_auth, research_use=research_use, backend=backend,
         trust_keys=tuple(trust_key),
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
+        max_decoded_bytes=int(max_decoded_mb * 1024 * 1024),
         queue_size=queue_size, queue_timeout_s=queue_timeout_s,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
         body_timeout_s=body_timeout_s, body_idle_timeout_s=body_idle_timeout_s,
         cors_origins=_cors_origins(cors_origin), api_docs=api_docs,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
-        max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
+        max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir, dicom_work=dicom_work,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         operating_points=parse_operating_points(operating_point),
         metrics=metrics, state_url=state, replica_name=replica_name, rate_limit=rate_limit,

@@ -28,6 +28,9 @@ __all__ = [
     "Split",
     "DataBundle",
     "Sample",
+    "Upload",
+    "DeclaredSize",
+    "TEXT_TYPES",
     "Modality",
     "SplitDataset",
     "carve_split",
@@ -96,6 +99,34 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Upload:
+    """One uploaded file: its bytes, the client's file name and declared content type."""
+
+    data: bytes
+    name: str | None
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class DeclaredSize:
+    """What an upload's header declares, read before anything is decoded (None: unknown).
+
+    Attributes:
+        pixels: pixels (voxels × frames).
+        decoded_bytes: bytes the decoded array would take (pixels × channels × bytes per
+            sample).
+    """
+
+    pixels: int | None = None
+    decoded_bytes: int | None = None
+
+
+#: content types a modality reading text/JSON files accepts; ``text/*``: any text type
+TEXT_TYPES = frozenset({"text/plain", "text/csv", "application/json", "application/fhir+json",
+                        "application/octet-stream", "text/*"})
+
+
 class SplitDataset(Dataset[tuple[Any, Any]]):
     """Torch dataset over a split: ``modality.item_tensor`` then the transform."""
 
@@ -138,6 +169,15 @@ class Modality(ABC):
     #: inputs are too large for a synchronous request: the service takes them as jobs
     #: (:meth:`check_job_source`, :meth:`read_job`)
     reads_in_jobs: ClassVar[bool] = False
+    #: test-time flips keep the label (spatial images): ``model.options.tta`` is allowed
+    flip_tta: ClassVar[bool] = False
+    #: content types an uploaded file may declare (``text/*``: any text type)
+    upload_content_types: ClassVar[frozenset[str]] = TEXT_TYPES
+    #: the hint of a refused upload content type: what to send instead
+    upload_hint: ClassVar[str] = "send the file as multipart/form-data"
+    #: the hint of a refused JSON input: which JSON inputs the modality takes
+    input_hint: ClassVar[str] = ('send the file as multipart/form-data or {"data": base64, '
+                                 '"contentType": …}')
 
     class Options(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
@@ -168,6 +208,42 @@ class Modality(ABC):
         default reads each file as one input. A modality whose inputs span several files
         (a WFDB header and its signal) groups them here."""
         return list(uploads)
+
+    def from_json(self, item: Any) -> Upload | Any:
+        """One item of a JSON request body (the body itself, or one of its ``inputs``) → an
+        :class:`Upload` (file bytes, checked like a multipart file) or a source for
+        :meth:`read`. ``{"data": base64}`` and ``{"path": …}`` objects are handled by the
+        service before this is called.
+
+        The default passes objects and lists through and refuses text: a reader given a string
+        would take it for a path on the server. A modality whose inputs are text (SMILES,
+        DNA) overrides this.
+
+        Raises:
+            DataError: an input this modality does not take as JSON (hint: :attr:`input_hint`).
+        """
+        if isinstance(item, str):
+            raise self.text_refused()
+        return item
+
+    def text_refused(self) -> DataError:
+        """The error for a JSON text input this modality does not read."""
+        article = "an" if self.name[:1] in "aeiou" else "a"
+        return DataError(f"{article} {self.name} model does not take a text string as a "
+                         "JSON input (file paths on the server are not read)",
+                         hint=self.input_hint)
+
+    def inspect_upload(self, upload: Upload) -> DeclaredSize:
+        """Look at an upload's header before decoding it: refuse bytes that are not what the
+        declared content type says, and say what the header declares (pixels, decoded bytes),
+        for the service to compare with its caps. Nothing is decoded here. The default knows
+        nothing about sizes.
+
+        Raises:
+            DataError: the bytes contradict the declared type, or the header is corrupt.
+            PayloadTooLargeError: the header declares more than any reader could hold.
+        """
+        return DeclaredSize()
 
     def check_served(self, sample: Sample, input_spec: dict[str, Any],
                      pixels: int | None = None) -> None:

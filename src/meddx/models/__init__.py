@@ -77,7 +77,10 @@ def check_tta(name: str, tta: str | None) -> str | None:
     if tta not in TTA_MODES:
         raise ConfigError(f"unknown test-time augmentation '{tta}'",
                           hint="choose one of: " + ", ".join(TTA_MODES))
-    if getattr(MODELS.get(name), "modality", None) != "image":
+    from meddx.modalities import MODALITIES
+
+    modality = getattr(MODELS.get(name), "modality", None)
+    if modality not in MODALITIES or not MODALITIES.get(modality).flip_tta:
         raise ConfigError(f"test-time flips are for image networks; '{name}' is not one",
                           hint="remove model.options.tta")
     return str(tta)

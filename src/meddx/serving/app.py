@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meddx.errors import AuthError, MeddxError, OverloadedError
+from meddx.redaction import install as install_redaction
 from meddx.serving import context
 from meddx.serving.apidocs import install_api_docs
 from meddx.serving.audit import AuditLog, default_audit_path
@@ -48,7 +49,7 @@ from meddx.serving.limits import (
     RateLimiter,
 )
 from meddx.serving.metrics import MonitorMiddleware, ServiceMetrics, metrics_router
-from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui
+from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui, worklist
 from meddx.serving.settings import ServeSettings
 from meddx.serving.state import StateStore, StateUnavailableError, open_state
 from meddx.version import __version__
@@ -151,6 +152,7 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     from meddx.errors import ConfigError
 
     settings = settings or ServeSettings()
+    install_redaction()  # third-party messages about user data never reach the log
     if not (settings.api_keys or settings.issuers or settings.insecure_no_auth):
         raise ConfigError("the service would accept no caller",
                           hint="give --api-key-file and/or --cds-jwks (or --insecure-no-auth "
@@ -176,7 +178,8 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                   lifespan=_lifespan(st), docs_url=None, redoc_url=None)
     app.state.meddx = st
     _install_handlers(app)
-    for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router):
+    for r in (predict.router, jobs.router, fhir.router, cds_hooks.router, health.router, ui.router,
+              worklist.router):
         app.include_router(r)
     metrics = None
     if settings.metrics != "off":

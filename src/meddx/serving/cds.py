@@ -30,6 +30,7 @@ from meddx.errors import DataError, ServingError
 from meddx.fhir.cds import CdsAdapter, HookInput, resources_in
 from meddx.modalities import registered
 from meddx.registry import Registry
+from meddx.serving.cards import OVERRIDE_REASONS
 
 __all__ = [
     "CDS_ADAPTERS",
@@ -227,8 +228,39 @@ def fetch_missing(request: HookRequest, templates: dict[str, str], allow: tuple[
 
 
 # ------------------------------------------------------------------ feedback
+_OFFERED = {r["code"]: r for r in OVERRIDE_REASONS}
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+OTHER_REASON = "other"
+
+
+def offered_reason(coding: Any) -> dict[str, Any] | None:
+    """The override reason as stored: one of the service's own (code, system and display
+    from its discovery document, never the client's text), or ``{"code": "other"}`` for any
+    other coding — its code and display are free text from the EHR and are not kept."""
+    if coding is None:
+        return None
+    offered = _OFFERED.get(coding.code)
+    if offered is not None and coding.system in (None, offered["system"]):
+        return dict(offered)
+    return {"code": OTHER_REASON}
+
+
+def _uuid_or_none(value: Any) -> str | None:
+    """Card and suggestion ids are UUIDs the service issued; anything else is client text."""
+    return value if isinstance(value, str) and _UUID.fullmatch(value) else None
+
+
+def _timestamp_or_none(value: str) -> str | None:
+    try:
+        return datetime.fromisoformat(value).isoformat()
+    except (TypeError, ValueError):
+        return None
+
+
 class FeedbackStore:
-    """CDS Hooks feedback as JSON lines; free-text comments are not kept (they may hold PHI)."""
+    """CDS Hooks feedback as JSON lines, holding no text written by the EHR or its users:
+    free-text comments are counted, never kept; override reasons are the service's own codes
+    or ``other``; card and suggestion ids are kept only as UUIDs, timestamps only as times."""
 
     def __init__(self, path: Path, remember: int = 100_000) -> None:
         self.path = path
@@ -246,13 +278,15 @@ class FeedbackStore:
     def add(self, service_id: str, body: FeedbackRequest, caller: dict[str, Any]) -> int:
         lines = []
         for fb in body.feedback:
-            reason = fb.overrideReason.reason.model_dump() if fb.overrideReason and \
-                fb.overrideReason.reason else None
+            reason = offered_reason(fb.overrideReason.reason if fb.overrideReason else None)
             lines.append({
                 "time": datetime.now(UTC).isoformat(timespec="seconds"), "service": service_id,
-                "card": fb.card, "known_card": self._cards.get(fb.card) == service_id,
-                "outcome": fb.outcome, "outcomeTimestamp": fb.outcomeTimestamp,
-                "acceptedSuggestions": [s.get("id") for s in fb.acceptedSuggestions],
+                "card": _uuid_or_none(fb.card),
+                "known_card": self._cards.get(fb.card) == service_id,
+                "outcome": fb.outcome,
+                "outcomeTimestamp": _timestamp_or_none(fb.outcomeTimestamp),
+                "acceptedSuggestions": [i for i in (_uuid_or_none(s.get("id"))
+                                                    for s in fb.acceptedSuggestions) if i],
                 "overrideReason": reason,
                 "has_comment": bool(fb.overrideReason and fb.overrideReason.userComment),
                 "caller": caller})

@@ -11,14 +11,17 @@ once) and a short numeric summary of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meddx.errors import ConfigError, MeddxError, NotFoundError
+from meddx.errors import ConfigError, DataError, MeddxError, NotFoundError
+from meddx.redaction import reading_user_data
 from meddx.registry import suggest
 from meddx.serving import context
 from meddx.serving.audit import sha256_bytes
@@ -56,6 +59,23 @@ def _plot_png(explainer: Any, sample: Any, attribution: Any, label: str | None) 
     with tempfile.TemporaryDirectory(prefix="meddx-explain-") as tmp:
         return Path(explainer.plot(sample, attribution, Path(tmp) / "explanation.png",
                                    label)).read_bytes()
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """Around every read of user data: third-party messages are withheld from the log
+    (:func:`meddx.redaction.reading_user_data`), and a reader's unexpected exception becomes a
+    422 naming only its class — its text, and the traceback a 500 would log, may quote the
+    input."""
+    with reading_user_data():
+        try:
+            yield
+        except MeddxError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a reader's own failure on a damaged input
+            logger.warning("a reader failed on an input: %s (answered 422)", type(e).__name__)
+            raise DataError(f"the input could not be read ({type(e).__name__})",
+                            hint="check the file; it may be truncated or corrupt") from None
 
 
 _KEPT_META = ("basis", "patient", "encounter", "n_observations", "below_training_minimum")
@@ -115,19 +135,20 @@ class ServedModel:
 
     # ------------------------------------------------------------------ answer
     def read(self, uploads: list[Upload]) -> list[Any]:
-        """Check and decode uploads into Samples (content type, pixel cap, modality reader)."""
-        accepted = getattr(self.predictor.modality, "upload_content_types", None)
-        pixels = [check_upload(u, self.modality, self.settings.max_image_pixels, accepted)
-                  for u in uploads]
-        # files that make one input together (a WFDB header and its signal) are grouped by
-        # the modality
-        sources = self.predictor.modality.group_uploads(
-            [{"name": u.name, "data": u.data} for u in uploads])
-        samples = [self.predictor.read(s) for s in sources]
-        if len(pixels) != len(samples):  # files grouped into one input: no per-file size
-            pixels = [None] * len(samples)
-        for s, n in zip(samples, pixels, strict=True):
-            self.predictor.modality.check_served(s, self.card.preprocessing, n)
+        """Check and decode uploads into Samples (content type, pixel and decoded-size caps,
+        modality reader); third-party messages raised meanwhile are withheld from the log."""
+        modality = self.predictor.modality
+        with _reading():
+            pixels = [check_upload(u, modality, self.settings.max_image_pixels,
+                                   self.settings.max_decoded_bytes) for u in uploads]
+            # files that make one input together (a WFDB header and its signal) are grouped
+            # by the modality
+            sources = modality.group_uploads([{"name": u.name, "data": u.data} for u in uploads])
+            samples = [self.predictor.read(s) for s in sources]
+            if len(pixels) != len(samples):  # files grouped into one input: no per-file size
+                pixels = [None] * len(samples)
+            for s, n in zip(samples, pixels, strict=True):
+                modality.check_served(s, self.card.preprocessing, n)
         return samples
 
     def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
@@ -141,9 +162,10 @@ class ServedModel:
     def answer_sources(self, sources: list[Any], digests: list[str],
                        explain: bool = False) -> list[Answer]:
         """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
-        samples = [self.predictor.read(s) for s in sources]
-        for s in samples:
-            self.predictor.modality.check_served(s, self.card.preprocessing, None)
+        with _reading():
+            samples = [self.predictor.read(s) for s in sources]
+            for s in samples:
+                self.predictor.modality.check_served(s, self.card.preprocessing, None)
         return self.answer_samples(samples, digests, explain)
 
     def answer_samples(self, samples: list[Any], digests: list[str],

@@ -88,6 +88,9 @@ class ServeSettings(BaseModel):
     # --- limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
+    max_decoded_bytes: int = Field(64 * 1024 * 1024, gt=0,
+                                   description="decoded image size cap (pixels × channels × "
+                                               "bytes per sample), checked from the header")
     max_batch: int = Field(32, gt=0)
     max_in_flight: int = Field(32, gt=0, description="admitted requests (running + waiting)")
     workers: int = Field(2, gt=0, description="requests computing at once")
@@ -123,6 +126,9 @@ class ServeSettings(BaseModel):
     job_dir: Path | None = Field(None, description="server-owned folder for job files")
     slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
     max_slide_bytes: int = Field(4 * 1024**3, gt=0)
+    # --- the imaging department (see meddx.dicom)
+    dicom_work: Path | None = Field(None, description="work folder of `meddx dicom listen` / "
+                                    "`watch` whose worklist GET /v1/worklist answers")
     # --- browsers and docs
     cors_origins: tuple[str, ...] = Field((), description="browser origins (scheme://host"
                                           "[:port]) allowed cross-origin calls, e.g. a "

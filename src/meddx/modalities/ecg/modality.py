@@ -195,6 +195,8 @@ class ECGModality(Modality):
     """ECG waveforms (registry key ``ecg``)."""
 
     name = "ecg"
+    input_hint = ('send a FHIR Observation (SampledData), {"data": [[…]], "fs": …}, or the '
+                  "WFDB/CSV files as multipart/form-data")
 
     class Options(BaseModel):
         """``data.options`` for ECG datasets (catalog options are merged first).

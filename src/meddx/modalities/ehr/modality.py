@@ -131,6 +131,13 @@ class EHRModality(Modality):
 
     name = "ehr"
     fhir_risk_assessment = True
+    input_hint = "send a FHIR Bundle or a CDS Hooks prefetch object"
+
+    def from_json(self, item: Any) -> Any:
+        """FHIR JSON given as text passes (the reader parses it); other text is refused."""
+        if isinstance(item, str) and item.strip().startswith("{"):
+            return item
+        return super().from_json(item)
 
     class Options(BaseModel):
         """``data.options`` for EHR datasets.

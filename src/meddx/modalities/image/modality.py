@@ -17,11 +17,22 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from meddx.errors import ConfigError, DataError, InputMismatchError
-from meddx.modalities.base import DataBundle, Modality, Sample, Split, carve_split
+from meddx.modalities.base import (
+    DataBundle,
+    DeclaredSize,
+    Modality,
+    Sample,
+    Split,
+    Upload,
+    carve_split,
+)
+from meddx.modalities.image.header import IMAGE_TYPES, UPLOAD_HINT, inspect_image_upload
 
 __all__ = ["ImageModality", "load_medmnist"]
 
 logger = logging.getLogger(__name__)
+
+_ATTACHMENT_TYPES = ("Binary", "Media", "DocumentReference")
 
 
 class ImageOptions(BaseModel):
@@ -128,6 +139,28 @@ class ImageModality(Modality):
 
     name = "image"
     Options = ImageOptions
+    flip_tta = True
+    upload_content_types = IMAGE_TYPES
+    upload_hint = UPLOAD_HINT
+    input_hint = ('send a FHIR Binary, Media or DocumentReference, {"data": base64, '
+                  '"contentType": …}, or the file as multipart/form-data')
+
+    # ----------------------------------------------------------------- service
+    def from_json(self, item: Any) -> Upload | Any:
+        """A FHIR Binary/Media/DocumentReference → its attachment as an upload (checked like a
+        file); other objects pass to :meth:`read` (which names what it takes); text is
+        refused."""
+        if isinstance(item, dict) and item.get("resourceType") in _ATTACHMENT_TYPES:
+            from meddx.fhir.resources import attachment_from_resource
+
+            data, ctype, name = attachment_from_resource(item)
+            return Upload(data, name, ctype)
+        return super().from_json(item)
+
+    def inspect_upload(self, upload: Upload) -> DeclaredSize:
+        """Magic number against the declared type; pixels and decoded bytes from the header
+        (see :mod:`meddx.modalities.image.header`)."""
+        return inspect_image_upload(upload)
 
     # ---------------------------------------------------------------- reading
     def load(self, data: Any, entry: Any | None, task: Any | None, seed: int) -> DataBundle:

@@ -120,6 +120,11 @@ class MoleculeModality(Modality):
     name = "molecule"
     inline_flag = "--smiles"
     Options = MoleculeOptions
+    input_hint = "send SMILES strings as JSON, or a SMILES/CSV file as multipart/form-data"
+
+    def from_json(self, item: Any) -> Any:
+        """A SMILES string is the input itself."""
+        return item
 
     # ---------------------------------------------------------------- reading
     def load(self, data: Any, entry: Any | None, task: Any | None, seed: int) -> DataBundle:

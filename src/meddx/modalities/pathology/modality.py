@@ -116,7 +116,9 @@ class PathologyModality(Modality):
     name = "pathology"
     reads_in_jobs = True
     Options = PathologyOptions
-    upload_content_types = {"image/tiff", "application/octet-stream"}
+    upload_content_types = frozenset({"image/tiff", "application/octet-stream"})
+    upload_hint = "send the slide (TIFF, SVS …) as a job: POST /v1/models/{name}/jobs"
+    input_hint = upload_hint
 
     # ---------------------------------------------------------------- loading
     def _frame(self, data: Any, opts: PathologyOptions) -> tuple[pd.DataFrame, Path, Path]:

@@ -158,6 +158,15 @@ class SequenceModality(Modality):
     name = "sequence"
     inline_flag = "--sequence"
     Options = SequenceOptions
+    input_hint = ("send the sequence as a JSON string (DNA letters, or FASTA text starting "
+                  "with '>'), or a FASTA file as multipart/form-data")
+
+    def from_json(self, item: Any) -> Any:
+        """A JSON string is DNA: FASTA text (``>`` first) or bare letters, never a path."""
+        if isinstance(item, str):
+            text = item.strip()
+            return {"fasta": text} if text.startswith(">") else {"sequence": text}
+        return super().from_json(item)
 
     # ---------------------------------------------------------------- reading
     def load(self, data: Any, entry: Any | None, task: Any | None, seed: int) -> DataBundle:

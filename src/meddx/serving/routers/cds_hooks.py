@@ -109,7 +109,9 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
             st.feedback.issued(c["uuid"], service_id)
     except Exception as e:  # noqa: BLE001 — fail-safe: never a card from a failed assessment
         status = e.status_code if isinstance(e, MeddxError) else 500
-        logger.warning("CDS %s answered with no card: %s: %s", service_id, type(e).__name__, e)
+        # the class only: an error's text may quote the prefetch (patient data)
+        logger.warning("CDS %s answered with no card: %s (status %s)", service_id,
+                       type(e).__name__, status)
         st.audit.error(route=ROUTE, caller=caller.audit(), status=status,
                        error=f"{type(e).__name__} (no card)", model=served.name, inputs=digests)
         return {"cards": []}

@@ -40,6 +40,7 @@ from meddx.errors import (
     PayloadTooLargeError,
     ServingError,
 )
+from meddx.redaction import reading_user_data
 from meddx.serving.auth import Caller
 from meddx.serving.deps import State, rest_caller, state
 from meddx.serving.inputs import UnsupportedMediaTypeError
@@ -79,14 +80,21 @@ def job_queue(request: Request) -> JobQueue:
 
 
 # ----------------------------------------------------------------------------- the work
+def _check_source(served: Any, slide: Path, mpp: float | None) -> None:
+    with reading_user_data():
+        served.predictor.modality.check_job_source(slide, served.card.preprocessing,
+                                                   {"mpp": mpp})
+
+
 def run_job(st: State, job: Job) -> dict[str, Any]:
     """Read, embed, classify and explain one slide (on a worker thread)."""
     from meddx.serving.audit import sha256_bytes
 
     served = st.hub.get(job.model)
     predictor, card = served.predictor, served.card
-    sample = predictor.modality.read_job(job.slide, card.preprocessing, {"mpp": job.mpp},
-                                         progress=job.progress, cancel=job.cancel)
+    with reading_user_data():  # the slide reader's own messages stay out of the log
+        sample = predictor.modality.read_job(job.slide, card.preprocessing, {"mpp": job.mpp},
+                                             progress=job.progress, cancel=job.cancel)
     sample.id = job.id  # never the file name
     job.stage = "classifying"
     pred = predictor.predict_samples([sample])[0]
@@ -219,8 +227,7 @@ async def submit_job(name: str, request: Request,
                 f"request content type {ctype or 'none'} is not accepted",
                 hint="send the slide as application/octet-stream, a multipart file, or JSON "
                      '{"path": …} for a slide under --slide-root')
-        await run_in_threadpool(served.predictor.modality.check_job_source, slide,
-                                served.card.preprocessing, {"mpp": mpp})
+        await run_in_threadpool(_check_source, served, slide, mpp)
         job = jobs.submit(name, _owner(caller), folder, slide, owned, mpp)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -24,7 +24,6 @@ from starlette.datastructures import UploadFile
 from meddx.errors import DataError, MeddxError
 from meddx.fhir.resources import (
     RESEARCH_NOTICE,
-    attachment_from_resource,
     device_resource,
     risk_assessment,
     validate,
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["predict"])
 
 ROUTE = "/v1/models/{name}/predict"
-_ATTACHMENT_TYPES = ("Binary", "Media", "DocumentReference")
 
 
 @router.get("/models")
@@ -68,12 +66,12 @@ async def _multipart(request: Request, max_batch: int) -> list[Upload]:
     return uploads
 
 
-def _json_item(item: Any, modality: str) -> Upload | tuple[Any, str]:
-    if isinstance(item, dict) and item.get("resourceType") in _ATTACHMENT_TYPES \
-            and modality == "image":
-        data, ctype, name = attachment_from_resource(item)
-        return Upload(data, name, ctype)
-    if isinstance(item, dict) and "data" in item and "resourceType" not in item:
+def _json_item(item: Any, modality: Any) -> Upload | tuple[Any, str]:
+    """One JSON input: ``{"data": base64, …}`` is a file; ``{"path": …}`` is refused (inputs
+    are data, never names of files on the server); anything else is the modality's to
+    interpret (:meth:`~meddx.modalities.base.Modality.from_json`)."""
+    if isinstance(item, dict) and isinstance(item.get("data"), str) \
+            and "resourceType" not in item:
         try:
             data = base64.b64decode(item["data"], validate=True)
         except (binascii.Error, TypeError, ValueError) as e:
@@ -82,43 +80,18 @@ def _json_item(item: Any, modality: str) -> Upload | tuple[Any, str]:
         if not isinstance(name, str | None) or not isinstance(ctype, str | None):
             raise DataError('an input\'s "name" and "contentType" must be strings')
         return Upload(data, name, ctype)
-    item = _no_server_paths(item, modality)
-    digest = sha256_bytes(json.dumps(item, sort_keys=True, default=str).encode())
-    return item, digest
-
-
-def _no_server_paths(item: Any, modality: str) -> Any:
-    """JSON inputs are data, never names of files on the server: a reader given a string or a
-    ``{"path": …}`` would open that path (a client could make the service read its own files).
-    DNA strings become ``{"sequence"}``/``{"fasta"}``; SMILES and FHIR JSON text pass; other
-    strings and ``path`` objects are refused."""
     if isinstance(item, dict) and "path" in item and "resourceType" not in item:
         raise DataError('an input cannot name a file on the server ("path")',
                         hint='send the file itself: multipart, or {"data": base64, '
                              '"contentType": …}')
-    if not isinstance(item, str):
-        return item
-    text = item.strip()
-    if modality == "sequence":
-        return {"fasta": text} if text.startswith(">") else {"sequence": text}
-    if modality == "molecule" or (modality == "ehr" and text.startswith("{")):
-        return item
-    article = "an" if modality[:1] in "aeiou" else "a"
-    raise DataError(f"{article} {modality} model does not take a text string as a JSON input "
-                    "(file paths on the server are not read)",
-                    hint=_JSON_INPUTS.get(modality, "send the file as multipart/form-data"))
+    source = modality.from_json(item)
+    if isinstance(source, Upload):
+        return source
+    digest = sha256_bytes(json.dumps(source, sort_keys=True, default=str).encode())
+    return source, digest
 
 
-_JSON_INPUTS = {
-    "image": "send a FHIR Binary, Media or DocumentReference, {\"data\": base64, "
-             "\"contentType\": …}, or the file as multipart/form-data",
-    "ecg": "send a FHIR Observation (SampledData), {\"data\": [[…]], \"fs\": …}, or the "
-           "WFDB/CSV files as multipart/form-data",
-    "ehr": "send a FHIR Bundle or a CDS Hooks prefetch object",
-}
-
-
-async def _json_items(request: Request, modality: str) -> list[Upload | tuple[Any, str]]:
+async def _json_items(request: Request, modality: Any) -> list[Upload | tuple[Any, str]]:
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as e:
@@ -223,7 +196,7 @@ async def predict(name: str, request: Request,
     if ctype == "multipart/form-data":
         items: list[Any] = await _multipart(request, st.settings.max_batch)
     elif ctype in ("application/json", "application/fhir+json"):
-        items = await _json_items(request, served.modality)
+        items = await _json_items(request, served.predictor.modality)
     else:
         raise UnsupportedMediaTypeError(
             f"request content type {ctype or 'none'} is not accepted",
