@@ -9,7 +9,10 @@ routed (:mod:`meddx.dicom.routing`); every model that accepts it answers:
   the answer on the mean logits (``aggregate: mean``); the SR says which;
 * a 3D model reads the series as one volume, slices ordered by their position along the
   slice normal (ImagePositionPatient · the normal of ImageOrientationPatient), spacing from
-  PixelSpacing and the slice positions.
+  PixelSpacing and the slice positions;
+* a whole-slide model (its modality reads slides) reads a VL Whole Slide Microscopy series as
+  one slide and answers with a slide-level result and its attention map
+  (:mod:`meddx.dicom.slides`).
 
 The answer (:class:`~meddx.dicom.model.SeriesAnalysis`) is written as DICOM by
 :func:`~meddx.dicom.results.result_datasets` and queued in the :class:`~meddx.dicom.send.Outbox`.
@@ -214,8 +217,9 @@ class Pipeline:
                 "route": "dicom", "request_id": self.store.study_key(analysis.study_uid),
                 "model": {"name": model.algorithm.name, "version": model.algorithm.version,
                           "sha256": model.algorithm.package_sha256},
-                "aggregate": "volume" if model.slot.spatial_dims == 3 else
-                model.slot.route.aggregate, "results_queued": n_results,
+                "aggregate": "slide" if model.slot.slide else "volume"
+                if model.slot.spatial_dims == 3 else model.slot.route.aggregate,
+                "results_queued": n_results,
                 "outputs": outputs}
         with self._audit_lock, (self.store.work / "audit.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -241,7 +245,9 @@ class Pipeline:
             self.store.fail(uids, reason, why, study_uid=study_uid, series_uid=series_uid)
             return
         for model in (m for m in self.models if m.slot in accepted):
-            if model.slot.spatial_dims == 3:
+            if model.slot.slide:
+                self._slide(model, study_uid, series_uid)
+            elif model.slot.spatial_dims == 3:
                 self._volume(model, study_uid, series_uid, info)
             else:
                 self._images(model, study_uid, series_uid, rows)
@@ -307,6 +313,27 @@ class Pipeline:
                                   sources=tuple(order), algorithm=model.algorithm, prediction=p,
                                   heatmaps=heat, aggregation=how)
         self._emit(model, analysis, [r.sop_uid for r in rows])
+
+    def _slide(self, model: _Model, study_uid: str, series_uid: str) -> None:
+        from meddx.dicom.routing import VL_WSM
+        from meddx.dicom.slides import analyse_slide
+
+        rows = self.store.series_instances(series_uid)
+        other = [r.sop_uid for r in rows if r.sop_class != VL_WSM]
+        if other:
+            self.store.fail(other, "unsupported-sop-class", "not a VL Whole Slide Microscopy "
+                            "instance in a whole-slide series", study_uid=study_uid,
+                            series_uid=series_uid)
+        slide = [r for r in rows if r.sop_class == VL_WSM]
+        try:
+            analysis = analyse_slide(model.predictor, model.algorithm, self.store.work,
+                                     study_uid, series_uid, slide, explain=self.explain)
+        except MeddxError as e:
+            self.store.fail([r.sop_uid for r in slide], _read_reason(e),
+                            f"{model.algorithm.name}: {e}"[:300], study_uid=study_uid,
+                            series_uid=series_uid)
+            return
+        self._emit(model, analysis, [r.sop_uid for r in slide])
 
     # ------------------------------------------------------------------ results
     def _emit(self, model: _Model, analysis: SeriesAnalysis, sop_uids: list[str]) -> None:

@@ -16,7 +16,9 @@ A routing file (YAML) names, per model (the package card's ``name``), what it ac
 
 What the card says always applies as well: a 3D model (``spatial_dims: 3``) takes a series of
 single-frame slices as one volume, a 2D model takes each image; a one-channel model takes
-MONOCHROME1/2 images, a three-channel one RGB/YBR. A series no model accepts is listed with
+MONOCHROME1/2 images, a three-channel one RGB/YBR; a whole-slide model (its modality reads
+slides) takes a VL Whole Slide Microscopy series as one slide, and no other model takes such a
+series. A series no model accepts is listed with
 every model's reason, never dropped silently. Nothing here branches on a modality's name: only
 DICOM attributes and the card decide.
 """
@@ -34,10 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from meddx.errors import ConfigError
 
 __all__ = ["Selection", "Route", "RoutingConfig", "ModelSlot", "SeriesInfo", "load_routing",
-           "choose", "series_info", "MEDDX_MANUFACTURER"]
+           "choose", "series_info", "MEDDX_MANUFACTURER", "VL_WSM"]
 
 # results meddx writes carry this Manufacturer; they are never analysed again
 MEDDX_MANUFACTURER = "meddx"
+#: VL Whole Slide Microscopy Image Storage: the SOP class of a DICOM whole-slide image
+VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
 
@@ -105,20 +109,27 @@ def load_routing(path: str | Path | None) -> RoutingConfig:
 
 @dataclass(frozen=True)
 class ModelSlot:
-    """What routing needs of one loaded model: its name, the card's input and its route."""
+    """What routing needs of one loaded model: its name, the card's input and its route
+    (``slide``: the model reads whole-slide images, as its modality says)."""
 
     name: str
     spatial_dims: int
     channels: int
     route: Route
+    slide: bool = False
 
     @classmethod
     def from_card(cls, card: Any, routing: RoutingConfig) -> ModelSlot:
-        """From a package card; the card's name picks the routing file's rule."""
+        """From a package card; the card's name picks the routing file's rule, the card's
+        modality (through the registry, never by name) says whether it reads slides."""
+        from meddx.modalities import get_modality
+
         spec = card.preprocessing or {}
         route = next((r for r in routing.routes if r.model == card.name), Route(model=card.name))
-        return cls(name=card.name, spatial_dims=int(spec.get("spatial_dims") or 2),
-                   channels=int(spec.get("channels") or 1), route=route)
+        dims, modality = spec.get("spatial_dims"), getattr(card, "modality", None)
+        return cls(name=card.name, spatial_dims=2 if dims is None else int(dims),
+                   channels=int(spec.get("channels") or 1), route=route,
+                   slide=bool(modality and get_modality(modality).reads_slides))
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,15 @@ def series_info(ds: Any, count: int) -> SeriesInfo:
 
 
 def _card_reason(slot: ModelSlot, s: SeriesInfo) -> str | None:
+    if slot.slide or s.sop_class == VL_WSM:
+        if slot.slide and s.sop_class != VL_WSM:
+            return (f"a whole-slide model takes VL Whole Slide Microscopy images; SOP Class "
+                    f"{s.sop_class or '(none)'} is not one")
+        if not slot.slide:
+            return "a whole-slide image needs a whole-slide model; this one reads images"
+        return None
+    if slot.spatial_dims not in (2, 3):
+        return f"the model reads no images (its input has {slot.spatial_dims} spatial dims)"
     if slot.channels == 1 and s.photometric not in _GRAY:
         return f"photometric {s.photometric or '(none)'} is not gray; the model takes 1 channel"
     if slot.channels == 3 and s.photometric not in _COLOUR + _GRAY:

@@ -169,6 +169,9 @@ class Modality(ABC):
     #: inputs are too large for a synchronous request: the service takes them as jobs
     #: (:meth:`check_job_source`, :meth:`read_job`)
     reads_in_jobs: ClassVar[bool] = False
+    #: inputs are whole-slide images: :meth:`read` takes a slide file or a folder of a DICOM
+    #: VL Whole Slide Microscopy series' instances (the PACS path routes such series here)
+    reads_slides: ClassVar[bool] = False
     #: test-time flips keep the label (spatial images): ``model.options.tta`` is allowed
     flip_tta: ClassVar[bool] = False
     #: content types an uploaded file may declare (``text/*``: any text type)
@@ -377,6 +380,13 @@ class Modality(ABC):
         """An object with ``explain(sample, class_index=None)`` returning the attribution
         (same grid as the input) and ``plot(sample, attribution, path)`` writing a PNG."""
         raise ConfigError(f"modality '{self.name}' has no explainer yet")
+
+    def explanation_map(self, sample: Any, attribution: Any, shape: tuple[int, int]
+                        ) -> np.ndarray | None:
+        """The explanation drawn as an ``(H, W)`` map in [0, 1] over the whole input, at
+        ``shape`` (rows, columns): how a result writer overlays it on a picture of the input
+        (a slide's low-resolution level). None when the modality has no such map."""
+        return None
 
     # ------------------------------------------------------------------- FHIR
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:

@@ -255,8 +255,12 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def slide_sha256(path: str | Path) -> str:
-    """sha256 of a slide file (remembered per path, size and modification time)."""
+    """sha256 of a slide file (remembered per path, size and modification time); of a DICOM
+    slide folder, the sha256 of its files' sorted digests (names do not count)."""
     p = Path(path)
+    if p.is_dir():
+        parts = sorted(slide_sha256(f) for f in p.iterdir() if f.is_file())
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
@@ -364,7 +368,7 @@ def embed_slide(path: str | Path, encoder: Encoder, tiles: TileSettings, *,
     """The slide's bag, from the cache or computed (then cached).
 
     Args:
-        path: the slide file.
+        path: the slide file, or a folder holding one DICOM WSI series' instances.
         encoder: tile encoder.
         tiles: tiling and stain normalisation.
         mpp: level-0 µm/px for a slide whose file does not say (else its own).
@@ -380,7 +384,7 @@ def embed_slide(path: str | Path, encoder: Encoder, tiles: TileSettings, *,
     from meddx.modalities.pathology.tiling import iter_tiles, tile_index
 
     p = Path(path)
-    if not p.is_file():
+    if not (p.is_file() or p.is_dir()):  # a folder: a DICOM WSI series' instances
         raise DataError("slide file not found", path=str(p))
     digest = slide_sha256(p)
     target = _cache_path(bag_key(digest, encoder, tiles, mpp), cache)

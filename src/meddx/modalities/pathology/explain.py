@@ -19,7 +19,7 @@ import torch
 
 from meddx.errors import ConfigError
 
-__all__ = ["SlideExplainer", "heatmap_image", "gallery_image", "rank01"]
+__all__ = ["SlideExplainer", "heatmap_image", "gallery_image", "rank01", "tile_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,23 @@ def heatmap_image(bag: Any, scores: np.ndarray, thumbnail: np.ndarray | None = N
     out = thumbnail.astype(np.float32)
     out[seen] = (1 - alpha) * out[seen] + alpha * colour[seen]
     return out.clip(0, 255).astype(np.uint8)
+
+
+def tile_map(bag: Any, scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Per-tile ``scores`` (any scale) ranked into [0, 1] and drawn as an ``(H, W)`` float32
+    map covering the whole slide at ``shape`` (rows, columns); no tile: 0."""
+    h, w = (int(v) for v in shape)
+    w0, h0 = bag.slide_dimensions
+    if h < 1 or w < 1 or w0 < 1 or h0 < 1:
+        raise ConfigError(f"cannot draw tiles on a {h}x{w} map of a {w0}x{h0} slide")
+    sx, sy = w / w0, h / h0
+    out = np.zeros((h, w), np.float32)
+    side = bag.level0_size
+    for (x, y), s in zip(np.asarray(bag.coords), rank01(np.asarray(scores)), strict=True):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int(round((x + side) * sx))), max(y0 + 1, int(round((y + side) * sy)))
+        out[y0:y1, x0:x1] = np.maximum(out[y0:y1, x0:x1], s)
+    return out
 
 
 def gallery_image(bag: Any, scores: np.ndarray, k: int = 8, tile_px: int = 128,

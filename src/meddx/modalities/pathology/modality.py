@@ -115,6 +115,7 @@ class PathologyModality(Modality):
 
     name = "pathology"
     reads_in_jobs = True
+    reads_slides = True
     Options = PathologyOptions
     upload_content_types = frozenset({"image/tiff", "application/octet-stream"})
     upload_hint = "send the slide (TIFF, SVS …) as a job: POST /v1/models/{name}/jobs"
@@ -308,6 +309,14 @@ class PathologyModality(Modality):
         options.pop("layer", None)
         options.pop("method", None)
         return SlideExplainer(model, input_spec, **options)
+
+    def explanation_map(self, sample: Any, attribution: Any, shape: tuple[int, int]
+                        ) -> np.ndarray:
+        """Per-tile attention ranked into [0, 1] and drawn over the whole slide at ``shape``
+        (each tile's square, on the slide's level-0 extent scaled to ``shape``)."""
+        from meddx.modalities.pathology.explain import tile_map
+
+        return tile_map(getattr(sample, "tensor", sample), np.asarray(attribution), shape)
 
     def to_fhir(self, prediction: Any, card: Any) -> dict[str, Any]:
         """A validated Bundle: DiagnosticReport (pathology) with per-class Observations."""
