@@ -19,7 +19,7 @@ MYPY_FILES := src/meddx/__init__.py src/meddx/version.py src/meddx/errors.py src
 	src/meddx/modalities/base.py src/meddx/modalities/loading.py src/meddx/fhir/cds.py \
 	src/meddx/package.py src/meddx/inference/__init__.py src/meddx/inference/prediction.py
 
-.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium dicom3tools orthanc clean
+.PHONY: install demo test test-fast test-latest latest-venv lock bench lint docs chromium dicom3tools orthanc redis clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -75,11 +75,18 @@ orthanc:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
 
+# redis-server for the service-replica tests (two `meddx serve --state redis://…` sharing one
+# Redis; the tests start their own on a free loopback port; Debian redis-server; root or sudo)
+redis:
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
 demo: $(STAMP)
 	$(VENV)/bin/meddx train configs/breastmnist-demo.yaml --out runs/demo
 	$(VENV)/bin/meddx evaluate runs/demo/model --dataset breastmnist --split test --out runs/demo/eval
 
-test: lint docs chromium dicom3tools orthanc
+test: lint docs chromium dicom3tools orthanc redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

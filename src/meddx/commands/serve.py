@@ -91,6 +91,15 @@ def serve(
     metrics: str = typer.Option("auth", "--metrics", help="GET /metrics (Prometheus): auth "
                                 "(API key or JWT, as the REST API), open (no auth; private "
                                 "scrape networks only) or off."),
+    state: str | None = typer.Option(None, "--state", envvar="MEDDX_STATE", help="Shared state "
+                                     "of several replicas: redis://host:port/db (JWT replay "
+                                     "cache, slide jobs, rate limits). Default: this process."),
+    replica_name: str | None = typer.Option(None, "--replica-name", help="This replica's name "
+                                            "(its audit log is AUDIT.<name>.jsonl); default "
+                                            "hostname-pid with --state."),
+    rate_limit: int | None = typer.Option(None, "--rate-limit", min=1, help="Requests per "
+                                          "minute per caller (over all replicas with "
+                                          "--state); more get 429."),
 ) -> None:
     """Serve model packages over REST, FHIR R4, CDS Hooks 2.0 and a web page.
 
@@ -131,13 +140,19 @@ def serve(
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir, dicom_work=dicom_work,
         **({"jobs_workers": jobs_workers} if jobs_workers else {}),
         operating_points=parse_operating_points(operating_point),
-        metrics=metrics,
+        metrics=metrics, state_url=state, replica_name=replica_name, rate_limit=rate_limit,
         **({"link_secret": os.environ["MEDDX_LINK_SECRET"]}
            if os.environ.get("MEDDX_LINK_SECRET") else {}),
     )
+    if state and not os.environ.get("MEDDX_LINK_SECRET"):
+        logger.warning("--state without MEDDX_LINK_SECRET: heat-map links on CDS cards open only "
+                       "on the replica that made them; give every replica the same secret")
     app = create_app(list(packages), settings)
-    typer.echo(f"meddx serving {', '.join(app.state.meddx.hub.models)} on "
-               f"http://{host}:{port}/  (public URL {settings.base_url})", err=True)
+    st = app.state.meddx
+    shared = (f"; replica {settings.replica}, state in {st.store.where}"
+              if st.store.shared else "")
+    typer.echo(f"meddx serving {', '.join(st.hub.models)} on "
+               f"http://{host}:{port}/  (public URL {settings.base_url}{shared})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
                 limit_concurrency=(max_in_flight + settings.admission_queue) * 2 + 16,
                 timeout_keep_alive=5)

@@ -31,7 +31,7 @@ from meddx.redaction import install as install_redaction
 from meddx.serving import context
 from meddx.serving.apidocs import install_api_docs
 from meddx.serving.audit import AuditLog, default_audit_path
-from meddx.serving.auth import Authenticator
+from meddx.serving.auth import Authenticator, JWTVerifier
 from meddx.serving.cds import FeedbackStore
 from meddx.serving.deps import State
 from meddx.serving.engine import ModelHub
@@ -42,13 +42,19 @@ from meddx.serving.gate import (
     unauthorized,
 )
 from meddx.serving.heatmaps import HeatmapStore
-from meddx.serving.limits import BodyLimitMiddleware, BodyTimeoutMiddleware, LimitsMiddleware
+from meddx.serving.limits import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    LimitsMiddleware,
+    RateLimiter,
+)
 from meddx.serving.metrics import MonitorMiddleware, ServiceMetrics, metrics_router
 from meddx.serving.routers import cds_hooks, fhir, health, jobs, predict, ui, worklist
 from meddx.serving.settings import ServeSettings
+from meddx.serving.state import StateStore, StateUnavailableError, open_state
 from meddx.version import __version__
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "replica_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +129,7 @@ def _lifespan(st: State):  # noqa: ANN202
         st.heatmaps.close()
         if getattr(app.state, "meddx_jobs", None) is not None:
             app.state.meddx_jobs.close()
+        st.store.close()
 
     return lifespan
 
@@ -151,13 +158,20 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
                           hint="give --api-key-file and/or --cds-jwks (or --insecure-no-auth "
                                "for a loopback demo)")
     hub = ModelHub(list(packages), settings)
-    audit_path = settings.audit_log or default_audit_path()
+    store = _open_store(settings)
+    audit_path = replica_path(settings.audit_log or default_audit_path(), settings.replica)
+    feedback_path = replica_path(settings.feedback_log or Path(settings.audit_log or
+                                 default_audit_path()).with_name("cds-feedback.jsonl"),
+                                 settings.replica)
     st = State(
-        settings=settings, hub=hub, auth=authenticator or Authenticator(settings),
+        settings=settings, hub=hub,
+        auth=authenticator or Authenticator(settings, JWTVerifier(settings, store=store)),
         audit=AuditLog(audit_path, fsync=settings.audit_fsync),
-        heatmaps=HeatmapStore(settings.heatmap_dir, settings.link_secret, settings.heatmap_ttl_s),
-        feedback=FeedbackStore(settings.feedback_log
-                               or Path(audit_path).with_name("cds-feedback.jsonl")),
+        heatmaps=HeatmapStore(settings.heatmap_dir, settings.link_secret, settings.heatmap_ttl_s,
+                              shared=store),
+        feedback=FeedbackStore(feedback_path),
+        store=store,
+        limiter=RateLimiter(store, settings.rate_limit) if settings.rate_limit else None,
     )
     app = FastAPI(title="meddx clinical service", version=__version__,
                   description="REST, FHIR R4 and CDS Hooks 2.0 for meddx model packages.",
@@ -179,6 +193,28 @@ def create_app(packages: list[Any], settings: ServeSettings | None = None,
     _add_middleware(app, settings, metrics)
     app.state.metrics = metrics
     return app
+
+
+def replica_path(path: Path | str, replica: str | None) -> Path:
+    """``audit.jsonl`` → ``audit.<replica>.jsonl`` for a named replica: each replica writes
+    its own hash chain (one process writes one log)."""
+    p = Path(path)
+    return p if not replica else p.with_name(f"{p.stem}.{replica}{p.suffix}")
+
+
+def _open_store(settings: ServeSettings) -> StateStore:
+    """The state store of ``settings.state_url``, checked to answer before the service starts."""
+    from meddx.errors import ConfigError
+
+    store = open_state(settings.state_url, settings.replay_cache_size)
+    try:
+        store.ping()
+    except StateUnavailableError as e:
+        raise ConfigError(f"the state store {store.where} does not answer",
+                          hint="start Redis (or fix --state) before the service") from e
+    if store.shared:
+        logger.info("replica %s shares its state through %s", settings.replica, store.where)
+    return store
 
 
 def _add_middleware(app: FastAPI, settings: ServeSettings,

@@ -38,10 +38,12 @@ from joserfc.jwk import KeySet
 
 from meddx.errors import AuthError, ConfigError
 from meddx.serving.settings import IssuerTrust, ServeSettings
+from meddx.serving.state import ReplayCache, StateStore
 
 __all__ = [
     "Caller",
     "ReplayCache",
+    "StoreReplay",
     "JWTVerifier",
     "Authenticator",
     "hash_api_key",
@@ -85,34 +87,18 @@ def new_api_key(key_id: str) -> tuple[str, str]:
     return token, hash_api_key(token)
 
 
-class ReplayCache:
-    """``(iss, jti)`` pairs seen, each kept until ``expires``; bounded, thread-safe.
+class StoreReplay:
+    """The replay cache kept in a shared :class:`~meddx.serving.state.StateStore` (every
+    replica naming the same store refuses a ``jti`` any of them has seen)."""
 
-    When full of unexpired entries it refuses new ones (fails closed) rather than forgetting.
-    """
-
-    def __init__(self, max_size: int = 100_000) -> None:
-        self.max_size = max_size
-        self._seen: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
     def add(self, iss: str, jti: str, expires: float, now: float | None = None) -> bool:
-        """Record a token id; False when it was seen before (a replay) or the cache is full."""
+        """Record a token id; False when any replica saw it before."""
         now = time.time() if now is None else now
-        key = (iss, jti)
-        with self._lock:
-            if key in self._seen and self._seen[key] >= now:
-                return False
-            if len(self._seen) >= self.max_size:
-                self._seen = {k: v for k, v in self._seen.items() if v >= now}
-                if len(self._seen) >= self.max_size:
-                    logger.warning("JWT replay cache is full; refusing new tokens")
-                    return False
-            self._seen[key] = expires
-            return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
+        digest = hashlib.sha256(f"{iss}\x00{jti}".encode()).hexdigest()
+        return self.store.claim(f"jti:{digest}", max(expires - now, 1.0))
 
 
 def _b64json(part: str) -> dict[str, Any]:
@@ -136,14 +122,19 @@ class JWTVerifier:
         settings: issuers, algorithms, windows, replay cache size.
         fetch: ``fetch(url, timeout) -> dict`` for allow-listed ``jku`` URLs (default httpx).
         now: clock (for tests).
+        store: a shared state store for the replay cache (``meddx serve --state``); None
+            keeps it in this process's memory.
     """
 
     def __init__(self, settings: ServeSettings,
                  fetch: Callable[[str, float], dict[str, Any]] | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time,
+                 store: StateStore | None = None) -> None:
         self.settings = settings
         self.now = now
-        self.replay = ReplayCache(settings.replay_cache_size)
+        self.replay: ReplayCache | StoreReplay = (
+            StoreReplay(store) if store is not None and store.shared
+            else ReplayCache(settings.replay_cache_size))
         self._fetch = fetch or _http_fetch
         self._issuers: dict[str, IssuerTrust] = {t.iss: t for t in settings.issuers}
         self._local: dict[str, KeySet] = {}

@@ -35,6 +35,8 @@ class State:
     audit: Any  # AuditLog
     heatmaps: Any  # HeatmapStore
     feedback: Any  # FeedbackStore
+    store: Any = None  # StateStore (serving/state): memory, or shared by the replicas
+    limiter: Any = None  # RateLimiter, when --rate-limit is set
 
 
 def state(request: Request) -> State:

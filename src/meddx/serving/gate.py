@@ -8,7 +8,10 @@ headers every answer carries.
   spool an upload. The caller found is handed to the route through the ASGI scope, so a JWT is
   checked (and its ``jti`` recorded) once. Which routes need which caller is read from the
   routes themselves: a public route (health probes, the web page, static files, signed
-  heat-map links, ``GET /fhir/metadata``) stays public without a list kept here.
+  heat-map links, ``GET /fhir/metadata``) stays public without a list kept here. The
+  caller's rate limit (``--rate-limit``) is counted here too, so a caller over it is answered
+  ``429`` before its body is read. With a shared state store (``--state redis://…``) that
+  cannot be reached, the answer is ``503`` with ``Retry-After`` and a hint, never a crash.
 * :class:`SecurityHeadersMiddleware` — every answer says ``X-Content-Type-Options: nosniff``,
   ``Referrer-Policy: no-referrer`` and a restrictive ``Content-Security-Policy``; every answer
   but static assets says ``Cache-Control: no-store`` (predictions, FHIR resources, CDS cards,
@@ -30,7 +33,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meddx.errors import AuthError
+from meddx.errors import AuthError, MeddxError
 from meddx.serving import context
 from meddx.serving.deps import (
     CALLER_KEY,
@@ -39,6 +42,8 @@ from meddx.serving.deps import (
     rest_audiences,
     rest_caller,
 )
+from meddx.serving.limits import RateLimitedError, json_response
+from meddx.serving.state import StateUnavailableError
 
 __all__ = ["AuthGateMiddleware", "SecurityHeadersMiddleware", "CorsMiddleware",
            "unauthorized", "API_CSP", "route_auth"]
@@ -135,8 +140,30 @@ class AuthGateMiddleware:
             scope.setdefault("path_params", params)
             await unauthorized(close=True)(scope, receive, send)
             return
+        except (StateUnavailableError, RateLimitedError) as e:
+            await self._refuse(scope, receive, send, route, params, e)
+            return
+        limiter = getattr(st, "limiter", None)
+        if limiter is not None:
+            try:
+                await run_in_threadpool(limiter.check, caller)
+            except (StateUnavailableError, RateLimitedError) as e:
+                await self._refuse(scope, receive, send, route, params, e)
+                return
         scope[CALLER_KEY] = (kind, caller)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, route: Any,
+                      params: dict[str, str], error: MeddxError) -> None:
+        """Answer a rate limit (429) or an unreachable state store (503) before the body."""
+        context.note_error(type(error).__name__)
+        scope.setdefault("route", route)
+        scope.setdefault("path_params", params)
+        retry = getattr(error, "retry_after", 1)
+        await json_response(send, int(error.status_code), type(error).__name__, error.message,
+                            hint=error.hint,
+                            headers={"retry-after": str(retry), "connection": "close"})
 
 
 class SecurityHeadersMiddleware:

@@ -3,6 +3,10 @@
 A stored result holds only the rendered PNGs and the model's answer — no file names, no patient
 identifiers. Links carry ``exp`` and an HMAC-SHA256 signature over ``id`` and ``exp``; a result
 is deleted once its time to live has passed (checked on every write and read).
+
+With a shared state store (``meddx serve --state redis://…``) each result is also written there
+with the same time to live, so a link one replica put on a card opens on any replica (the
+replicas must then share the link secret, ``MEDDX_LINK_SECRET``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ class HeatmapStore:
         root: folder to keep them in (a private temporary folder when None).
         secret: HMAC key for links.
         ttl_s: time to live of a result and of its links.
+        shared: a shared :class:`~meddx.serving.state.StateStore` that also keeps every
+            result (None, or one not shared: results stay on this replica).
     """
 
-    def __init__(self, root: Path | None, secret: str, ttl_s: int) -> None:
+    def __init__(self, root: Path | None, secret: str, ttl_s: int, shared: Any = None) -> None:
+        self._shared = shared if shared is not None and shared.shared else None
         self._owned = root is None
         self.root = Path(tempfile.mkdtemp(prefix="meddx-heatmaps-")) if root is None else root
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -72,6 +79,10 @@ class HeatmapStore:
             (folder / Path(name).name).write_bytes(data)
         meta = {"expires": int(time.time()) + self.ttl_s, "info": info, "files": sorted(files)}
         (folder / "meta.json").write_text(json.dumps(meta))
+        if self._shared is not None:
+            for name, data in files.items():
+                self._shared.put(f"hm:{rid}:{Path(name).name}", data, self.ttl_s)
+            self._shared.put(f"hm:{rid}", json.dumps(meta).encode(), self.ttl_s)
         return rid
 
     def _folder(self, rid: str) -> Path:
@@ -83,6 +94,14 @@ class HeatmapStore:
         return folder
 
     def _meta(self, rid: str) -> dict[str, Any]:
+        if self._shared is not None and not self._here(rid):
+            raw = self._shared.get(f"hm:{rid}")
+            if raw is None:
+                raise NotFoundError("unknown or expired result")
+            meta = json.loads(raw)
+            if meta["expires"] < time.time():
+                raise NotFoundError("unknown or expired result")
+            return meta
         folder = self._folder(rid)
         meta = json.loads((folder / "meta.json").read_text())
         if meta["expires"] < time.time():
@@ -99,7 +118,16 @@ class HeatmapStore:
         meta = self._meta(rid)
         if name not in meta["files"]:
             raise NotFoundError("unknown file for this result")
+        if self._shared is not None and not self._here(rid):
+            data = self._shared.get(f"hm:{rid}:{name}")
+            if data is None:
+                raise NotFoundError("unknown or expired result")
+            return data
         return (self._folder(rid) / name).read_bytes()
+
+    def _here(self, rid: str) -> bool:
+        """Whether this replica holds the result (checked id)."""
+        return bool(rid) and set(rid) <= _ID_CHARS and (self.root / rid).is_dir()
 
     def purge(self) -> int:
         """Delete expired results; return how many went."""

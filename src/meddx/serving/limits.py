@@ -16,22 +16,30 @@
   uploads, which may be gigabytes, are exempt from the total) and with no gap longer than
   ``idle_s`` between two of its chunks; otherwise the answer is ``408`` and the connection is
   closed, so a client trickling bytes cannot hold a connection and a worker indefinitely.
+* :class:`RateLimiter` — at most ``per_minute`` requests per caller (an API key, or a JWT's
+  issuer and subject) in each clock minute, counted in the service's state store: with
+  ``meddx serve --state redis://…`` every replica adds to the same count, so spreading calls
+  over replicas does not multiply a caller's allowance. Past it: ``429`` with ``Retry-After``
+  (the seconds to the next minute). The admission and concurrency limits above stay per
+  replica: they protect that replica's own workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meddx.errors import ServingError
+from meddx.errors import OverloadedError, ServingError
 
 __all__ = ["BodyLimitMiddleware", "BodyTimeoutError", "BodyTimeoutMiddleware",
-           "LimitsMiddleware", "json_response"]
+           "LimitsMiddleware", "RateLimitedError", "RateLimiter", "json_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -401,3 +409,46 @@ class BodyTimeoutMiddleware:
                 raise
             await json_response(send, 408, "BodyTimeoutError", e.message, hint=e.hint,
                                 headers={"connection": "close"})
+
+
+class RateLimitedError(OverloadedError):
+    """A caller sent more requests than its rate limit allows (HTTP 429, ``Retry-After``)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """Requests per minute per caller, counted in a state store (see the module docstring).
+
+    Args:
+        store: a :class:`~meddx.serving.state.StateStore` (shared between replicas or not).
+        per_minute: requests a caller may send in one clock minute.
+    """
+
+    window_s = 60
+
+    def __init__(self, store: Any, per_minute: int) -> None:
+        self.store = store
+        self.per_minute = per_minute
+
+    def check(self, caller: Any) -> None:
+        """Count one request of ``caller``; raise :class:`RateLimitedError` past the limit.
+
+        Raises:
+            StateUnavailableError: the shared store cannot be reached (503).
+        """
+        who = json.dumps(caller.audit(), sort_keys=True)
+        key = "rate:" + hashlib.sha256(who.encode()).hexdigest()[:32]
+        count, left = self.store.hit(key, self.window_s)
+        if count > self.per_minute:
+            logger.info("rate limit reached for a %s caller (%d/min)", caller.kind,
+                        self.per_minute)
+            raise RateLimitedError(
+                f"more than {self.per_minute} requests in a minute from this caller",
+                retry_after=max(1, math.ceil(left)),
+                hint="wait for the Retry-After seconds; the operator sets the limit with "
+                     "--rate-limit")

@@ -135,6 +135,18 @@ class ServeSettings(BaseModel):
                                           "browser-based CDS client; empty: no CORS headers")
     api_docs: bool = Field(False, description="serve /docs and /redoc (assets from this "
                            "service only)")
+    # --- replicas (see serving/state)
+    state_url: str | None = Field(None, repr=False, description="shared state store of the "
+                                  "replicas (redis://host:port/db); None: this process's "
+                                  "memory")
+    replica_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                     description="this replica's name (its audit log file "
+                                     "carries it); default hostname-pid with state_url")
+    rate_limit: int | None = Field(None, gt=0, description="requests per minute per caller "
+                                   "(API key or JWT issuer/subject), counted over every "
+                                   "replica sharing state_url; None: no rate limit")
+    job_ttl_s: int = Field(24 * 3600, gt=0, description="how long a shared job record and its "
+                           "result bytes stay in the state store")
     # --- monitoring
     metrics: Literal["auth", "open", "off"] = Field(
         "auth", description="GET /metrics: behind the REST authentication (auth), without "
@@ -176,6 +188,17 @@ class ServeSettings(BaseModel):
     def admission_queue(self) -> int:
         """Requests that may wait for admission (``queue_size``, default 2 × max_in_flight)."""
         return 2 * self.max_in_flight if self.queue_size is None else self.queue_size
+
+    @property
+    def replica(self) -> str | None:
+        """This replica's name: ``replica_name``, else ``hostname-pid`` when state is shared,
+        else None (a single service)."""
+        if self.replica_name or not self.state_url:
+            return self.replica_name
+        import socket
+
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "host"
+        return f"{host}-{os.getpid()}"
 
     @property
     def base_url(self) -> str:

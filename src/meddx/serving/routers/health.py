@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from meddx.serving.deps import State, state
+from meddx.serving.state import StateUnavailableError
 
 __all__ = ["router"]
 
@@ -20,9 +21,16 @@ def live() -> dict:
 
 @router.get("/ready")
 def ready(st: State = Depends(state)) -> JSONResponse:
-    """200 once every model is loaded and warmed up, else 503."""
+    """200 once every model is loaded and warmed up (and, for a replica, its shared state
+    store answers), else 503."""
     models = {m.name: m.ready for m in st.hub.models.values()}
     ok = st.hub.ready
-    return JSONResponse({"status": "ready" if ok else "warming", "models": models},
-                        status_code=200 if ok else 503,
+    body = {"status": "ready" if ok else "warming", "models": models}
+    if st.store is not None and st.store.shared:
+        try:
+            st.store.ping()
+            body["state"] = "ok"
+        except StateUnavailableError:
+            ok, body["status"], body["state"] = False, "state store unreachable", "unreachable"
+    return JSONResponse(body, status_code=200 if ok else 503,
                         headers=None if ok else {"Retry-After": "1"})

@@ -1,5 +1,5 @@
 """Jobs for whole-slide images: ``POST /v1/models/{name}/jobs`` → 202 + ``Location``;
-``GET …/jobs/{id}`` for progress and the result; ``DELETE …/jobs/{id}`` to cancel (or, once
+``GET …/jobs/{id}`` for progress and the result; ``GET …/jobs`` lists the caller's jobs; ``DELETE …/jobs/{id}`` to cancel (or, once
 finished, to delete its files); ``GET …/jobs/{id}/heatmap.png`` and ``…/gallery.png``.
 
 The body is the slide itself (``application/octet-stream`` or ``image/tiff``, streamed to the
@@ -13,6 +13,10 @@ most ``max_slide_bytes`` (413), the slide opens and has a resolution (422 with t
 The result holds the slide probability, the Prediction, links to the heat map and gallery
 PNGs, and a FHIR R4B Bundle (DiagnosticReport + Media with the heat map). Only the caller that
 submitted a job sees it. The slide's label and macro images are never read.
+
+With ``meddx serve --state redis://…`` the job records and result pictures are shared through
+the store (see :mod:`meddx.serving.jobs`), so every replica answers every route here for any
+job; a job runs on the replica that received it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -69,7 +73,8 @@ def job_queue(request: Request) -> JobQueue:
     if jobs is None:
         st: State = app.state.meddx
         s = st.settings
-        jobs = JobQueue(s.job_dir, s.jobs_workers, s.jobs_queue, lambda job: run_job(st, job))
+        jobs = JobQueue(s.job_dir, s.jobs_workers, s.jobs_queue, lambda job: run_job(st, job),
+                        store=st.store, replica=s.replica, ttl_s=s.job_ttl_s)
         app.state.meddx_jobs = jobs
     return jobs
 
@@ -231,6 +236,15 @@ async def submit_job(name: str, request: Request,
     return JSONResponse(job.describe(), status_code=202, headers={"Location": location})
 
 
+@router.get("/models/{name}/jobs")
+def list_jobs(name: str, request: Request, st: State = Depends(state),
+              caller: Caller = Depends(rest_caller)) -> JSONResponse:
+    """The caller's jobs for this model, newest first (status and progress of each)."""
+    st.hub.get(name)
+    jobs = job_queue(request).for_owner(_owner(caller), name)
+    return JSONResponse({"jobs": [j.describe() for j in jobs]})
+
+
 @router.get("/models/{name}/jobs/{job_id}")
 def get_job(name: str, job_id: str, request: Request,
             caller: Caller = Depends(rest_caller)) -> JSONResponse:
@@ -255,13 +269,14 @@ def cancel_job(name: str, job_id: str, request: Request,
 
 @router.get("/models/{name}/jobs/{job_id}/{picture}")
 def job_picture(name: str, job_id: str, picture: str, request: Request,
-                caller: Caller = Depends(rest_caller)) -> FileResponse:
+                caller: Caller = Depends(rest_caller)) -> Response:
     """The job's heat map (``heatmap.png``) or top-tiles gallery (``gallery.png``)."""
     if picture not in ("heatmap.png", "gallery.png"):
         raise NotFoundError(f"no '{picture}'", hint="heatmap.png or gallery.png")
-    job = job_queue(request).get(job_id, _owner(caller), name)
-    path = job.folder / picture
-    if job.status != "succeeded" or not path.is_file():
+    jobs = job_queue(request)
+    job = jobs.get(job_id, _owner(caller), name)
+    data = jobs.picture(job, picture) if job.status == "succeeded" else None
+    if data is None:
         raise NotFoundError(f"job '{job_id}' has no {picture}",
                             hint=f"the job is {job.status}")
-    return FileResponse(path, media_type="image/png")
+    return Response(data, media_type="image/png")
