@@ -39,6 +39,9 @@ def connect(address: str | None, **init_kwargs: Any) -> ModuleType:
     if ray.is_initialized():
         return ray
     addr = address or os.environ.get("RAY_ADDRESS") or None
+    if addr is None:
+        # a Ray of this process only: keep it on loopback, never on the machine's own address
+        init_kwargs.setdefault("_node_ip_address", "127.0.0.1")
     try:
         ray.init(address=addr, logging_level="ERROR", log_to_driver=False,
                  include_dashboard=False if addr is None else None, **init_kwargs)
