@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.monitoring",),
     ("meddx.privacy",),
     ("meddx.serving",),
+    ("meddx.cluster",),
     ("meddx.commands", "meddx.cli"),
     ("meddx",),  # the package's face: the public API, imported lazily
 )
