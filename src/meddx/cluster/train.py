@@ -83,7 +83,7 @@ def train_on_ray(config: ExperimentConfig | str | Path | dict, out: str | Path |
     """
     from meddx.cluster import connect
 
-    cfg = as_config(config)
+    cfg = _portable(as_config(config))
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}", hint="--workers 2")
     if max_failures < 0:
@@ -98,6 +98,40 @@ def train_on_ray(config: ExperimentConfig | str | Path | dict, out: str | Path |
     if ensemble:
         return _train_members(ray, cfg, run, members, max_failures, resume)
     return _train_ddp(ray, cfg, run, workers, storage or str(run / "ray"), max_failures, resume)
+
+
+def _portable(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config as every node must read it: a relative ``data.path`` made absolute (a Ray
+    worker's working folder is not this one)."""
+    path = cfg.data.path
+    if path and "://" not in path and not Path(path).is_absolute():
+        cfg = cfg.updated(**{"data.path": str(Path(path).absolute())})
+    return cfg
+
+
+def _data_env() -> dict[str, str]:
+    """Where this machine finds bundled data, for the nodes (``MEDDX_DATA``): the same folder
+    must be mounted at the same path on every node."""
+    import os
+
+    from meddx.catalog import data_roots
+
+    if os.environ.get("MEDDX_DATA"):
+        return {"MEDDX_DATA": os.environ["MEDDX_DATA"]}
+    found = [r for r in data_roots() if r.is_dir()]
+    return {"MEDDX_DATA": str(found[0])} if found else {}
+
+
+def _on_node(payload: dict[str, Any]) -> ExperimentConfig:
+    """Set up a Ray worker or task for a run: the driver's data location, the config."""
+    import os
+
+    for key, value in payload.get("env", {}).items():
+        os.environ.setdefault(key, value)
+    cfg = ExperimentConfig.model_validate(payload["config"])
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return cfg
 
 
 def _per_worker_batch(cfg: ExperimentConfig, workers: int) -> int:
@@ -121,8 +155,8 @@ def _train_ddp(ray: Any, cfg: ExperimentConfig, run: Path, workers: int, storage
     gpus = ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "workers": workers,
-                           "batch_size": _per_worker_batch(cfg, workers)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "env": _data_env(),
+                           "workers": workers, "batch_size": _per_worker_batch(cfg, workers)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cfg.train.threads or 1}),
         run_config=RunConfig(
@@ -186,9 +220,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
-    cfg = ExperimentConfig.model_validate(payload["config"])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    cfg = _on_node(payload)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = load_bundle(cfg)
     fit = prepare_fit(cfg, bundle, batch_size=payload["batch_size"])
@@ -276,7 +308,8 @@ def _train_members(ray: Any, cfg: ExperimentConfig, run: Path, members: int,
         if resume and (run / "members" / str(k) / "model" / "manifest.json").is_file():
             logger.info("ensemble member %d/%d: kept from an earlier run", k + 1, members)
             continue
-        pending[k] = task.remote(cfg.model_dump(mode="json"), k, net_options)
+        pending[k] = task.remote({"config": cfg.model_dump(mode="json"), "env": _data_env()},
+                                 k, net_options)
     logger.info("training %d ensemble members as Ray tasks", len(pending))
     for k, ref in pending.items():
         try:
@@ -290,10 +323,10 @@ def _train_members(ray: Any, cfg: ExperimentConfig, run: Path, members: int,
     return join_members(cfg, run, bundle, packages, time.perf_counter() - start)
 
 
-def _train_member(config: dict[str, Any], k: int, net_options: dict) -> dict[str, bytes]:
+def _train_member(payload: dict[str, Any], k: int, net_options: dict) -> dict[str, bytes]:
     """One ensemble member as a Ray task: the local member run, returned as its files
     (``model/``, ``splits.json``, ``logs/``; not the checkpoints) so no shared disk is needed."""
-    cfg = ExperimentConfig.model_validate(config)
+    cfg = _on_node(payload)
     bundle = member_bundle(load_bundle(cfg), cfg.train.member_fraction, cfg.seed + k)
     with tempfile.TemporaryDirectory(prefix="meddx-member-") as tmp:
         train(member_config(cfg, k, net_options), out=tmp, progress=False, post_hoc=False,

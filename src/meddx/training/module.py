@@ -118,7 +118,8 @@ class MeddxModule(L.LightningModule):
         x, y = batch
         logits = self(x).float()
         loss = self.task.loss(logits, y, self.class_weights)
-        self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y),
+                 sync_dist=True)
         self._val_logits.append(logits.detach().cpu())
         self._val_targets.append(y.detach().cpu())
 
