@@ -23,7 +23,7 @@ def _halve(rgb: np.ndarray) -> np.ndarray:
 
 def write_pyramid(path: str | Path, rgb: np.ndarray, mpp: float | None = 0.5, levels: int = 3,
                   *, tile: int = 64, compression: str | None = "zlib",
-                  subifds: bool = False) -> Path:
+                  subifds: bool = False, dpi: float | None = None) -> Path:
     """Write ``rgb`` as a tiled pyramidal TIFF.
 
     Args:
@@ -53,7 +53,9 @@ def write_pyramid(path: str | Path, rgb: np.ndarray, mpp: float | None = 0.5, le
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         for i, level in enumerate(pyramid):
             extra: dict = {}
-            if mpp is not None:
+            if dpi is not None:
+                extra.update(resolution=(dpi, dpi), resolutionunit="INCH")
+            elif mpp is not None:
                 ppcm = 1e4 / (mpp * rgb.shape[1] / level.shape[1])
                 extra.update(resolution=(ppcm, ppcm), resolutionunit="CENTIMETER")
             if i == 0 and subifds and len(pyramid) > 1:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from meddx.errors import ConfigError, DataError
 from meddx.modalities.image.io import read_image
 from meddx.privacy import deidentify, deidentify_file, deidentify_folder
+from meddx.privacy.deid import KEEP
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "examples_ybr_color.dcm",
          "rtdose.dcm", "examples_palette.dcm"]
@@ -24,24 +25,31 @@ def dicom_file(name: str) -> str:
     return path
 
 
-def identifying_values(ds: pydicom.Dataset) -> list[str]:
-    """Names, dates, times, free text and private values left anywhere in the dataset."""
-    found = []
-    for elem in ds.iterall():
-        risky = elem.tag.is_private or elem.VR in ("PN", "DA", "DT", "TM", "LT", "ST", "UT")
-        if risky and elem.value not in ("", None):
+RISKY_VRS = ("PN", "DA", "DT", "TM", "LO", "SH", "LT", "ST", "UT", "UC", "AE")
+
+
+def identifying_values(out: pydicom.Dataset, original: pydicom.Dataset) -> list[str]:
+    """Private elements, and names, dates, times or free text of the input left in the output."""
+    before = {str(e.value) for e in original.iterall()  # allow-listed text describes the device
+              if e.VR in RISKY_VRS and e.value not in ("", None) and e.keyword not in KEEP}
+    found = [f"{e.tag}" for e in out.iterall() if e.tag.is_private]
+    for elem in out.iterall():
+        if elem.VR in RISKY_VRS and str(elem.value) in before:
             found.append(f"{elem.keyword or elem.tag}={elem.value!r}")
     return found
+
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_nothing_identifying_survives_and_pixels_do(name: str) -> None:
     ds = pydicom.dcmread(dicom_file(name))
     out, report = deidentify(ds, salt="s3cret")
-    assert identifying_values(out) == []
-    for keyword in ("InstitutionName", "StationName", "OtherPatientIDsSequence",
-                    "PatientSex", "PatientAge"):
-        assert keyword not in out
+    assert identifying_values(out, ds) == []
+    for keyword in ("OtherPatientIDsSequence", "PatientAge", "PatientWeight"):
+        assert keyword not in out  # X
+    for keyword in ("InstitutionName", "StationName"):  # X/Z/D: a dummy, never the original
+        assert ds.get(keyword) in ("", None) or out[keyword].value != ds[keyword].value
+    assert "PatientSex" not in ds or out["PatientSex"].is_empty  # Z: present (Type 2), empty
     assert out.PatientIdentityRemoved == "YES"
     assert out.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
     assert out.StudyInstanceUID != ds.StudyInstanceUID
@@ -95,14 +103,15 @@ def test_folder_and_cli_use_uid_paths_only(tmp_path: Path) -> None:
     for name in ("CT_small.dcm", "MR_small.dcm"):
         (incoming / name).write_bytes(Path(dicom_file(name)).read_bytes())
     (incoming / "notes.txt").write_text("not dicom")
-    reports = deidentify_folder(incoming, tmp_path / "clean", salt="s")
-    assert len(reports) == 2 and all("DOE" not in k for k in reports)
+    summary = deidentify_folder(incoming, tmp_path / "clean", salt="s")
+    reports = summary.reports
+    assert len(reports) == 2 and summary.count("skipped") == 1 and all("DOE" not in k for k in reports)
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # a group with two commands keeps the sub-command name
     result = CliRunner().invoke(app, ["deid", str(incoming), str(tmp_path / "cli")],
                                 env={"MEDDX_DEID_SALT": "s"})
     assert result.exit_code == 0, result.output
-    assert "de-identified 2 file(s)" in result.output
+    assert "2 written, 0 refused, 1 skipped" in result.output
     assert sorted(p.name for p in (tmp_path / "cli").rglob("*.dcm")) == sorted(
         Path(k).name for k in reports)

@@ -33,7 +33,8 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # one line per command module; a module whose optional dependencies are missing is skipped
-COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust")
+COMMAND_MODULES = ("core", "pretrain", "evaluate", "serve", "privacy", "monitor", "trust",
+                   "cluster")
 
 
 @app.callback()
@@ -69,32 +70,66 @@ def _register() -> None:
 _register()
 
 
+# Typer (0.2x) vendors its own copy of Click and raises that copy's classes; Click proper
+# raises its own. The handler below takes both, whichever is installed, so that a new release
+# moving the classes again cannot turn a user's typo back into a traceback.
+_CLICK_MODULES = ("typer._click.exceptions", "click.exceptions", "typer.exceptions")
+
+
+def _classes(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class ``name`` from every Click flavour that is installed."""
+    found: list[type[BaseException]] = []
+    for module_name in _CLICK_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _usage_error(e: BaseException) -> int:
+    """Print a Click usage error as Click does (usage line, ``Try 'meddx X --help'``, the
+    error) and return its exit code (2 for usage errors)."""
+    show = getattr(e, "show", None)
+    if callable(show):
+        show()
+    else:  # pragma: no cover - every Click flavour has show()
+        err_console.print(f"error: {e}")
+    return int(getattr(e, "exit_code", 2) or 2)
+
+
 def main() -> None:
-    """Entry point: run the app and map meddx errors to exit code 2 with a readable message."""
+    """Entry point: run the app; map meddx errors and command-line usage errors to exit code 2
+    with a readable message (usage line and a hint), never a traceback."""
     import warnings
 
     warnings.filterwarnings("ignore")
+    exits, aborts, usage = _classes("Exit"), _classes("Abort"), _classes("ClickException")
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="meddx")
         sys.exit(rc if isinstance(rc, int) else 0)
     except MeddxError as e:
         from rich.markup import escape
 
         err_console.print(f"[bold red]error:[/] {escape(str(e))}")  # "[died]" is text
         sys.exit(2)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code or 0)
-    except typer.Abort:
+    except SystemExit:
+        raise
+    except Exception as e:
+        if exits and isinstance(e, exits):
+            sys.exit(getattr(e, "exit_code", 0) or 0)
+        if aborts and isinstance(e, aborts):
+            err_console.print("aborted")
+            sys.exit(130)
+        if usage and isinstance(e, usage):
+            sys.exit(_usage_error(e))
+        raise
+    except KeyboardInterrupt:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

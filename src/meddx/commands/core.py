@@ -299,8 +299,18 @@ def predict(
     operating_point: str | None = typer.Option(
         None, "--operating-point", help="Decide at this operating point of the card "
         "(e.g. balanced, sensitivity@0.8, youden); default: the card's default."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run as an archive "
+                                   "job on a Ray cluster: host:port, 'auto' or 'local'; "
+                                   "writes a Parquet dataset to --out, resumable."),
+    workers: int = typer.Option(1, "--workers", help="With --ray: predicting actors."),
+    threads: int = typer.Option(1, "--threads", help="With --ray: torch threads per actor."),
+    worker_cpus: float | None = typer.Option(None, "--worker-cpus", help="With --ray: CPUs "
+                                             "reserved per actor (default: --threads)."),
+    read_cpus: float = typer.Option(1.0, "--read-cpus", help="With --ray: CPUs reserved per "
+                                    "read task."),
 ) -> None:
-    """Predict with a package: probabilities, calibrated risk, decision and conformal set.
+    """Predict with a package: the decision at the operating point (the recommendation, first
+    column), the most likely class, (calibrated) probabilities, the conformal set, the OOD flag.
 
     Inputs that cannot be assessed are listed with their reason (stderr; in CSV and JSON
     output too). Lines a reader left out are counted by reason: a warning line here, and
@@ -309,11 +319,19 @@ def predict(
     Examples:\n
       meddx predict runs/breast/model scan1.png scan2.dcm\n
       meddx predict runs/breast/model studies/ --sort risk --format csv\n
-      meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv
+      meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv\n
+      meddx predict runs/breast/model archive.csv --ray head:6379 --out results.parquet
     """
     from meddx.commands.inputs import inline_inputs
     from meddx.inference import load_model
 
+    if ray is not None:
+        from meddx.commands.cluster import archive_predict
+
+        return archive_predict(model, inputs or [], out, ray, backend=backend,
+                               operating_point=operating_point, block_size=batch_size,
+                               workers=workers, threads=threads, worker_cpus=worker_cpus,
+                               read_cpus=read_cpus)
     if fmt not in ("table", "csv", "json"):
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
     predictor = load_model(model, backend=backend, operating_point=operating_point)
@@ -395,15 +413,46 @@ def _name(source: Any) -> str:
     return text if len(text) < 40 else text[:37] + "…"
 
 
+# The columns of the table and the CSV, named by what they are; the recommendation first.
+COLUMNS = {
+    "decision": "the recommendation: the decision at the operating point (empty: no decision, "
+                "e.g. an input unlike the training data)",
+    "operating_point": "the card's rule that decision uses (e.g. sensitivity@0.95: the "
+                       "threshold that kept 95% sensitivity on the calibration split)",
+    "threshold": "the decision is the positive class when its (calibrated) probability is at "
+                 "least this",
+    "most_likely_class": "the class with the highest probability, with no threshold (it can "
+                         "differ from the decision: the operating point trades errors)",
+    "conformal_set": "the classes the conformal predictor cannot rule out at its coverage",
+    "refer": "the conformal set is not a single class: a human should look",
+    "review": "the decision and the conformal set disagree: flagged, never resolved silently",
+    "ood": "the input is unlike the training data (no decision is made); empty: the package "
+           "has no detector",
+}
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, list):
+        return "|".join(map(str, value))
+    if isinstance(value, dict):  # multilabel decision: the labels decided present
+        return "|".join(k for k, v in value.items() if v)
+    return value
+
+
 def _row(p: Any) -> dict[str, Any]:
     d = p.to_dict()
     probs = d["calibrated"] or d["probabilities"]
-    row = {"id": d["id"], "label": d["label"]}
+    row = {"id": d["id"], "decision": _text(d["decision"]),
+           "operating_point": d["operating_point"],
+           "threshold": None if d["threshold"] is None else round(d["threshold"], 4),
+           "most_likely_class": _text(d["label"])}
     row.update({f"p[{k}]": round(v, 4) for k, v in probs.items()})
-    row["decision"] = d["decision"]
-    row["set"] = "|".join(d["prediction_set"]) if d["prediction_set"] else None
+    row["conformal_set"] = _text(d["prediction_set"]) if d["prediction_set"] else None
     row["refer"] = d["refer"]
     row["review"] = d["review"]
+    row["ood"] = d["ood"]
+    if d["ood_score"] is not None:
+        row["ood_score"] = round(d["ood_score"], 4)
     dropped = (d.get("notes") or {}).get("dropped_lines")
     if isinstance(dropped, dict):
         row["dropped_lines"] = dropped.get("total", 0)
@@ -433,11 +482,14 @@ def _print_table(preds: list[Any], failures: list[dict[str, str]]) -> None:
         table = Table(title=f"{preds[0].model.get('name')} — "
                       + ("calibrated probabilities" if calibrated else "probabilities"))
         # escaped: "p[died]" and ids or labels with brackets are text, not rich markup
-        for col in rows[0]:
-            table.add_column(escape(col), overflow="fold", no_wrap=col == "id")
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        for col in cols:
+            table.add_column(escape(col.replace("_", " ")), overflow="fold", no_wrap=col == "id")
         for r in rows:
-            table.add_row(*["" if v is None else escape(str(v)) for v in r.values()])
+            table.add_row(*["" if r.get(c) is None else escape(str(r[c])) for c in cols])
         console.print(table)
+        console.print("\n".join(f"[bold]{k.replace('_', ' ')}[/]: {escape(v)}"
+                                 for k, v in COLUMNS.items()), style="dim")
     for f in failures:
         Console(stderr=True).print(f"[red]failed[/] {escape(f['id'])}: {escape(f['error'])}")
 

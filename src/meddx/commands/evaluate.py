@@ -67,11 +67,14 @@ def validate(
     model: Path = typer.Argument(..., help="Model package folder (runs/x/model)."),
     data: Path = typer.Argument(..., help="External data: a CSV path,label (or a folder with "
                                 "labels.csv); ICU models: a PhysioNet 2012 folder with its "
-                                "Outcomes file."),
+                                "Outcomes file; or any dataset file `meddx evaluate` reads "
+                                "(e.g. a MedMNIST .npz)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html and metrics.json."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     explain: bool = typer.Option(False, "--explain", help="Attributions in the error gallery."),
+    split: str = typer.Option("test", "--split", "-s", help="For a dataset file with splits "
+                              "(e.g. a MedMNIST .npz): the split to validate on."),
 ) -> None:
     """External validation: evaluate a model on data from somewhere else; the report is marked
     external and adds calibration-in-the-large, calibration slope and whether each operating
@@ -79,7 +82,8 @@ def validate(
     from meddx.evaluation.external import validate as run
     from meddx.reporting.report import fmt_ci
 
-    result = run(model, data, out=out, bootstrap=bootstrap, seed=seed, explain=explain)
+    result = run(model, data, out=out, bootstrap=bootstrap, seed=seed, explain=explain,
+                 split=split)
     table = Table(title=f"{result.model['name']}: external validation on {result.dataset} "
                         f"(n={result.n})")
     table.add_column("metric")

@@ -1,4 +1,4 @@
-"""``meddx deid``: DICOM de-identification (allow-list, PS3.15 Annex E basis)."""
+"""``meddx deid``: DICOM de-identification (PS3.15 Table E.1-1 basic profile, allow-list)."""
 
 from __future__ import annotations
 
@@ -17,33 +17,42 @@ def deid(
                              help="Secret for pseudonyms and new UIDs (or MEDDX_DEID_SALT); the "
                              "same salt keeps a patient's studies linked across runs."),
     keep_patient_characteristics: bool = typer.Option(
-        False, "--keep-patient-characteristics", help="Keep sex, age, size and weight."),
+        False, "--keep-patient-characteristics",
+        help="Keep sex, age, size, weight (PS3.15 Retain Patient Characteristics Option)."),
     allow_burned_in: bool = typer.Option(False, "--allow-burned-in",
                                          help="Accept images flagged with burned-in text."),
 ) -> None:
-    """Write de-identified copies: only pixel, geometry and technique attributes are kept,
-    UIDs and the patient ID are replaced by salted pseudonyms, private tags are dropped.
+    """Write de-identified copies following PS3.15 Table E.1-1 (basic profile): identifying
+    attributes removed, emptied or replaced, UIDs and the patient ID salted pseudonyms, private
+    tags dropped, free text outside an allow-list emptied.
+
+    Every file ends written, refused (named, with the reason) or skipped (not DICOM); the run
+    exits 1 when any file was refused.
 
     Example: ``MEDDX_DEID_SALT=… meddx deid incoming/ clean/``
     """
-    from meddx.privacy import deidentify_file, deidentify_folder
+    from meddx.errors import DataError
+    from meddx.privacy import deidentify_folder, deidentify_one
 
+    if not src.exists():
+        raise DataError("input not found", path=str(src), hint="give a DICOM file or folder")
     if not salt:
         salt = secrets.token_hex(16)
         typer.echo("no --salt given: pseudonyms of this run cannot be linked to any other run",
                    err=True)
     options = {"salt": salt, "keep_patient_characteristics": keep_patient_characteristics,
                "allow_burned_in": allow_burned_in}
-    if src.is_dir():
-        reports = deidentify_folder(src, dst, **options)
-    else:
-        reports = {dst.name: deidentify_file(src, dst, **options)}
-    warned = sum(bool(r.warnings) for r in reports.values())
-    typer.echo(f"de-identified {len(reports)} file(s) into {dst}"
-               + (f"; {warned} need a look for burned-in text" if warned else ""))
-    for name, report in reports.items():
-        for warning in report.warnings:
-            typer.echo(f"  {name}: {warning}", err=True)
+    run = deidentify_folder if src.is_dir() else deidentify_one
+    summary = run(src, dst, **options)
+    for outcome in summary.outcomes:
+        if outcome.status != "written":
+            typer.echo(f"  {outcome.status}: {outcome.source}: {outcome.reason}", err=True)
+        for warning in outcome.report.warnings if outcome.report else ():
+            typer.echo(f"  check: {outcome.source}: {warning}", err=True)
+    typer.echo(f"de-identified into {dst}: {summary.count('written')} written, "
+               f"{summary.count('refused')} refused, {summary.count('skipped')} skipped")
+    if not summary.ok:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

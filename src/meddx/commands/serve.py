@@ -51,6 +51,18 @@ def serve(
                                           "admitted."),
     workers: int = typer.Option(2, help="Requests computing at once."),
     timeout: float = typer.Option(30.0, help="Per-request timeout (s); then 503."),
+    body_timeout_s: float = typer.Option(60.0, "--body-timeout-s", help="Longest time to "
+                                         "receive a request body (s; slide uploads exempt); "
+                                         "then 408 and the connection is closed."),
+    body_idle_timeout_s: float = typer.Option(15.0, "--body-idle-timeout-s", help="Longest "
+                                              "wait for the next chunk of any body (s); "
+                                              "then 408."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin "
+                                          "(https://host[:port]) allowed cross-origin calls, "
+                                          "e.g. a browser-based CDS client. Repeatable; "
+                                          "none: no CORS."),
+    api_docs: bool = typer.Option(False, "--api-docs", help="Serve the interactive API docs "
+                                  "(/docs, /redoc), assets from this service only."),
     threads: int | None = typer.Option(None, help="Intra-op threads per inference."),
     audit_log: Path | None = typer.Option(None, help="Audit log (JSON lines)."),
     heatmap_ttl_hours: float = typer.Option(24.0, help="How long heat-map links live."),
@@ -105,6 +117,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024), max_in_flight=max_in_flight,
         queue_size=queue_size, queue_timeout_s=queue_timeout_s,
         workers=workers, request_timeout_s=timeout, threads=threads, audit_log=audit_log,
+        body_timeout_s=body_timeout_s, body_idle_timeout_s=body_idle_timeout_s,
+        cors_origins=_cors_origins(cors_origin), api_docs=api_docs,
         heatmap_ttl_s=int(heatmap_ttl_hours * 3600), fhir_server_allow=tuple(fhir_server_allow),
         cds_explain=cds_explain, jobs_queue=jobs_queue, slide_roots=tuple(slide_root),
         max_slide_bytes=int(max_slide_mb * 1024 * 1024), job_dir=job_dir,
@@ -120,6 +134,19 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
                 limit_concurrency=(max_in_flight + settings.admission_queue) * 2 + 16,
                 timeout_keep_alive=5)
+
+
+def _cors_origins(values: list[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values, each an exact ``scheme://host[:port]`` (checked here so the
+    error names the flag)."""
+    from meddx.serving.settings import valid_origin
+
+    for value in values:
+        if not valid_origin(value):
+            raise ConfigError(f"--cors-origin {value!r} is not an origin",
+                              hint="give scheme://host[:port] exactly, e.g. "
+                                   "https://ehr.example.org (no path, no wildcard)")
+    return tuple(values)
 
 
 def export(

@@ -1,5 +1,13 @@
-"""Privacy: DICOM de-identification (allow-list, PS3.15 Annex E basis)."""
+"""Privacy: DICOM de-identification (PS3.15 Table E.1-1 basic profile, allow-list for text)."""
 
-from meddx.privacy.deid import DeidReport, deidentify, deidentify_file, deidentify_folder
+from meddx.privacy.deid import DeidReport, deidentify
+from meddx.privacy.files import (
+    DeidSummary,
+    FileOutcome,
+    deidentify_file,
+    deidentify_folder,
+    deidentify_one,
+)
 
-__all__ = ["DeidReport", "deidentify", "deidentify_file", "deidentify_folder"]
+__all__ = ["DeidReport", "DeidSummary", "FileOutcome", "deidentify", "deidentify_file",
+           "deidentify_folder", "deidentify_one"]

@@ -1,19 +1,24 @@
-"""DICOM de-identification by allow-list, in the spirit of PS3.15 Annex E (basic profile).
+"""DICOM de-identification: PS3.15 Table E.1-1 for what it lists, an allow-list for free text.
 
-The Basic Application Level Confidentiality Profile lists attributes to remove, blank or
-replace. A deny-list misses what it does not list (free text, private tags, new attributes),
-so meddx does the stricter thing: it keeps only attributes on an allow-list — what is needed
-to decode and interpret the pixels (Image Pixel module, modality/VOI LUTs, geometry,
-acquisition technique) — and drops everything else, private tags included. On top:
+Every attribute Table E.1-1 (Basic Application Level Confidentiality Profile, shipped as data,
+see :mod:`meddx.privacy.profile`) lists gets the table's action: removed (X), emptied (Z),
+given a dummy (D) or remapped to a salted UID (U). Curves, overlays and private attributes go.
+The profile keeps what it does not list; meddx is stricter about free text there:
 
-* UIDs (study, series, instance, frame of reference) are replaced by deterministic UIDs derived
-  from a secret salt, so images of one study stay together and nothing links back;
-* Patient ID becomes a salted pseudonym; Type 2 attributes a valid file needs (PatientName,
-  StudyDate, AccessionNumber …) are present and empty;
-* ``PatientIdentityRemoved = YES`` and ``DeidentificationMethodCodeSequence`` (DCM 113100
-  Basic Application Confidentiality Profile; 113108 when patient characteristics are kept)
-  record what was done;
-* burned-in annotation is refused unless ``allow_burned_in``: pixel text cannot be cleaned here.
+* unlisted attributes on the allow-list :data:`KEEP` (what decodes and interprets the pixels
+  and waveforms: Image Pixel module, LUTs, geometry, acquisition technique, codes) are kept;
+* unlisted numbers and coded strings (CS, DS, IS, US, FL …) are kept — they carry no names;
+* unlisted well-known UIDs (SOP classes, transfer syntaxes) are kept, other UIDs remapped;
+* every other unlisted text, name or date gets a dummy and other binary values are emptied —
+  never deleted, so an IOD's Type 1 and 2 attributes stay present; unknown public tags go;
+* sequences are walked item by item with the same rules; inside a sequence the table says D
+  for, every text, name, date and code becomes a dummy and every UID is remapped (the
+  structure, coded strings and numbers stay: an SR's content tree still parses).
+
+On top: Patient ID gets a salted pseudonym (its D dummy), ``PatientIdentityRemoved = YES``
+and ``DeidentificationMethodCodeSequence`` (DCM 113100; 113108 with patient characteristics)
+record what was done, the 128-byte preamble is zeroed and the file meta rebuilt, and
+burned-in annotation is refused unless allowed: pixel text cannot be cleaned here.
 
 This is not a certified de-identifier; review the output before releasing data.
 """
@@ -22,16 +27,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meddx.errors import ConfigError, DataError
+from meddx.privacy.profile import EDITION, Action, action_for, dummy_value
 
-__all__ = ["DeidReport", "deidentify", "deidentify_file", "deidentify_folder", "KEEP"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["BURNED_IN_HINT", "DeidReport", "KEEP", "deidentify", "new_uid"]
 
 _PIXELS = """SamplesPerPixel PhotometricInterpretation Rows Columns BitsAllocated BitsStored HighBit
 PixelRepresentation PlanarConfiguration PixelAspectRatio SmallestImagePixelValue
@@ -67,13 +69,18 @@ EchoTrainLength ScanningSequence SequenceVariant MRAcquisitionType ImagedNucleus
 ImagingFrequency NumberOfAverages PercentSampling PercentPhaseFieldOfView PixelBandwidth
 AcquisitionMatrix InPlanePhaseEncodingDirection SAR ContrastBolusAgent ContrastBolusRoute
 DoseGridScaling DoseUnits DoseType DoseSummationType GridFrameOffsetVector"""
-_CHARACTERISTICS = frozenset({"PatientSex", "PatientAge", "PatientSize", "PatientWeight"})
+_WAVEFORM = """WaveformSequence WaveformData WaveformPaddingValue MultiplexGroupLabel ChannelLabel
+ChannelMinimumValue ChannelMaximumValue"""
+_CODES = """CodeValue CodingSchemeDesignator CodingSchemeVersion CodeMeaning LongCodeValue
+URNCodeValue ContextIdentifier ContextUID MappingResource ContextGroupVersion
+PositionReferenceIndicator"""
 
-KEEP = frozenset(" ".join((_PIXELS, _LUTS, _GEOMETRY, _IMAGE, _TECHNIQUE)).split())
-_REMAP_UIDS = frozenset({"SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                         "FrameOfReferenceUID"})
-_TYPE2_EMPTY = ("PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
-                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+KEEP = frozenset(" ".join((_PIXELS, _LUTS, _GEOMETRY, _IMAGE, _TECHNIQUE, _WAVEFORM, _CODES)).split())
+"""Unlisted attributes kept whatever their VR (Table E.1-1 wins where it lists one)."""
+_BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
+_SAFE_VRS = frozenset({"CS", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT"})
+BURNED_IN_HINT = ("mask the text first, or re-run with --allow-burned-in once you have checked "
+                  "that the pixels identify no one")
 
 
 @dataclass
@@ -82,6 +89,8 @@ class DeidReport:
 
     removed: int = 0
     private_removed: int = 0
+    emptied: int = 0
+    dummied: int = 0
     uids_replaced: int = 0
     kept: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -92,29 +101,91 @@ def _pseudonym(salt: str, value: str, prefix: str = "MDX") -> str:
     return f"{prefix}-{digest}"
 
 
-def _new_uid(salt: str, uid: str) -> str:
+def new_uid(salt: str, uid: str) -> str:
+    """The salted replacement of ``uid``: the same salt and UID always give the same new UID."""
     from pydicom.uid import generate_uid
 
     return str(generate_uid(entropy_srcs=[salt, str(uid)]))
 
 
-def _filter(ds: Any, keep: frozenset[str], salt: str, report: DeidReport) -> None:
-    """Drop every element whose keyword is not in ``keep``; recurse into kept sequences."""
+@dataclass(frozen=True)
+class _Rules:
+    salt: str
+    patient: str
+    keep_patient_characteristics: bool
+    dummy_all: bool = False  # inside a sequence the table says D for: every value a dummy
+
+
+def _unlisted_action(elem: Any) -> Action:
+    """The action for an attribute Table E.1-1 does not list (see the module docstring)."""
+    from pydicom.uid import UID_dictionary
+
+    if not elem.keyword:
+        return Action.REMOVE  # unknown public tag: nothing says what it holds
+    if elem.keyword in KEEP or elem.VR in _SAFE_VRS or elem.VR == "SQ":
+        return Action.KEEP
+    if elem.VR == "UI":
+        values = elem.value if elem.VM > 1 else [elem.value]
+        known = all(str(v) in UID_dictionary for v in values if v)
+        return Action.KEEP if known else Action.REMAP
+    if elem.VR in _BINARY_VRS:
+        return Action.EMPTY
+    return Action.DUMMY  # free text, names, dates: a dummy also satisfies Type 1
+
+
+def _remap(elem: Any, rules: _Rules) -> None:
+    if elem.VM > 1:
+        elem.value = [new_uid(rules.salt, v) for v in elem.value]
+    elif elem.value:
+        elem.value = new_uid(rules.salt, elem.value)
+
+
+def _dummy(elem: Any, rules: _Rules) -> None:
+    if elem.tag == 0x00100020:  # Patient ID: a salted pseudonym keeps a patient's studies linked
+        elem.value = _pseudonym(rules.salt, rules.patient) if rules.patient else "ANONYMIZED"
+    elif elem.VR == "UI":
+        _remap(elem, rules)
+    else:
+        elem.value = dummy_value(elem.VR)
+
+
+def _apply(ds: Any, elem: Any, action: Action, rules: _Rules, report: DeidReport) -> None:
+    """Carry out ``action`` on ``elem`` of ``ds``; sequences kept or remapped are walked."""
+    from pydicom.sequence import Sequence
+
+    is_sq = elem.VR == "SQ"
+    if action is Action.REMOVE:
+        report.private_removed += elem.tag.is_private
+        report.removed += not elem.tag.is_private
+        del ds[elem.tag]
+    elif elem.is_empty:
+        return  # Z, D and U leave an empty value empty (nothing to hide, nothing to invent)
+    elif action is Action.EMPTY:
+        elem.value = Sequence([]) if is_sq else None
+        report.emptied += 1
+    elif is_sq:  # D: the items' every value a dummy; KEEP or REMAP (X/Z/U*): the same rules
+        inner = replace(rules, dummy_all=True) if action is Action.DUMMY else rules
+        for item in elem.value:
+            _walk(item, inner, report)
+    elif action is Action.DUMMY:
+        _dummy(elem, rules)
+        report.dummied += 1
+    elif action is Action.REMAP:
+        if elem.VR == "UI":
+            _remap(elem, rules)
+        else:
+            elem.value = dummy_value(elem.VR)
+        report.uids_replaced += 1
+
+
+def _walk(ds: Any, rules: _Rules, report: DeidReport) -> None:
     for elem in list(ds):
-        keyword = elem.keyword
-        if elem.tag.is_private or not keyword or keyword not in keep:
-            if elem.tag.is_private:
-                report.private_removed += 1
-            else:
-                report.removed += 1
-            del ds[elem.tag]
-            continue
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _filter(item, keep, salt, report)
-        elif keyword in _REMAP_UIDS and elem.value:
-            elem.value = _new_uid(salt, elem.value)
-            report.uids_replaced += 1
+        action = action_for(int(elem.tag),
+                            keep_patient_characteristics=rules.keep_patient_characteristics)
+        action = action or _unlisted_action(elem)
+        if rules.dummy_all and action is not Action.REMOVE and elem.VR not in _SAFE_VRS:
+            action = Action.REMAP if elem.VR == "UI" else Action.DUMMY
+        _apply(ds, elem, action, rules, report)
 
 
 def deidentify(ds: Any, *, salt: str, keep_patient_characteristics: bool = False,
@@ -125,29 +196,36 @@ def deidentify(ds: Any, *, salt: str, keep_patient_characteristics: bool = False
         ds: the dataset (left unchanged).
         salt: secret for pseudonyms and new UIDs; the same salt maps the same patient and
             study to the same pseudonym and UIDs (keep it secret: it is the re-identification key).
-        keep_patient_characteristics: keep sex, age, size and weight (PS3.15 "Retain Patient
-            Characteristics Option"), e.g. for subgroup analysis.
+        keep_patient_characteristics: keep sex, age, size, weight and the other rows Table
+            E.1-1 marks K under the Retain Patient Characteristics Option.
         allow_burned_in: accept images flagged ``BurnedInAnnotation = YES``.
 
     Raises:
         ConfigError: empty salt. DataError: burned-in annotation not allowed.
     """
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-
     if not salt:
         raise ConfigError("de-identification needs a non-empty secret salt")
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not allow_burned_in:
         raise DataError("image has burned-in annotation (text in the pixels) that cannot be "
-                        "removed here", hint="mask it first, or pass allow_burned_in=True")
+                        "removed here", hint=BURNED_IN_HINT)
     report = DeidReport()
     out = copy.deepcopy(ds)
     patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
-    keep = KEEP | (_CHARACTERISTICS if keep_patient_characteristics else frozenset())
-    _filter(out, keep, salt, report)
-    out.PatientID = _pseudonym(salt, patient) if patient else ""
-    for keyword in _TYPE2_EMPTY:
-        setattr(out, keyword, "")
+    _walk(out, _Rules(salt, patient, keep_patient_characteristics), report)
+    _record_method(out, keep_patient_characteristics)
+    if str(ds.get("BurnedInAnnotation", "")).upper() != "NO" and ds.get("Modality") in (
+            "US", "SC", "OT", "XA", "ES", "XC"):
+        report.warnings.append(f"{ds.get('Modality')} images often carry burned-in text and "
+                               "this file does not say it has none: check the pixels")
+    _fix_file_meta(ds, out)
+    report.kept = sorted(e.keyword for e in out if e.keyword)
+    return out, report
+
+
+def _record_method(out: Any, keep_patient_characteristics: bool) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     out.PatientIdentityRemoved = "YES"
     out.LongitudinalTemporalInformationModified = "REMOVED"
     methods = [("113100", "Basic Application Confidentiality Profile")]
@@ -159,71 +237,25 @@ def deidentify(ds: Any, *, salt: str, keep_patient_characteristics: bool = False
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         codes.append(item)
     out.DeidentificationMethodCodeSequence = Sequence(codes)
-    out.DeidentificationMethod = "meddx allow-list de-identification (PS3.15 Annex E basis)"
-    if str(ds.get("BurnedInAnnotation", "")).upper() != "NO" and ds.get("Modality") in (
-            "US", "SC", "OT", "XA", "ES", "XC"):
-        report.warnings.append(f"{ds.get('Modality')} images often carry burned-in text and "
-                               "this file does not say it has none: check the pixels")
-    _fix_file_meta(out, salt)
-    report.kept = sorted(e.keyword for e in out if e.keyword)
-    return out, report
+    out.DeidentificationMethod = f"meddx: PS3.15 {EDITION} Table E.1-1 basic profile, allow-list"
 
 
-def _fix_file_meta(ds: Any, salt: str) -> None:
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        return
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-                    "ReceivingApplicationEntityTitle", "PrivateInformation",
-                    "PrivateInformationCreatorUID"):
-        if keyword in meta:
-            delattr(meta, keyword)
+def _fix_file_meta(original: Any, out: Any) -> None:
+    """A fresh file meta (only the transfer syntax and SOP class carried) and a zeroed preamble.
 
-
-def deidentify_file(src: str | Path, dst: str | Path, *, salt: str, **options: Any
-                    ) -> DeidReport:
-    """De-identify one DICOM file into ``dst`` (never in place)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ConfigError("de-identification never overwrites its input", path=str(src))
-    try:
-        ds = pydicom.dcmread(src)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise DataError(f"not a readable DICOM file ({e})", path=str(src)) from e
-    out, report = deidentify(ds, salt=salt, **options)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    out.save_as(dst, enforce_file_format=True)
-    return report
-
-
-def deidentify_folder(src: str | Path, dst: str | Path, *, salt: str, **options: Any
-                      ) -> dict[str, DeidReport]:
-    """De-identify every DICOM Part 10 file under ``src`` into ``dst``.
-
-    Output paths are built from the new UIDs only — ``<study>/<series>/<instance>.dcm`` —
-    because input folder and file names often hold names or ids. Other files are skipped.
+    Nothing else of the input's meta survives: source AE titles, private information and the
+    implementation name of the sending system are left behind.
     """
-    import pydicom
+    from pydicom.dataset import FileMetaDataset
 
-    src, dst = Path(src), Path(dst)
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise ConfigError("the output folder must not be inside the input folder", path=str(dst))
-    reports: dict[str, DeidReport] = {}
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        with path.open("rb") as f:
-            head = f.read(132)
-        if head[128:132] != b"DICM":
-            logger.info("skipped a file that is not DICOM Part 10")
-            continue
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        parts = [_new_uid(salt, str(ds.get(k, "") or path.name))
-                 for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-        target = dst / parts[0] / parts[1] / f"{parts[2]}.dcm"
-        reports[str(target.relative_to(dst))] = deidentify_file(path, target, salt=salt,
-                                                                **options)
-    return reports
+    old = getattr(original, "file_meta", None)
+    meta = FileMetaDataset()
+    if old is not None and old.get("TransferSyntaxUID"):
+        meta.TransferSyntaxUID = old.TransferSyntaxUID
+    if "SOPClassUID" in out:
+        meta.MediaStorageSOPClassUID = out.SOPClassUID
+    if "SOPInstanceUID" in out:
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    out.file_meta = meta
+    if hasattr(out, "preamble"):
+        out.preamble = b"\x00" * 128

@@ -18,7 +18,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from meddx.reporting.figures import reliability_figure, roc_pr_figure, subgroup_figure
 
-__all__ = ["write_report", "render_report", "fmt", "fmt_ci"]
+__all__ = ["write_report", "render_report", "fmt", "fmt_ci", "input_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,60 @@ def _tradeoff(result: Any) -> list[str]:
     return lines
 
 
+# what a long preprocessing entry is, in the report's words (others go by their key)
+_INPUT_LABELS = {"stats": "normalisation (mean, SD)", "variables": "variables",
+                 "static": "static variables", "layout": "channel layout"}
+_INLINE_ITEMS = 4  # a list up to this long is shown inline; longer ones go to the appendix
+
+
+def _scalar(x: Any) -> bool:
+    return x is None or isinstance(x, str | int | float | bool)
+
+
+def _inline(x: Any) -> bool:
+    return _scalar(x) or (isinstance(x, list | tuple) and len(x) <= _INLINE_ITEMS
+                          and all(_scalar(v) for v in x))
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, list | tuple):
+        return ", ".join(_text(v) for v in x)
+    return fmt(x)
+
+
+def _leaves(x: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(name, value)`` rows of a nested entry: dicts and long lists are walked, scalars and
+    short lists of scalars are one row (``series / HR`` → ``84.5, 15.2``)."""
+    if _inline(x):
+        return [(prefix, _text(x))]
+    items = x.items() if isinstance(x, dict) else ((str(i + 1), v) for i, v in enumerate(x))
+    return [row for k, v in items for row in _leaves(v, f"{prefix} / {k}" if prefix else str(k))]
+
+
+def input_summary(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The card's preprocessing for the report: ``summary`` (short items inline; each long one
+    as a count pointing to the appendix) and ``appendix`` (one table per long item)."""
+    summary, appendix = [], []
+    for key, value in preprocessing.items():
+        if _inline(value):
+            summary.append(f"{key} {_text(value)}")
+            continue
+        label = _INPUT_LABELS.get(key, key.replace("_", " "))
+        rows = _leaves(value)
+        if len(rows) <= _INLINE_ITEMS:  # a small dict: inline too
+            summary.append(f"{key} (" + "; ".join(f"{n} {v}" for n, v in rows) + ")")
+            continue
+        if isinstance(value, list | tuple) and all(_scalar(v) for v in value):
+            count = f"{label}: {len(value)}"
+        else:
+            count = f"{label} of {len(rows)} entries"
+        summary.append(f"{count} (Appendix A.{len(appendix) + 1})")
+        appendix.append({"key": key, "label": label, "rows": rows})
+    return {"summary": summary, "appendix": appendix}
+
+
 def _positives(result: Any) -> int | None:
     from meddx.statistics.metrics import binary_view
 
@@ -211,6 +265,7 @@ def render_report(result: Any) -> str:
         "subgroup_table": _subgroup_table(result), "tradeoff": _tradeoff(result),
         "figures": _figures(result), "limitations": _limitations(result),
         "labels": _LABELS, "positives": _positives(result),
+        "input": input_summary(result.card.preprocessing if result.card is not None else {}),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
     }

@@ -94,7 +94,8 @@ class JobQueue:
     """A bounded queue of jobs and its worker threads.
 
     Args:
-        root: folder for job files (created 0700; a fresh temporary folder when None).
+        root: folder for job files (created 0700; a fresh temporary folder when None, removed
+            with everything in it by :meth:`close`).
         workers: jobs running at once.
         max_queued: jobs waiting at once; one more gets :class:`QueueFullError`.
         run: ``run(job) -> result dict``, called on a worker thread.
@@ -103,6 +104,7 @@ class JobQueue:
 
     def __init__(self, root: Path | None, workers: int, max_queued: int,
                  run: Callable[[Job], dict[str, Any]], keep_finished: int = 200) -> None:
+        self._owns_root = not root
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="meddx-jobs-"))
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -171,7 +173,7 @@ class JobQueue:
         shutil.rmtree(job.folder, ignore_errors=True)
 
     def close(self) -> None:
-        """Cancel everything and stop the workers."""
+        """Cancel everything, stop the workers and remove the folder this queue made."""
         with self._lock:
             jobs = list(self._jobs.values())
         for j in jobs:
@@ -181,6 +183,8 @@ class JobQueue:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=5)
+        if self._owns_root:  # a folder the operator named (--job-dir) is theirs to keep
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # ----------------------------------------------------------------- workers
     def _work(self) -> None:

@@ -12,6 +12,10 @@
   queue. At most ``workers`` run at once; one that runs longer than ``request_timeout_s`` gets
   ``503`` and its work keeps its slot until it ends, so the bound on work in progress stays
   true.
+* :class:`BodyTimeoutMiddleware` — a request body must arrive within ``total_s`` (slide
+  uploads, which may be gigabytes, are exempt from the total) and with no gap longer than
+  ``idle_s`` between two of its chunks; otherwise the answer is ``408`` and the connection is
+  closed, so a client trickling bytes cannot hold a connection and a worker indefinitely.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["BodyLimitMiddleware", "LimitsMiddleware", "json_response"]
+from meddx.errors import ServingError
+
+__all__ = ["BodyLimitMiddleware", "BodyTimeoutError", "BodyTimeoutMiddleware",
+           "LimitsMiddleware", "json_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,12 @@ async def json_response(send: Send, status: int, error: str, message: str,
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BodyTimeoutError(ServingError):
+    """The request body did not arrive in time (HTTP 408; the connection is closed)."""
+
+    status_code = 408
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -308,3 +321,83 @@ class LimitsMiddleware:
                             f"the request took longer than {self.request_timeout_s:g} s",
                             hint="retry later or send fewer inputs per request",
                             headers=self.retry_after)
+
+
+class BodyTimeoutMiddleware:
+    """Answer ``408`` to a request whose body arrives too slowly (see the module docstring).
+
+    The wrapped ``receive`` raises :class:`BodyTimeoutError`; raised while the body is read
+    here or by :class:`BodyLimitMiddleware`, this middleware answers; raised inside a route
+    that streams the body (slide uploads), the app's error handler answers it. Either way the
+    answer carries ``Connection: close``.
+
+    Args:
+        app: the wrapped ASGI app.
+        total_s: longest time from the request's arrival to the body's last byte.
+        idle_s: longest wait for the next chunk of the body.
+        streamed: compiled path patterns whose POST bodies only get the idle timeout.
+    """
+
+    def __init__(self, app: ASGIApp, total_s: float, idle_s: float,
+                 streamed: tuple[Any, ...] = ()) -> None:
+        self.app = app
+        self.total_s = total_s
+        self.idle_s = idle_s
+        self.streamed = streamed
+
+    def _timed(self, scope: Scope, receive: Receive, fired: dict[str, bool]) -> Receive:
+        is_streamed = scope.get("method") == "POST" and any(
+            p.match(scope.get("path", "")) for p in self.streamed)
+        deadline = None if is_streamed else time.monotonic() + self.total_s
+        done = False
+
+        async def inner() -> Message:
+            nonlocal done
+            if done:  # the body is complete: later reads wait for a disconnect, untimed
+                return await receive()
+            wait = self.idle_s if deadline is None else min(self.idle_s,
+                                                            deadline - time.monotonic())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), timeout=wait)
+            except TimeoutError:
+                fired["yes"] = True
+                limit = (f"{self.total_s:g} s" if deadline is not None
+                         and deadline - time.monotonic() <= 0 else f"{self.idle_s:g} s idle")
+                logger.info("request body too slow on %s (limit %s); answered 408",
+                            scope.get("path"), limit)
+                raise BodyTimeoutError(
+                    f"the request body did not arrive in time (limit {limit})",
+                    hint="send the whole body at once on a working connection; the operator "
+                         "sets the limit with --body-timeout-s / --body-idle-timeout-s") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                done = True
+            return message
+
+        return inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        fired = {"yes": False}
+        started = False
+
+        async def closing_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if fired["yes"]:
+                    message = {**message, "headers": [
+                        *[(k, v) for k, v in message.get("headers", [])
+                          if k.lower() != b"connection"], (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, self._timed(scope, receive, fired), closing_send)
+        except BodyTimeoutError as e:
+            if started:
+                raise
+            await json_response(send, 408, "BodyTimeoutError", e.message, hint=e.hint,
+                                headers={"connection": "close"})

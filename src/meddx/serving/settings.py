@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from meddx.errors import ConfigError
 
 __all__ = ["IssuerTrust", "ServeSettings", "load_api_keys", "load_trust", "LOOPBACK_HOSTS",
-           "parse_operating_points", "ALL_MODELS"]
+           "parse_operating_points", "ALL_MODELS", "valid_origin"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 #: key of ``ServeSettings.operating_points`` for "every served model that has operating points"
 ALL_MODELS = "*"
 SAFE_ALGS = ("ES384", "RS384", "ES256", "RS256")
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class IssuerTrust(BaseModel):
@@ -94,6 +96,12 @@ class ServeSettings(BaseModel):
     queue_timeout_s: float = Field(10.0, gt=0, description="longest wait before a request runs: "
                                    "still queued → 429, admitted but no worker free → 503")
     request_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0, description="longest time to receive a request "
+                                  "body (slide uploads exempt); then 408 and the connection "
+                                  "is closed")
+    body_idle_timeout_s: float = Field(15.0, gt=0, description="longest wait for the next "
+                                       "chunk of any request body, slide uploads included; "
+                                       "then 408")
     retry_after_s: int = 1
     threads: int | None = Field(None, description="torch intra-op threads per worker")
     # --- audit, heat maps, CDS
@@ -115,6 +123,12 @@ class ServeSettings(BaseModel):
     job_dir: Path | None = Field(None, description="server-owned folder for job files")
     slide_roots: tuple[Path, ...] = Field((), description="folders whose slides jobs may read")
     max_slide_bytes: int = Field(4 * 1024**3, gt=0)
+    # --- browsers and docs
+    cors_origins: tuple[str, ...] = Field((), description="browser origins (scheme://host"
+                                          "[:port]) allowed cross-origin calls, e.g. a "
+                                          "browser-based CDS client; empty: no CORS headers")
+    api_docs: bool = Field(False, description="serve /docs and /redoc (assets from this "
+                           "service only)")
     # --- monitoring
     metrics: Literal["auth", "open", "off"] = Field(
         "auth", description="GET /metrics: behind the REST authentication (auth), without "
@@ -128,6 +142,15 @@ class ServeSettings(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError("public_url must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in v:
+            if not valid_origin(origin):
+                raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (no "
+                                 "path, no wildcard); list each allowed origin exactly")
+        return tuple(o.lower() for o in v)
 
     @field_validator("algorithms")
     @classmethod
@@ -156,6 +179,11 @@ class ServeSettings(BaseModel):
     def url_for(self, path: str) -> str:
         """Absolute public URL of ``path`` (the exact JWT audience for that endpoint)."""
         return self.base_url + "/" + path.lstrip("/")
+
+
+def valid_origin(origin: str) -> bool:
+    """True for an exact browser origin ``scheme://host[:port]`` (no path, no wildcard)."""
+    return _ORIGIN.fullmatch(origin) is not None
 
 
 def parse_operating_points(values: list[str]) -> dict[str, str]:

@@ -149,6 +149,12 @@ class ImageModality(Modality):
         path = Path(data.path) if data.path else resolve(entry, size)[0]
         spatial = opts.spatial_dims or 2
         splits = load_medmnist(path, task, spatial, data.limit)
+        held = int(splits["train"].inputs.shape[1])  # the file's own image size
+        if data.size and held != data.size:
+            raise DataError(f"the file holds {held}-px images, not the {size} px asked for",
+                            path=str(path), hint=f"set data.size to {held}, or use the "
+                            f"{size}-px file")
+        size = held
         channels = 1 if splits["train"].inputs.ndim == spatial + 1 else splits["train"].inputs.shape[-1]
         if opts.channels and opts.channels != channels:
             raise DataError(f"expected {opts.channels} channels, file has {channels}", path=str(path))

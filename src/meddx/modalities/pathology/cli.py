@@ -77,13 +77,17 @@ def tiles(
     thumb_side: int = typer.Option(1024, "--thumb-side",
                                    help="Longest side of the thumbnail written."),
     batch_size: int = typer.Option(32, "--batch-size", help="Tiles read at a time (--png)."),
+    allow_upsample: bool = typer.Option(
+        False, "--allow-upsample", help="Cut tiles more than 2 times finer than the scan "
+        "(refused by default: their pixels would be interpolated, not seen)."),
 ) -> None:
     """Find the tissue on a slide and write its tile index (level-0 x, y and tissue fraction of
     every kept tile), a thumbnail with the mask and tiles drawn, and optionally the tiles.
 
     Example: ``meddx wsi tiles CMU-1-Small-Region.svs --mpp 0.5 --size 224 --out tiles/cmu1``
     writes ``tiles/cmu1/CMU-1-Small-Region.tiles.csv`` and ``…thumbnail.png``. For a file that
-    does not record its resolution add ``--slide-mpp 0.25``.
+    does not record its resolution add ``--slide-mpp 0.25`` (a TIFF's screen or print default,
+    e.g. 72 dpi, counts as none).
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -95,10 +99,10 @@ def tiles(
     with open_slide(slide_path, mpp=slide_mpp) as slide:
         stem = slide.path.stem if slide.path.is_file() else slide.path.name
         folder = out or Path.cwd() / f"{stem}_tiles"
-        folder.mkdir(parents=True, exist_ok=True)
         mask, mask_ds = tissue_mask(slide)
         index = tile_index(slide, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
-                           mask=(mask, mask_ds))
+                           mask=(mask, mask_ds), allow_upsample=allow_upsample)
+        folder.mkdir(parents=True, exist_ok=True)  # after the checks: a refusal writes nothing
         thumb = slide.thumbnail(thumb_side)
         downsample = slide.dimensions[0] / thumb.shape[1]
         index_path = folder / f"{stem}.tiles.csv"

@@ -39,6 +39,12 @@ MPP_FLAG = "--slide-mpp"
 _LEVEL_TOLERANCE = 1.01
 # blocks read for a thumbnail are at most this many level pixels on a side (bounded memory)
 _BLOCK = 1024
+# A microscope scans at about 0.1-10 µm/px (a 1.25x overview is ~8). TIFF writers that know
+# nothing of microscopes store a screen or print default instead (72, 96, 300 dpi …: 353, 265,
+# 85 µm/px): such a tag is no resolution at all, and is treated as absent (--slide-mpp asked for).
+MAX_SCAN_MPP = 20.0
+_DEFAULT_DPI = frozenset({72, 96, 100, 120, 144, 150, 180, 200, 240, 300, 360, 400, 600, 720,
+                          1200, 2400, 4800})
 
 
 class _Reader:
@@ -47,6 +53,8 @@ class _Reader:
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float | None
+    # why a resolution the file records was not taken (a screen/print default), else None
+    mpp_ignored: str | None = None
     associated_names: list[str]
 
     def read(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -74,6 +82,26 @@ def _mpp_xy(x: Any, y: Any, path: Path) -> float | None:
     return mx or my
 
 
+def _scan_mpp(mpp: float | None, props: Any, path: Path) -> tuple[float | None, str | None]:
+    """``(mpp, None)`` for a plausible microscope resolution; ``(None, why)`` for a tag that
+    looks like a screen or print default (its unit inch at a common dpi, or coarser than
+    :data:`MAX_SCAN_MPP`)."""
+    if mpp is None:
+        return None, None
+    unit = str(props.get("tiff.ResolutionUnit") or "").lower() if props is not None else ""
+    dpi = _positive(props.get("tiff.XResolution")) if props is not None else None
+    why = None
+    if unit == "inch" and dpi is not None and round(dpi) in _DEFAULT_DPI \
+            and abs(dpi - round(dpi)) < 1e-6:
+        why = f"its resolution tag says {dpi:g} dpi, a screen or print default"
+    elif mpp > MAX_SCAN_MPP:
+        why = f"its resolution tag says {mpp:.4g} µm/px, coarser than any microscope scan"
+    if why is None:
+        return mpp, None
+    logger.debug("%s: %s; taken as no resolution", path.name, why)
+    return None, why
+
+
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """Composite RGBA (OpenSlide's output) on white: transparent pixels are glass."""
     alpha = rgba[..., 3]
@@ -90,7 +118,8 @@ class _OpenSlideReader(_Reader):
         self.level_dimensions = [tuple(map(int, d)) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         props = self._slide.properties
-        self.mpp = _mpp_xy(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"), path)
+        self.mpp, self.mpp_ignored = _scan_mpp(
+            _mpp_xy(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"), path), props, path)
         self.associated_names = sorted(self._slide.associated_images.keys())
 
     def read(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -107,7 +136,8 @@ class _TiffSlideReader(_Reader):
         self.level_dimensions = [tuple(map(int, d)) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         props = self._slide.properties
-        self.mpp = _mpp_xy(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"), path)
+        self.mpp, self.mpp_ignored = _scan_mpp(
+            _mpp_xy(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"), path), props, path)
         self.associated_names = sorted(self._slide.associated_images.keys())
 
     def read(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -132,8 +162,9 @@ class _WsiDicomReader(_Reader):
         self.level_dimensions = [(int(lvl.size.width), int(lvl.size.height)) for lvl in levels]
         self.level_downsamples = [base.width / lvl.size.width for lvl in levels]
         mpp = self._wsi.mpp
-        self.mpp = _mpp_xy(mpp.width, mpp.height, Path(source[0] if isinstance(source, list)
-                                                        else source)) if mpp else None
+        first = Path(source[0] if isinstance(source, list) else source)
+        self.mpp, self.mpp_ignored = _scan_mpp(
+            _mpp_xy(mpp.width, mpp.height, first) if mpp else None, None, first)
         names = []
         if self._wsi.labels:
             names.append("label")
@@ -413,7 +444,9 @@ def open_slide(path: str | Path, mpp: float | None = None, *,
         file_mpp = reader.mpp
         if mpp is None and file_mpp is None:
             raise DataError(
-                "the slide records no resolution (microns per pixel)",
+                "the slide records no resolution (microns per pixel)" + (
+                    f" that can be trusted ({reader.mpp_ignored})" if reader.mpp_ignored
+                    else ""),
                 hint=f"give it with {MPP_FLAG} (e.g. {MPP_FLAG} 0.25 for a 40x scan) or "
                 "open_slide(path, mpp=0.25)",
                 path=str(path),

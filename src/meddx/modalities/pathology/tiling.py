@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx.errors import ConfigError, DataError
+from meddx.errors import ConfigError, DataError, InputMismatchError
 from meddx.modalities.pathology.slide import Slide
 
 __all__ = ["TileIndex", "tissue_mask", "tile_index", "iter_tiles", "mask_from_rgb", "saturation",
-           "MIN_SATURATION", "MAX_SATURATION", "MASK_MPP"]
+           "MIN_SATURATION", "MAX_SATURATION", "MASK_MPP", "MAX_UPSAMPLE"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ MIN_SATURATION = 0.05
 MAX_SATURATION = 0.2
 # finest resolution of a tissue mask (µm/px): coarse enough to see tissue, not fibres
 MASK_MPP = 4.0
+# tiles finer than the scan by more than this factor are refused unless asked for: their pixels
+# would be invented by interpolation, not seen (a 72-dpi tag read as 353 µm/px once gave tiles
+# of one level-0 pixel blown up 224 times)
+MAX_UPSAMPLE = 2.0
 _FORMAT = "meddx-tile-index"
 
 
@@ -188,9 +192,24 @@ def _box_fractions(mask: np.ndarray, slide_dims: tuple[int, int], x: np.ndarray,
     return (total / ((r1 - r0) * (c1 - c0))).astype(np.float32)
 
 
+def _check_upsampling(slide: Slide, mpp: float, allow: bool) -> None:
+    factor = slide.mpp / mpp
+    if factor <= MAX_UPSAMPLE * 1.01 or allow:
+        if factor > 1.01:
+            logger.warning("%s: tiles at %.3g µm/px are %.3g times finer than the scan "
+                           "(%.4g µm/px): upsampled", slide.path.name, mpp, factor, slide.mpp)
+        return
+    raise InputMismatchError(
+        f"tiles at {mpp:g} µm/px would be {factor:.3g} times finer than the slide's scan "
+        f"({slide.mpp:.4g} µm/px): every tile pixel would be interpolated, not seen",
+        hint=f"cut tiles at {slide.mpp:.4g} µm/px or coarser; if the file's resolution is wrong, "
+        "give the true one with --slide-mpp; to upsample on purpose pass --allow-upsample "
+        "(allow_upsample=True)", path=slide.path.name)
+
+
 def tile_index(slide: Slide, mpp: float = 0.5, size: int = 224, overlap: int = 0,
-               min_tissue: float = 0.5, *, mask: tuple[np.ndarray, float] | None = None
-               ) -> TileIndex:
+               min_tissue: float = 0.5, *, mask: tuple[np.ndarray, float] | None = None,
+               allow_upsample: bool = False) -> TileIndex:
     """The grid of tiles on tissue.
 
     Tiles lie wholly inside the slide, start at its top-left corner and step by
@@ -204,11 +223,15 @@ def tile_index(slide: Slide, mpp: float = 0.5, size: int = 224, overlap: int = 0
         overlap: pixels (at ``mpp``) shared by neighbouring tiles.
         min_tissue: least tissue fraction of a kept tile.
         mask: a ``tissue_mask(slide)`` result to reuse (computed when None).
+        allow_upsample: cut tiles finer than the scan by more than :data:`MAX_UPSAMPLE` times.
 
     Raises:
         ConfigError: a parameter is out of range.
+        InputMismatchError: ``mpp`` is more than :data:`MAX_UPSAMPLE` times finer than the
+            slide's scan and ``allow_upsample`` is False.
     """
     _check(mpp, size, overlap, min_tissue)
+    _check_upsampling(slide, mpp, allow_upsample)
     factor = mpp / slide.mpp
     side = max(1, int(round(size * factor)))
     stride = max(1, int(round((size - overlap) * factor)))

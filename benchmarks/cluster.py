@@ -1,0 +1,265 @@
+"""Archive inference on Ray against the single-process ``meddx predict``, at equal threads.
+
+BreastMNIST test images (28 px, bundled) are written as PNGs, repeated until there are
+``--images`` of them, to a temporary folder; the same folder is predicted by
+
+* ``meddx predict MODEL FOLDER --format csv`` with one torch thread (the single process), and
+* ``meddx predict MODEL FOLDER --ray ADDRESS --out …`` on a fresh local Ray node of W CPUs
+  with W predicting actors of one thread each (W = 1, 2), reads in Ray tasks,
+
+and the wall time of each whole command (start-up included) gives images/s. A small job
+(``--small`` images) gives the fixed overhead of the engine. Peak RSS is sampled from every
+Ray worker process. The 64-node figures in the results are a plan worked out by arithmetic
+from the measured per-worker rate, not a measurement.
+
+    python benchmarks/cluster.py [--images 10000] [--small 64] [--model runs/x/model]
+
+Writes results/cluster.{json,md}. The machine's load average is recorded: rerun on a quiet
+machine for figures worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import environment, write
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH"))
+                                        if p)
+    return env
+
+
+def make_images(folder: Path, count: int) -> None:
+    """``count`` PNGs cycling through BreastMNIST's test images."""
+    from PIL import Image
+
+    from meddx.catalog import data_roots
+
+    npz = next(r / "medmnist/breastmnist.npz" for r in data_roots()
+               if (r / "medmnist/breastmnist.npz").exists())
+    images = np.load(npz)["test_images"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(images[i % len(images)]).save(folder / f"img{i:06d}.png")
+
+
+def make_model(out: Path) -> Path:
+    """An untrained ResNet-18 (width 1/4) BreastMNIST package: speed, not accuracy."""
+    import torch
+
+    from meddx.config import parse_config
+    from meddx.modalities import get_modality
+    from meddx.models import build_network
+    from meddx.package import ModelCard, save_package
+    from meddx.training import load_bundle
+
+    options = {"widen_factor": 0.25}
+    cfg = parse_config({"name": "bench", "data": {"dataset": "breastmnist", "limit": 40},
+                        "model": {"name": "resnet18", "options": options}})
+    bundle = load_bundle(cfg)
+    torch.manual_seed(0)
+    net = build_network("resnet18", num_outputs=bundle.task.num_outputs,
+                        spec=get_modality(bundle.modality).network_spec(bundle.input_spec),
+                        options=options)
+    card = ModelCard(name="bench", modality=bundle.modality, task=bundle.task,
+                     network={"name": "resnet18", "options": options},
+                     preprocessing=bundle.input_spec)
+    return save_package(out, net.eval(), card).path
+
+
+def _pids_under(marker: str) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if marker in " ".join(p.info["cmdline"] or ()):
+                out.append(p.info["pid"])
+    return out
+
+
+class Node:
+    """A fresh single Ray node of ``cpus`` CPUs (its own temp dir; stopped by PID)."""
+
+    def __init__(self, cpus: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+        subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+                        str(self.port), "--num-cpus", str(cpus), "--include-dashboard",
+                        "false", "--object-store-memory", str(300 * 2**20), "--temp-dir",
+                        self.dir, "--disable-usage-stats"], env=_env(), check=True,
+                       capture_output=True, timeout=300)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _pids_under(self.dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(1.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PeakRss(threading.Thread):
+    """Peak resident memory of each process whose command line names ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(daemon=True)
+        self.marker, self.peak, self.titles, self.done = marker, {}, {}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            for pid in _pids_under(self.marker):
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    self.peak[pid] = max(self.peak.get(pid, 0), proc.memory_info().rss)
+                    self.titles[pid] = " ".join(proc.cmdline())[:60]
+            self.done.wait(0.5)
+
+    def workers_mb(self) -> float:
+        """Largest peak among Ray's Python workers (actors and read tasks), in MB."""
+        rss = [v for pid, v in self.peak.items() if self.titles[pid].startswith("ray::")]
+        return round(max(rss) / 2**20, 1) if rss else float("nan")
+
+
+def timed(args: list[str], threads: int = 1) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "meddx.cli", *args], env=_env(threads),
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"meddx {' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
+    return wall
+
+
+def single(model: Path, folder: Path, tmp: Path) -> float:
+    return timed(["predict", str(model), str(folder), "--format", "csv", "--out",
+                  str(tmp / "single.csv"), "--batch-size", "256"])
+
+
+def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int
+           ) -> tuple[float, float]:
+    node = Node(workers)
+    watch = PeakRss(node.dir)
+    watch.start()
+    try:
+        out = tmp / f"ray{workers}-{time.monotonic_ns()}.parquet"
+        wall = timed(["predict", str(model), str(folder), "--ray", node.address, "--out",
+                      str(out), "--batch-size", str(block), "--workers", str(workers),
+                      "--threads", "1", "--worker-cpus", "0.5", "--read-cpus", "0.5"])
+    finally:
+        watch.done.set()
+        node.stop()
+    return wall, watch.workers_mb()
+
+
+def plan(rate1: float, nodes: int = 64, cores: int = 16) -> str:
+    """The 64-node arithmetic from one worker's measured rate."""
+    workers = nodes * cores // 2  # half the cores predict, half read and decode
+    rate = workers * rate1
+    return "\n".join([
+        f"- **Plan, not a measurement.** {nodes} nodes × {cores} cores, half the cores as "
+        f"one-thread actors, half as read tasks: {workers} actors × {rate1:.0f} images/s "
+        f"(this run's 1-worker rate) ≈ **{rate:,.0f} images/s**; 10⁶ 28-px images in "
+        f"{1e6 / rate / 60:.1f} min.",
+        f"- Storage: at 28 px a PNG is ~0.8 kB ({rate * 0.8e3 / 1e6:,.0f} MB/s); a 512×512 "
+        f"DICOM is ~0.5 MB, which at even 1/20 of that rate ({rate / 20:,.0f}/s) needs "
+        f"{rate / 20 * 0.5:,.0f} MB/s from the archive — storage, not compute, becomes the "
+        "limit first; read tasks should run next to the data (one NFS/object-store gateway "
+        "per rack), and larger models move the limit back to the actors.",
+        "- Object store: a block of 64 decoded 28-px images is 200 kB, a block of 64 "
+        "224-px RGB images 38 MB; with Ray Data's streaming back-pressure at most a few "
+        "blocks per actor are in flight, so a 2 GB store per node does not spill; above "
+        "that Ray spills to local disk (set `object_spilling_directory` to an NVMe path).",
+        f"- Parquet: one part per block of 256 inputs gives {1e6 / 256:,.0f} parts for 10⁶ "
+        "inputs (~25 kB each); compact them afterwards (`pyarrow.dataset` → files of "
+        "~128 MB) or raise `--batch-size`; the resume scan reads only the `id` column.",
+        "- The driver: one process lists the inputs and collects a few bytes per block; "
+        f"at {rate / 256:,.0f} blocks/s it is not the limit; listing 10⁶ files on NFS is "
+        "(minutes) — give a CSV manifest instead.",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--small", type=int, default=64)
+    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--model", type=Path, default=None)
+    args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="meddx-cluster-bench-") as t:
+        tmp = Path(t)
+        model = args.model or make_model(tmp / "model")
+        big, small = tmp / "big", tmp / "small"
+        make_images(big, args.images)
+        make_images(small, args.small)
+        s_wall = single(model, big, tmp)
+        r1_wall, r1_mem = on_ray(model, big, tmp, 1, args.block)
+        r2_wall, r2_mem = on_ray(model, big, tmp, 2, args.block)
+        small_single = single(model, small, tmp)
+        small_ray, _ = on_ray(model, small, tmp, 1, args.block)
+    n = args.images
+    rates = {"single": n / s_wall, "ray_1": n / r1_wall, "ray_2": n / r2_wall}
+    data = {"environment": environment(), "load_avg_before": load_before,
+            "images": n, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
+                                                         "ray_2": r2_wall},
+            "images_per_s": rates, "peak_worker_rss_mb": {"ray_1": r1_mem, "ray_2": r2_mem},
+            "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray}}
+    env = data["environment"]
+    md = f"""# Archive inference on Ray vs one process
+
+{n:,} BreastMNIST test images (28 px PNGs, the 156 bundled test images repeated, written to a
+temporary folder), an untrained ResNet-18 (width 1/4; speed does not depend on the weights),
+one torch thread per predicting process. Wall time of the whole command, start-up included.
+CPU: {env['cpu']} ({env['cores']} cores); load average {load_before:.1f} before the run,
+{env['load_avg']:.1f} after. **Measured on a shared, loaded machine: rerun on a quiet one
+before quoting** (`python benchmarks/cluster.py`).
+
+| run | images/s | wall s | peak RSS per Ray worker |
+|---|---:|---:|---:|
+| single process (`meddx predict`, 1 thread) | {rates['single']:.0f} | {s_wall:.1f} | — |
+| `--ray`, 1 worker (node of 1 CPU) | {rates['ray_1']:.0f} | {r1_wall:.1f} | {r1_mem} MB |
+| `--ray`, 2 workers (node of 2 CPUs) | {rates['ray_2']:.0f} | {r2_wall:.1f} | {r2_mem} MB |
+
+- 2 workers / 1 worker: **{rates['ray_2'] / rates['ray_1']:.2f}×** (target ≥ 1.8×).
+- Engine overhead at equal threads (1 worker vs single process):
+  **{(r1_wall / s_wall - 1) * 100:+.0f} %** wall time (target ≤ 10 %). Each Ray worker runs
+  one torch thread, but its read tasks run beside it: the node's one CPU is shared by a reader
+  and an actor (`--worker-cpus 0.5 --read-cpus 0.5`).
+- Fixed overhead of a small job ({args.small} images): {small_ray:.1f} s on Ray (connect,
+  start an actor, load and verify the package, write one part) vs {small_single:.1f} s
+  single-process: **{small_ray - small_single:+.1f} s**.
+
+## Scaling to 64 nodes (a plan worked out from the figures above)
+
+{plan(rates['ray_1'])}
+"""
+    write("cluster", data, md)
+
+
+if __name__ == "__main__":
+    main()
