@@ -8,7 +8,7 @@ one optimiser step sees as many cases as in a local run of the same config.
 
 Checkpoints go to shared storage (``RunConfig(storage_path=...)``: a folder every node sees,
 or a URI such as ``s3://bucket/runs``) at the end of every epoch with the validation figure;
-Ray keeps the best one and the latest. A worker (or its node) that dies restarts the worker
+Ray keeps the best two and the latest. A worker (or its node) that dies restarts the worker
 group, which resumes from the latest checkpoint (``FailureConfig(max_failures=...)``).
 
 After training, rank 0 alone restores the best checkpoint, packages the network and makes
@@ -161,7 +161,9 @@ def _train_ddp(ray: Any, cfg: ExperimentConfig, run: Path, workers: int, storage
                                      resources_per_worker={"CPU": cfg.train.threads or 1}),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=1,  # + the latest, which Ray keeps
+            # the best two and the latest (Ray always keeps it): the final report (the package,
+            # scored with the best figure) ties the best epoch and must not push it out
+            checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                checkpoint_score_attribute=cfg.train.monitor,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=max_failures)),
