@@ -41,7 +41,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def _env(threads: int = 1) -> dict[str, str]:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS=str(threads),
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH"))
                                         if p)

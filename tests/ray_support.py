@@ -40,10 +40,12 @@ def _free_port() -> int:
 
 
 def ray_env() -> dict[str, str]:
-    """Environment for Ray processes: no usage stats, no dashboard pings, loopback only."""
+    """Environment for Ray processes: no usage stats, no uv run, and token authentication
+    off explicitly: Ray turns it on by itself once any local ``ray.init()`` on this machine
+    has written ``~/.ray/auth_token``, and then a node started without the token is refused."""
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_DISABLE_DOCKER_CPU_WARNING="1",
-               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_AUTH_MODE="disabled")
     return env
 
 

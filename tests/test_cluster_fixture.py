@@ -27,3 +27,12 @@ def test_without_ray_the_cli_names_the_extra(monkeypatch) -> None:
     with pytest.raises(ConfigError) as info:
         require_ray()
     assert info.value.hint == INSTALL_HINT == "pip install 'meddx[cluster]'"
+
+
+def test_the_cli_does_not_import_ray_until_a_cluster_command_runs() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, meddx, meddx.cli; "
+            "sys.exit(int(any(m == 'ray' or m.startswith('ray.') for m in sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0

@@ -56,6 +56,7 @@ class ArchiveConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads per actor")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per actor")
     read_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per read task")
+    read_memory_mb: int = Field(256, ge=1, description="memory Ray reserves per read task")
     attempts: int = Field(3, ge=1, description="runs over the remaining inputs when the "
                           "cluster loses work (a node dies)")
 
@@ -318,10 +319,14 @@ def _error_row(sid: str, error: str) -> dict[str, Any]:
 def _pipeline(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256: str,
               card: Any) -> Iterator[dict[str, Any]]:
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
-    ds = ds.map(read_block, num_cpus=cfg.read_cpus,
+    # the reads reserve memory for decoding; as a requirement the actors do not share, it
+    # also keeps Ray Data from fusing the reads into the actors, so decoding scales on CPU
+    # tasks apart from the (possibly GPU) predictors
+    ds = ds.map(read_block, num_cpus=cfg.read_cpus, memory=cfg.read_memory_mb * 2**20,
                 fn_kwargs={"modality": card.modality,
                            "preprocessing": dict(card.preprocessing)})
-    ds = ds.map(BlockPredictor, concurrency=(1, cfg.workers), num_cpus=cfg.worker_cpus,
+    ds = ds.map(BlockPredictor, num_cpus=cfg.worker_cpus,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
                 fn_constructor_kwargs={
                     "model": str(cfg.model.resolve()), "sha256": sha256,
                     "out": str(cfg.out.resolve()), "backend": cfg.backend,

@@ -31,10 +31,10 @@ def _address(ray_address: str) -> str | None:
 
 def archive_predict(model: Path, inputs: list[str], out: Path | None, ray_address: str, *,
                     backend: str, operating_point: str | None, block_size: int, workers: int,
-                    threads: int, worker_cpus: float | None, read_cpus: float) -> None:
+                    threads: int, worker_cpus: float | None, read_cpus: float,
+                    suffixes: tuple[str, ...]) -> None:
     """``meddx predict MODEL SOURCE --ray ADDRESS --out results.parquet`` (see RAY_HELP)."""
     from meddx.cluster.archive import ArchiveConfig
-    from meddx.commands.core import INPUT_SUFFIXES
 
     if out is None:
         raise ConfigError("--ray needs --out: the Parquet dataset directory of the results",
@@ -47,7 +47,7 @@ def archive_predict(model: Path, inputs: list[str], out: Path | None, ray_addres
                         block_size=block_size, workers=workers, threads=threads,
                         worker_cpus=worker_cpus if worker_cpus is not None else float(threads),
                         read_cpus=read_cpus)
-    _run_job(cfg, inputs[0], INPUT_SUFFIXES, ray_address, None, "predicting")
+    _run_job(cfg, inputs[0], suffixes, ray_address, None, "predicting")
 
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".svslide",

@@ -331,7 +331,7 @@ def predict(
         return archive_predict(model, inputs or [], out, ray, backend=backend,
                                operating_point=operating_point, block_size=batch_size,
                                workers=workers, threads=threads, worker_cpus=worker_cpus,
-                               read_cpus=read_cpus)
+                               read_cpus=read_cpus, suffixes=INPUT_SUFFIXES)
     if fmt not in ("table", "csv", "json"):
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
     predictor = load_model(model, backend=backend, operating_point=operating_point)
