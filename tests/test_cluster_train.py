@@ -17,10 +17,11 @@ import pytest
 from meddx.errors import ConfigError
 from ray_support import ray_cluster, ray_env  # noqa: F401
 
-# BreastMNIST 28 px, a slice, one thread per process: small enough for a 2-core machine
+# BreastMNIST 28 px, a slice, one thread per process, fp32 (bf16 is emulated, slow, on CPUs
+# without it): small enough for a 2-core machine
 TINY = {"name": "breast-ray", "seed": 0, "data": {"dataset": "breastmnist", "limit": 160},
         "train": {"epochs": 2, "batch_size": 32, "early_stopping_patience": None,
-                  "threads": 1}}
+                  "threads": 1, "precision": "32"}}
 TIMINGS = ("wall_time_s",)
 
 
