@@ -105,6 +105,18 @@ def train(
                                    "start from plain defaults, not the dataset's shipped recipe."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Train on a Ray "
+                                   "cluster (meddx[cluster]): its head's host:port, 'auto' "
+                                   "(the cluster this machine is in) or 'local' (start one "
+                                   "here)."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="With --ray: DDP worker "
+                                       "processes (default 2); train.batch_size is split "
+                                       "over them."),
+    storage: str | None = typer.Option(None, "--storage", help="With --ray: checkpoint "
+                                       "storage every node reaches (folder or URI; default "
+                                       "OUT/ray)."),
+    max_failures: int = typer.Option(2, "--max-failures", min=0, help="With --ray: worker "
+                                     "restarts from the last checkpoint before giving up."),
 ) -> None:
     """Train a model and write a verified package to OUT/model.
 
@@ -115,7 +127,8 @@ def train(
     Examples:\n
       meddx train --dataset breastmnist --out runs/breast\n
       meddx train configs/retinamnist.yaml --epochs 50\n
-      meddx train --dataset physionet2017 --option fs=100 --out runs/af
+      meddx train --dataset physionet2017 --option fs=100 --out runs/af\n
+      meddx train configs/breastmnist.yaml --ray 10.0.0.5:6379 --workers 4 --storage /shared/ckpt
     """
     from meddx.config import ExperimentConfig, load_config
     from meddx.training import train as run_training
@@ -146,7 +159,18 @@ def train(
     if dataset and config is None:
         cfg = cfg.updated(name=dataset)
     cfg = _with_data_options(cfg, option or [])
-    package = run_training(cfg, out=out, resume=resume, progress=not no_progress)
+    if ray is None and (workers is not None or storage is not None):
+        raise ConfigError("--workers and --storage are for training on a Ray cluster",
+                          hint="add --ray ADDRESS (or 'local'), or use --devices for DDP "
+                               "on this machine")
+    if ray is not None:
+        from meddx.cluster.train import train_on_ray
+
+        package = train_on_ray(cfg, out=out, address=None if ray == "local" else ray,
+                               workers=workers or 2, storage=storage,
+                               max_failures=max_failures, resume=resume)
+    else:
+        package = run_training(cfg, out=out, resume=resume, progress=not no_progress)
     if package is None:  # non-zero DDP rank
         return
     t = package.card.training

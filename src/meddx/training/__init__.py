@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,7 +24,9 @@ from meddx.modalities import DataBundle, get_modality
 from meddx.modalities.loading import as_config, load_bundle
 from meddx.package import ModelCard, ModelPackage, save_package
 
-__all__ = ["train", "load_bundle", "as_config", "build_model_for"]
+__all__ = ["train", "load_bundle", "as_config", "build_model_for", "Fit", "prepare_fit",
+           "package_fit", "trainer_options", "restore_best", "member_config",
+           "ensemble_options", "member_bundle", "join_members", "save_splits"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +126,28 @@ def _loaders(cfg: ExperimentConfig, bundle: DataBundle) -> tuple[Any, Any]:
 
 def _trainer(cfg: ExperimentConfig, run: Path, progress: bool) -> Any:
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor=cfg.train.monitor,
                         mode="max", save_last=True, save_top_k=1, save_weights_only=False),
     ]
+    return L.Trainer(
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy if cfg.train.devices > 1 else "auto",
+        **trainer_options(cfg, run, progress, callbacks),
+    )
+
+
+def trainer_options(cfg: ExperimentConfig, run: Path, progress: bool,
+                    callbacks: list[Any]) -> dict[str, Any]:
+    """The ``lightning.Trainer`` arguments every meddx run shares (a local run and a Ray Train
+    worker alike): epochs, accelerator, precision, early stopping, loggers and limits; the
+    caller adds its checkpointing ``callbacks``, devices and strategy."""
+    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    callbacks = list(callbacks)
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=cfg.train.monitor, mode="max",
                                        patience=cfg.train.early_stopping_patience))
@@ -148,21 +165,19 @@ def _trainer(cfg: ExperimentConfig, run: Path, progress: bool) -> Any:
     precision = cfg.train.precision
     if accelerator == "gpu" and precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
         precision = "16-mixed"
-    return L.Trainer(
-        max_epochs=cfg.train.epochs,
-        accelerator=accelerator,
-        devices=cfg.train.devices,
-        strategy=cfg.train.strategy if cfg.train.devices > 1 else "auto",
-        precision=precision,
-        callbacks=callbacks,
-        logger=loggers,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        deterministic=False,
-        max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
-        log_every_n_steps=10,
-        num_sanity_val_steps=0,
-    )
+    return {
+        "max_epochs": cfg.train.epochs,
+        "accelerator": accelerator,
+        "precision": precision,
+        "callbacks": callbacks,
+        "logger": loggers,
+        "enable_progress_bar": progress,
+        "enable_model_summary": False,
+        "deterministic": False,
+        "max_time": {"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
+        "log_every_n_steps": 10,
+        "num_sanity_val_steps": 0,
+    }
 
 
 def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None = None,
@@ -181,8 +196,6 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     """
     import lightning as L
 
-    from meddx.training.module import MeddxModule
-
     cfg = as_config(config)
     run = Path(out or Path("runs") / cfg.name)
     run.mkdir(parents=True, exist_ok=True)
@@ -194,20 +207,9 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = bundle or load_bundle(cfg)
     dump_config(cfg, run / "config.yaml")
-    _save_splits(bundle, run / "splits.json")
-    model, net_name, net_options = build_model_for(cfg, bundle)
-    conv = any(isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d) for m in model.modules())
-    channels_last = cfg.train.channels_last and conv and bundle.input_spec.get("spatial_dims") in (2, 3)
-    if channels_last:
-        fmt = torch.channels_last if bundle.input_spec.get("spatial_dims") == 2 else torch.channels_last_3d
-        model = model.to(memory_format=fmt)
-    weights = None
-    if cfg.train.class_weighting:
-        weights = bundle.task.class_weights(bundle.splits["train"].targets)
-    modality = get_modality(bundle.modality)
-    module = MeddxModule(model, bundle.task, cfg.train, weights, channels_last=channels_last,
-                         batch_augment=modality.batch_transforms(bundle.input_spec, cfg.train.augment))
-    train_loader, val_loader = _loaders(cfg, bundle)
+    save_splits(bundle, run / "splits.json")
+    fit = prepare_fit(cfg, bundle)
+    module = fit.module
     trainer = _trainer(cfg, run, progress)
     ckpt = run / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
@@ -215,17 +217,64 @@ def train(config: ExperimentConfig | str | Path | dict, out: str | Path | None =
     if not resume:
         _clear_checkpoints(run / "checkpoints")
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if resume else None,
-                weights_only=True if resume else None)
+    trainer.fit(module, fit.train_loader, fit.val_loader,
+                ckpt_path=str(ckpt) if resume else None, weights_only=True if resume else None)
     wall = time.perf_counter() - start
     if trainer.global_rank != 0:
         return None  # type: ignore[return-value]
-    best = _restore_best(module, Path(trainer.checkpoint_callback.best_model_path or
+    best = restore_best(module, Path(trainer.checkpoint_callback.best_model_path or
                                       run / "checkpoints" / "best.ckpt"))
-    net = _packaged(module.model.to(memory_format=torch.contiguous_format), net_name,
-                    net_options, bundle)
-    package = save_package(run / "model", net,
-                           _card(cfg, bundle, net_name, net_options, trainer, best, wall))
+    return package_fit(cfg, bundle, fit, run / "model", int(trainer.current_epoch), best, wall,
+                       post_hoc=post_hoc)
+
+
+class Fit(NamedTuple):
+    """What one training run fits: the Lightning module (its network built from the config),
+    the train and val loaders, and the network's registry name and options."""
+
+    module: Any
+    train_loader: Any
+    val_loader: Any
+    net_name: str
+    net_options: dict
+
+
+def prepare_fit(cfg: ExperimentConfig, bundle: DataBundle, batch_size: int | None = None) -> Fit:
+    """The module and loaders of a run, built the same way wherever it trains (this process,
+    Lightning DDP, or a Ray Train worker); ``batch_size`` overrides the config's per process."""
+    from meddx.training.module import MeddxModule
+
+    model, net_name, net_options = build_model_for(cfg, bundle)
+    conv = any(isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d) for m in model.modules())
+    dims = bundle.input_spec.get("spatial_dims")
+    channels_last = cfg.train.channels_last and conv and dims in (2, 3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last if dims == 2
+                         else torch.channels_last_3d)
+    weights = None
+    if cfg.train.class_weighting:
+        weights = bundle.task.class_weights(bundle.splits["train"].targets)
+    modality = get_modality(bundle.modality)
+    module = MeddxModule(model, bundle.task, cfg.train, weights, channels_last=channels_last,
+                         batch_augment=modality.batch_transforms(bundle.input_spec, cfg.train.augment))
+    if batch_size is not None:
+        cfg = cfg.updated(**{"train.batch_size": batch_size})
+    train_loader, val_loader = _loaders(cfg, bundle)
+    return Fit(module, train_loader, val_loader, net_name, net_options)
+
+
+def package_fit(cfg: ExperimentConfig, bundle: DataBundle, fit: Fit, folder: Path,
+                epochs_run: int, best: dict[str, Any], wall: float, post_hoc: bool = True,
+                training: dict[str, Any] | None = None) -> ModelPackage:
+    """Package a trained run's network (its best weights already restored) into ``folder``
+    and, with ``post_hoc``, fit calibration, operating points, conformal sets and the OOD
+    detector on ``calib``; ``training`` adds fields to the card's training record."""
+    net = _packaged(fit.module.model.to(memory_format=torch.contiguous_format), fit.net_name,
+                    fit.net_options, bundle)
+    card = _card(cfg, bundle, fit.net_name, fit.net_options, epochs_run, best, wall)
+    if training:
+        card = card.model_copy(update={"training": {**card.training, **training}})
+    package = save_package(folder, net, card)
     logger.info("saved model package to %s", package.path)
     if post_hoc:
         package = _post_hoc(package, bundle, cfg)
@@ -244,21 +293,12 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     Each member is a standard run (its own early stopping, checkpoints and log); with
     ``resume``, members already packaged are kept.
     """
-    import numpy as np
-
-    from meddx.models.combine import plain_options
     from meddx.package import load_package
-    from meddx.training.module import selection_score
-    from meddx.training.posthoc import split_logits
 
     bundle = bundle or load_bundle(cfg)
-    template, net_name, net_options = build_model_for(cfg, bundle)
-    join = getattr(type(template), "from_members", None)
-    if not callable(join):
-        raise ConfigError(f"network '{net_name}' cannot be trained as an ensemble",
-                          hint="remove model.options.members")
+    net_options = ensemble_options(cfg, bundle)
     dump_config(cfg, run / "config.yaml")
-    _save_splits(bundle, run / "splits.json")
+    save_splits(bundle, run / "splits.json")
     packages, start, trained_here = [], time.perf_counter(), False
     for k in range(members):
         folder = run / "members" / str(k)
@@ -267,12 +307,11 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
             packages.append(load_package(folder / "model"))
             continue
         logger.info("ensemble member %d/%d (seed %d)", k + 1, members, cfg.seed + k)
-        member_cfg = cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
-                                    "model.options": plain_options(net_options)})
+        member_cfg = member_config(cfg, k, net_options)
         _BANNER.repeat = trained_here  # printed with the first member trained here
         try:
             member = train(member_cfg, out=folder, progress=progress, post_hoc=False,
-                           bundle=_member_bundle(bundle, cfg.train.member_fraction,
+                           bundle=member_bundle(bundle, cfg.train.member_fraction,
                                                  cfg.seed + k))
         finally:
             _BANNER.repeat = False
@@ -280,7 +319,43 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
         if member is None:  # non-zero DDP rank: rank 0 joins and packages
             return None  # type: ignore[return-value]
         packages.append(member)
-    wall = time.perf_counter() - start
+    return join_members(cfg, run, bundle, packages, time.perf_counter() - start, post_hoc)
+
+
+def ensemble_options(cfg: ExperimentConfig, bundle: DataBundle) -> dict:
+    """The ensemble's network options, once its network is known to join members.
+
+    Raises:
+        ConfigError: the configured network has no ``from_members``.
+    """
+    template, net_name, net_options = build_model_for(cfg, bundle)
+    if not callable(getattr(type(template), "from_members", None)):
+        raise ConfigError(f"network '{net_name}' cannot be trained as an ensemble",
+                          hint="remove model.options.members")
+    return net_options
+
+
+def member_config(cfg: ExperimentConfig, k: int, net_options: dict) -> ExperimentConfig:
+    """Ensemble member ``k``'s own config: its name, seed ``seed + k`` and the plain network."""
+    from meddx.models.combine import plain_options
+
+    return cfg.updated(**{"name": f"{cfg.name}-member{k}", "seed": cfg.seed + k,
+                          "model.options": plain_options(net_options)})
+
+
+def join_members(cfg: ExperimentConfig, run: Path, bundle: DataBundle,
+                 packages: list[ModelPackage], wall: float, post_hoc: bool = True) -> ModelPackage:
+    """Join trained member packages into the ensemble's package at ``<run>/model`` (the
+    network's ``from_members``), choose-score it on val and, with ``post_hoc``, fit the
+    post-hoc fits on calib — wherever the members were trained (here, or as Ray tasks)."""
+    import numpy as np
+
+    from meddx.training.module import selection_score
+    from meddx.training.posthoc import split_logits
+
+    members = len(packages)
+    template, net_name, net_options = build_model_for(cfg, bundle)
+    join = type(template).from_members
     model = _packaged(join([p.build_model() for p in packages]), net_name, net_options, bundle)
     card = packages[0].card
     training = {
@@ -310,7 +385,7 @@ def _train_ensemble(cfg: ExperimentConfig, run: Path, members: int, resume: bool
     return package
 
 
-def _member_bundle(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+def member_bundle(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     """The ensemble's bundle, its train split cut to ``fraction`` (stratified, drawn with the
     member's seed); val, calib, test and the preprocessing stay the ensemble's."""
     import dataclasses
@@ -335,7 +410,7 @@ def _clear_checkpoints(folder: Path) -> None:
             f.unlink()
 
 
-def _restore_best(module: Any, best: Path) -> dict[str, Any]:
+def restore_best(module: Any, best: Path) -> dict[str, Any]:
     if not best.is_file():
         return {}
     state = torch.load(best, map_location="cpu", weights_only=True)
@@ -349,7 +424,7 @@ def _restore_best(module: Any, best: Path) -> dict[str, Any]:
 
 
 def _card(cfg: ExperimentConfig, bundle: DataBundle, net_name: str, net_options: dict,
-          trainer: Any, best: dict[str, Any], wall: float) -> ModelCard:
+          epochs_run: int, best: dict[str, Any], wall: float) -> ModelCard:
     info = bundle.info
     summary = bundle.summary()
     return ModelCard(
@@ -362,7 +437,7 @@ def _card(cfg: ExperimentConfig, bundle: DataBundle, net_name: str, net_options:
                        **summary, "split_sha256": split_fingerprints(bundle)},
         training={
             "config": cfg.model_dump(mode="json"),
-            "epochs_run": int(trainer.current_epoch),
+            "epochs_run": epochs_run,
             "selection_metric": cfg.train.monitor,
             "selected_on": "val",
             **best,
@@ -394,7 +469,8 @@ def _jsonable(v: Any) -> bool:
         return False
 
 
-def _save_splits(bundle: DataBundle, path: Path) -> None:
+def save_splits(bundle: DataBundle, path: Path) -> None:
+    """Write each split's sample ids (and hashed patient ids) to ``splits.json``."""
     out = {}
     for name, s in bundle.splits.items():
         out[name] = {"ids": s.ids}

@@ -118,7 +118,8 @@ class MeddxModule(L.LightningModule):
         x, y = batch
         logits = self(x).float()
         loss = self.task.loss(logits, y, self.class_weights)
-        self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y),
+                 sync_dist=True)
         self._val_logits.append(logits.detach().cpu())
         self._val_targets.append(y.detach().cpu())
 
@@ -126,9 +127,15 @@ class MeddxModule(L.LightningModule):
         if not self._val_logits:
             return
         logits = torch.cat(self._val_logits)
-        targets = torch.cat(self._val_targets).numpy()
+        targets = torch.cat(self._val_targets)
         self._val_logits.clear()
         self._val_targets.clear()
+        if self.trainer.world_size > 1:
+            # under DDP each process holds a shard of val (its sampler pads the shards to one
+            # length): the score is the whole split's, not the mean of the shards' AUROCs
+            logits = self.all_gather(logits).flatten(0, 1).cpu()
+            targets = self.all_gather(targets).flatten(0, 1).cpu()
+        targets = targets.numpy()
         probs = self.task.probabilities(logits).numpy()
         score = selection_score(self.task, targets, probs)
         if np.isnan(score):
