@@ -41,7 +41,7 @@ latest-venv:
 
 # the tests against those newest versions: a dependency release that breaks meddx shows here
 # before users see it (CI: a scheduled job runs it beside `make test`)
-test-latest: latest-venv chromium
+test-latest: latest-venv chromium dicom3tools orthanc redis
 	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # refresh constraints.txt on purpose from $(LOCK_VENV) (default: the newest allowed versions;
