@@ -64,3 +64,30 @@ def slide_set(folder: Path, n: int, size: tuple[int, int] = (512, 512),
     csv = folder / "slides.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv
+
+
+def untrained_slide_package(folder: Path, *, name: str = "slides", mpp: float = 1.0,
+                            max_tiles: int = 256):
+    """A real, untrained, seeded ABMIL slide package over the 'stats' tile encoder, saved as
+    ``folder/model``: for tests of the mechanics (jobs, replicas, cohorts, the PACS path), not of
+    what the weights learned."""
+    import torch
+
+    from meddx.modalities.pathology.embeddings import StatsEncoder
+    from meddx.modalities.pathology.networks import ABMIL
+    from meddx.package import ModelCard, save_package
+    from meddx.tasks import TaskSpec
+
+    dim = StatsEncoder().dim
+    torch.manual_seed(0)
+    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
+            "encoder": {"kind": "stats", "dim": dim},
+            "tiles": {"mpp": mpp, "size": 32, "min_tissue": 0.3, "stain": None},
+            "max_tiles": max_tiles, "slide_mpp": None,
+            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
+    card = ModelCard(name=name, modality="pathology",
+                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
+                                   positive_class="tumour"),
+                     network={"name": "abmil", "options": {}}, preprocessing=spec,
+                     research_only=True)
+    return save_package(folder / "model", ABMIL(dim, 1), card)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from meddx.cluster.sources import InputRef, list_inputs
 from meddx.errors import ConfigError, DataError
+from pathology_model_support import untrained_slide_package
 from ray_support import ray_cluster, ray_env  # noqa: F401
 
 SUFFIXES = (".png", ".dcm")
@@ -201,27 +202,7 @@ def test_a_killed_worker_node_loses_and_duplicates_nothing(
 @pytest.fixture(scope="module")
 def slide_package(tmp_path_factory):
     """An untrained ABMIL over the stats encoder (the cohort mechanics, not the accuracy)."""
-    import torch
-
-    from meddx.modalities.pathology.embeddings import StatsEncoder
-    from meddx.modalities.pathology.networks import ABMIL
-    from meddx.package import ModelCard, save_package
-    from meddx.tasks import TaskSpec
-
-    dim = StatsEncoder().dim
-    torch.manual_seed(0)
-    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
-            "tiles": {"mpp": 1.0, "size": 32, "min_tissue": 0.3, "stain": None},
-            "max_tiles": 256, "slide_mpp": None,
-            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
-    card = ModelCard(name="slides", modality="pathology",
-                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
-                                   positive_class="tumour"),
-                     network={"name": "abmil", "options": {}}, preprocessing=spec,
-                     research_only=True)
-    return save_package(tmp_path_factory.mktemp("slide_pkg") / "model",
-                        ABMIL(dim, 1).eval(), card)
+    return untrained_slide_package(tmp_path_factory.mktemp("slide_pkg"))
 
 
 @pytest.mark.slow

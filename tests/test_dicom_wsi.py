@@ -22,6 +22,7 @@ from meddx.dicom.pipeline import Pipeline  # noqa: E402
 from meddx.dicom.routing import VL_WSM, ModelSlot, RoutingConfig, choose, series_info  # noqa: E402
 from meddx.dicom.store import Store  # noqa: E402
 from meddx.inference import load_model  # noqa: E402
+from pathology_model_support import untrained_slide_package  # noqa: E402
 
 SLIDE = "pathology/CMU-1-Small-Region.svs"
 
@@ -42,29 +43,8 @@ def wsm_series(svs: Path, folder: Path, downsamples: tuple[int, ...] = (2, 8)
 
 
 def slide_package(out: Path):
-    """An untrained, seeded ABMIL slide model over 'stats' tile embeddings, tiles of 32 px at
-    4 µm/px (about a hundred tiles on the bundled slide): the path, not the accuracy, is under
-    test. Same recipe as the serving privacy tests' slide package."""
-    import torch
-
-    from meddx.modalities.pathology.embeddings import StatsEncoder
-    from meddx.modalities.pathology.networks import ABMIL
-    from meddx.package import ModelCard, save_package
-    from meddx.tasks import TaskSpec
-
-    dim = StatsEncoder().dim
-    torch.manual_seed(0)
-    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
-            "tiles": {"mpp": 4.0, "size": 32, "min_tissue": 0.3, "stain": None},
-            "max_tiles": 256, "slide_mpp": None,
-            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
-    card = ModelCard(name="slide-tiny", modality="pathology",
-                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
-                                   positive_class="tumour"),
-                     network={"name": "abmil", "options": {}}, preprocessing=spec,
-                     research_only=True)
-    return save_package(out / "model", ABMIL(dim, 1), card)
+    """Tiles of 32 px at 4 µm/px (about a hundred tiles on the bundled slide)."""
+    return untrained_slide_package(out, name="slide-tiny", mpp=4.0)
 
 
 def _receive(store: Store, datasets: list[pydicom.Dataset], now: float = 0.0) -> None:

@@ -17,7 +17,11 @@ pytest.importorskip("meddx.modalities.pathology.slide", reason="slide reading (p
 
 from meddx.serving.auth import new_api_key  # noqa: E402
 from meddx.serving.settings import ServeSettings  # noqa: E402
-from pathology_model_support import slide_pixels, write_slide  # noqa: E402
+from pathology_model_support import (  # noqa: E402
+    slide_pixels,
+    untrained_slide_package,
+    write_slide,
+)
 from serving_support import live_server  # noqa: E402
 
 
@@ -25,26 +29,7 @@ from serving_support import live_server  # noqa: E402
 def package(tmp_path_factory):
     """A real (untrained) ABMIL package over the stats encoder: the job API's mechanics do
     not depend on what the weights learned."""
-    import torch
-
-    from meddx.modalities.pathology.embeddings import StatsEncoder
-    from meddx.modalities.pathology.networks import ABMIL
-    from meddx.package import ModelCard, save_package
-    from meddx.tasks import TaskSpec
-
-    dim = StatsEncoder().dim
-    torch.manual_seed(0)
-    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
-            "tiles": {"mpp": 1.0, "size": 32, "min_tissue": 0.3, "stain": None},
-            "max_tiles": 256, "slide_mpp": None,
-            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
-    card = ModelCard(name="slides", modality="pathology",
-                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
-                                   positive_class="tumour"),
-                     network={"name": "abmil", "options": {}}, preprocessing=spec,
-                     research_only=True)
-    return save_package(tmp_path_factory.mktemp("pkg") / "model", ABMIL(dim, 1), card)
+    return untrained_slide_package(tmp_path_factory.mktemp("pkg"))
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ import httpx
 import numpy as np
 import pytest
 
+from pathology_model_support import untrained_slide_package
+
 pytestmark = pytest.mark.slow
 
 MARK = "ZZPHIMARK"
@@ -182,26 +184,7 @@ def packages(breast_npz, tiny_sequence_package, tiny_molecule_package,
 
 
 def _slide_package(out: Path) -> Any:
-    import torch
-
-    from meddx.modalities.pathology.embeddings import StatsEncoder
-    from meddx.modalities.pathology.networks import ABMIL
-    from meddx.package import ModelCard, save_package
-    from meddx.tasks import TaskSpec
-
-    dim = StatsEncoder().dim
-    torch.manual_seed(0)
-    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
-            "tiles": {"mpp": 1.0, "size": 32, "min_tissue": 0.3, "stain": None},
-            "max_tiles": 64, "slide_mpp": None,
-            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
-    card = ModelCard(name="slides", modality="pathology",
-                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
-                                   positive_class="tumour"),
-                     network={"name": "abmil", "options": {}}, preprocessing=spec,
-                     research_only=True)
-    return save_package(out / "model", ABMIL(dim, 1), card)
+    return untrained_slide_package(out, max_tiles=64)
 
 
 def _free_port() -> int:

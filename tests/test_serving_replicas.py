@@ -18,6 +18,7 @@ import pytest
 
 from conftest import synthetic_ecg_observation
 from meddx.serving.auth import new_api_key
+from pathology_model_support import untrained_slide_package
 from redis_support import free_port, redis_server
 from serving_support import ISS, PUBLIC, Keys, token
 
@@ -26,27 +27,7 @@ RATE = 40  # requests per minute per caller, over both replicas
 
 
 def _slide_package(folder: Path):
-    """A real (untrained) ABMIL package over the stats encoder (as in test_pathology_jobs)."""
-    import torch
-
-    from meddx.modalities.pathology.embeddings import StatsEncoder
-    from meddx.modalities.pathology.networks import ABMIL
-    from meddx.package import ModelCard, save_package
-    from meddx.tasks import TaskSpec
-
-    dim = StatsEncoder().dim
-    torch.manual_seed(0)
-    spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
-            "tiles": {"mpp": 1.0, "size": 32, "min_tissue": 0.3, "stain": None},
-            "max_tiles": 256, "slide_mpp": None,
-            "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}
-    card = ModelCard(name="slides", modality="pathology",
-                     task=TaskSpec(kind="binary", class_names=["normal", "tumour"],
-                                   positive_class="tumour"),
-                     network={"name": "abmil", "options": {}}, preprocessing=spec,
-                     research_only=True)
-    return save_package(folder / "model", ABMIL(dim, 1), card)
+    return untrained_slide_package(folder)
 
 
 class Replica:
