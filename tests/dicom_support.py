@@ -117,3 +117,15 @@ def breast_package(out: Path, name: str = "breast-tiny", ood_threshold: float = 
         "conformal": Conformal(threshold=0.8),
         "ood": OODDetector(method="energy", threshold=ood_threshold, false_alarm=0.05)})
     return save_package(pkg.path, pkg.build_model(), card) and load_package(pkg.path)
+
+
+def receive(store, datasets: list[Dataset], now: float = 0.0) -> None:
+    """What the listener does for each C-STORE: the file on disk, a row in the store."""
+    for ds in datasets:
+        dest = store.work / "instances" / store.study_key(str(ds.StudyInstanceUID)) / \
+            f"{ds.SOPInstanceUID}.dcm"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dest, enforce_file_format=True)
+        store.add_instance(sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
+                           series_uid=str(ds.SeriesInstanceUID), sop_class=str(ds.SOPClassUID),
+                           path=dest, size=dest.stat().st_size, calling_ae="PACS", now=now)

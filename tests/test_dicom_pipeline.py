@@ -15,23 +15,17 @@ from pydicom import Dataset, dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from conftest import require_data  # noqa: E402
-from dicom_support import breast_package, breast_study, ct_series, volume_package  # noqa: E402
+from dicom_support import (  # noqa: E402
+    breast_package,
+    breast_study,
+    ct_series,
+    receive,  # noqa: E402
+    volume_package,
+)
 from meddx.dicom.pipeline import Pipeline, ordered_volume  # noqa: E402
 from meddx.dicom.routing import Route, RoutingConfig, Selection  # noqa: E402
 from meddx.dicom.store import Store  # noqa: E402
 from meddx.inference import load_model  # noqa: E402
-
-
-def _receive(store: Store, datasets: list[Dataset], now: float = 0.0) -> None:
-    """What the listener does for each C-STORE: file on disk, row in the store."""
-    for ds in datasets:
-        dest = store.work / "instances" / store.study_key(str(ds.StudyInstanceUID)) / \
-            f"{ds.SOPInstanceUID}.dcm"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(dest, enforce_file_format=True)
-        store.add_instance(sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
-                           series_uid=str(ds.SeriesInstanceUID), sop_class=str(ds.SOPClassUID),
-                           path=dest, size=dest.stat().st_size, calling_ae="PACS", now=now)
 
 
 def _pipeline(work: Path, packages: list, routing: RoutingConfig | None = None) -> Pipeline:
@@ -60,7 +54,7 @@ def test_2d_series_one_analysis_max_risk_and_heatmaps(tmp_path: Path, breast_pkg
                                                       breast_npz: Path) -> None:
     pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
     study = breast_study(breast_npz, 3)
-    _receive(pipe.store, study, now=100.0)
+    receive(pipe.store, study, now=100.0)
     assert pipe.process_ready(now=102.0) == []  # still inside the quiet interval
     assert pipe.process_ready(now=106.0) == [pipe.store.study_key(str(study[0].StudyInstanceUID))]
     (analysis,) = pipe.store.analyses()
@@ -98,7 +92,7 @@ def test_series_nobody_accepts_unsupported_and_undecodable_are_listed(
     sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
     broken = breast_study(breast_npz, 1, study_uid=str(sr.StudyInstanceUID))[0]
     broken.PixelData = broken.PixelData[:100]  # truncated in transit
-    _receive(pipe.store, [ct, sr, broken])
+    receive(pipe.store, [ct, sr, broken])
     pipe.process_ready(now=1e12)
     reasons = {f["sop_uid"]: (f["reason"], f["detail"]) for f in pipe.store.failures()}
     assert reasons[str(ct.SOPInstanceUID)][0] == "no-matching-model"
@@ -123,7 +117,7 @@ def test_3d_model_gets_the_series_as_a_volume_ordered_by_position(tmp_path: Path
     assert [int(v - intercept) for v in volume[:, 0, 0]] == list(range(9))
 
     pipe = _pipeline(tmp_path / "work", [volume_pkg])
-    _receive(pipe.store, series)
+    receive(pipe.store, series)
     pipe.process_ready(now=1e12)
     (analysis,) = pipe.store.analyses()
     assert analysis["model"] == "ct-volume-untrained"
@@ -135,7 +129,7 @@ def test_killed_after_queueing_restarts_without_a_second_result(
         tmp_path: Path, breast_pkg, breast_npz: Path, monkeypatch) -> None:
     pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
     study = breast_study(breast_npz, 2)
-    _receive(pipe.store, study)
+    receive(pipe.store, study)
 
     def killed(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed between queueing and bookkeeping")
@@ -156,7 +150,7 @@ def test_killed_after_queueing_restarts_without_a_second_result(
     # got them before the kill stores them once)
     assert set(uids) == first == {i.sop_instance_uid for i in again.outbox.pending()}
     # the same instances sent once more: duplicates, no new analysis
-    _receive(again.store, study)
+    receive(again.store, study)
     again.process_ready(now=1e12)
     assert len(again.store.analyses()) == 1 and again.store.counts()["duplicates"] == 2
 
@@ -168,7 +162,7 @@ def test_logs_name_studies_by_salted_key_and_deid_strips_results(
     pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
     pipe.deid = True
     study = breast_study(breast_npz, 1)
-    _receive(pipe.store, study)
+    receive(pipe.store, study)
     with caplog.at_level(logging.DEBUG):
         pipe.process_ready(now=1e12)
     text = caplog.text
@@ -199,7 +193,7 @@ def test_out_of_distribution_gets_an_sr_without_decision_and_is_listed(
 
     pkg = make(tmp_path / "pkg", ood_threshold=-1e6)  # everything is outside the training data
     pipe = _pipeline(tmp_path / "work", [pkg], BREAST_ONLY)
-    _receive(pipe.store, breast_study(breast_npz, 2))
+    receive(pipe.store, breast_study(breast_npz, 2))
     pipe.process_ready(now=1e12)
     (analysis,) = pipe.store.analyses()
     assert analysis["prediction"]["ood"] is True and analysis["prediction"]["decision"] is None
@@ -217,7 +211,7 @@ def test_a_failing_writer_lists_the_series_instead_of_looping(
 
     monkeypatch.setattr(results, "result_datasets", broken)
     pipe = _pipeline(tmp_path, [breast_pkg], BREAST_ONLY)
-    _receive(pipe.store, breast_study(breast_npz, 2))
+    receive(pipe.store, breast_study(breast_npz, 2))
     pipe.process_ready(now=1e12)
     assert pipe.store.complete_studies(5.0, now=1e12) == []  # not picked up again and again
     reasons = {f["reason"] for f in pipe.store.failures()}

@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from conftest import require_data  # noqa: E402
 from dicom_results_support import slide_instance  # noqa: E402
+from dicom_support import receive  # noqa: E402
 from meddx.dicom.pipeline import Pipeline  # noqa: E402
 from meddx.dicom.routing import VL_WSM, ModelSlot, RoutingConfig, choose, series_info  # noqa: E402
 from meddx.dicom.store import Store  # noqa: E402
@@ -45,17 +46,6 @@ def wsm_series(svs: Path, folder: Path, downsamples: tuple[int, ...] = (2, 8)
 def slide_package(out: Path):
     """Tiles of 32 px at 4 µm/px (about a hundred tiles on the bundled slide)."""
     return untrained_slide_package(out, name="slide-tiny", mpp=4.0)
-
-
-def _receive(store: Store, datasets: list[pydicom.Dataset], now: float = 0.0) -> None:
-    for ds in datasets:
-        dest = store.work / "instances" / store.study_key(str(ds.StudyInstanceUID)) / \
-            f"{ds.SOPInstanceUID}.dcm"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(dest, enforce_file_format=True)
-        store.add_instance(sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
-                           series_uid=str(ds.SeriesInstanceUID), sop_class=str(ds.SOPClassUID),
-                           path=dest, size=dest.stat().st_size, calling_ae="PACS", now=now)
 
 
 def _pipeline(work: Path, packages: list) -> Pipeline:
@@ -114,7 +104,7 @@ def test_wsm_series_goes_through_the_pipeline_to_sr_attention_map_and_worklist(
 
     pipe = _pipeline(tmp_path, [slide_pkg])
     study_uid = str(slide_series[0].StudyInstanceUID)
-    _receive(pipe.store, slide_series, now=100.0)
+    receive(pipe.store, slide_series, now=100.0)
     assert pipe.process_ready(now=110.0) == [pipe.store.study_key(study_uid)]
     counts = pipe.store.counts()
     assert counts["analysed"] == 2 and counts["failed"] == 0, pipe.store.failures()
@@ -163,7 +153,7 @@ def test_wsm_series_goes_through_the_pipeline_to_sr_attention_map_and_worklist(
     risk = (pred["calibrated"] or pred["probabilities"])["tumour"]
     assert entry.risk == pytest.approx(risk, abs=1e-5) and entry.models
     # the same instances again: no second SR
-    _receive(pipe.store, slide_series, now=200.0)
+    receive(pipe.store, slide_series, now=200.0)
     pipe.process_ready(now=300.0)
     assert len(pipe.store.analyses()) == 1 and len(pipe.outbox.pending()) == 2
     assert list((pipe.store.work / "slides").iterdir()) == []  # the links are cleaned up
@@ -184,7 +174,7 @@ def test_blank_slide_is_listed_with_its_reason_not_crashing(slide_pkg, slide_ser
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.PixelData = b"\xff" * len(ds.PixelData)
         blank.append(ds)
-    _receive(pipe.store, blank, now=100.0)
+    receive(pipe.store, blank, now=100.0)
     pipe.process_ready(now=110.0)
     failures = pipe.store.failures()
     assert {f["sop_uid"] for f in failures} == {str(d.SOPInstanceUID) for d in blank}
