@@ -182,7 +182,13 @@ def queue(work: Path = _WORK,
     from rich.console import Console
     from rich.table import Table
 
-    from meddx.dicom.worklist import TABLE_HEADER, load_worklist, to_fhir_bundle, worklist_rows
+    from meddx.dicom.worklist import (
+        TABLE_HEADER,
+        load_worklist,
+        to_fhir_bundle,
+        worklist_json,
+        worklist_rows,
+    )
 
     store = _store(work)
     entries = load_worklist(store.path, include_uid=show_uid)
@@ -190,8 +196,7 @@ def queue(work: Path = _WORK,
         typer.echo(json.dumps(to_fhir_bundle(entries), indent=1))
         return
     if as_json:
-        typer.echo(json.dumps({"count": len(entries), "studies": [
-            e.to_dict(include_uid=show_uid) for e in entries]}, indent=1))
+        typer.echo(json.dumps(worklist_json(store.path, include_uid=show_uid), indent=1))
         return
     table = Table(title=f"worklist ({len(entries)} studies)")
     for c in TABLE_HEADER:

@@ -10,7 +10,7 @@ everywhere else.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -29,16 +29,15 @@ def worklist(format: Literal["json", "fhir"] = Query("json"),
              study_uid: bool = Query(False, description="include Study Instance UIDs"),
              st: State = Depends(state), caller: Caller = Depends(rest_caller)) -> JSONResponse:
     """The worklist of the DICOM node's work folder, most urgent first."""
-    from meddx.dicom.worklist import load_worklist, to_fhir_bundle
+    from meddx.dicom.worklist import load_worklist, to_fhir_bundle, worklist_json
 
     work = st.settings.dicom_work
     if work is None:
         raise NotFoundError("this service has no imaging worklist",
                           hint="start it with --dicom-work DIR (the --work folder of "
                                "`meddx dicom listen` or `meddx dicom watch`)")
-    entries = load_worklist(work / "state.sqlite", include_uid=study_uid)
+    db = work / "state.sqlite"
     if format == "fhir":
-        return JSONResponse(to_fhir_bundle(entries), media_type="application/fhir+json")
-    body: dict[str, Any] = {"count": len(entries),
-                            "studies": [e.to_dict(include_uid=study_uid) for e in entries]}
-    return JSONResponse(body)
+        return JSONResponse(to_fhir_bundle(load_worklist(db, include_uid=study_uid)),
+                            media_type="application/fhir+json")
+    return JSONResponse(worklist_json(db, include_uid=study_uid))
