@@ -94,10 +94,18 @@ def train_on_ray(config: ExperimentConfig | str | Path | dict, out: str | Path |
     ensemble = isinstance(members, int) and members > 1
     if not ensemble:
         _per_worker_batch(cfg, workers)  # checked before a cluster is reached
+    from meddx.cluster import require_ray
+
+    joined_here = not require_ray().is_initialized()
     ray = connect(address)
-    if ensemble:
-        return _train_members(ray, cfg, run, members, max_failures, resume)
-    return _train_ddp(ray, cfg, run, workers, storage or str(run / "ray"), max_failures, resume)
+    try:
+        if ensemble:
+            return _train_members(ray, cfg, run, members, max_failures, resume)
+        return _train_ddp(ray, cfg, run, workers, storage or str(run / "ray"), max_failures,
+                          resume)
+    finally:
+        if joined_here:  # leave the process as it was: a later ray.init() must not clash
+            ray.shutdown()
 
 
 def _portable(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -92,17 +92,22 @@ def _run_job(cfg: Any, source: str, suffixes: tuple[str, ...], ray_address: str,
              env: dict[str, str] | None, what: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from meddx.cluster import connect
+    from meddx.cluster import connect, require_ray
     from meddx.cluster.archive import run_archive
     from meddx.cluster.sources import list_inputs
 
     refs = list_inputs(source, suffixes)
+    joined_here = not require_ray().is_initialized()
     ray = connect(_address(ray_address), runtime_env={"env_vars": env} if env else None)
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task(what, total=len(refs))
-        result = run_archive(cfg, refs, ray,
-                             progress=lambda done, total: bar.update(task, completed=done))
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(what, total=len(refs))
+            result = run_archive(cfg, refs, ray,
+                                 progress=lambda done, total: bar.update(task, completed=done))
+    finally:
+        if joined_here:
+            ray.shutdown()
     err.print(f"{result.written} rows written to {cfg.out} ({result.skipped} already there, "
               f"{result.errors} with an error; {result.attempts} attempt(s))")
     if result.errors:
