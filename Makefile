@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 # torch first, pinned, so pip takes the CPU wheel and not a multi-GB CUDA build
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 # the resolved version of every dependency (pip constraints): what `make install` installs, so an
 # install today is the install that was tested. Refreshed on purpose by `make lock`.
 CONSTRAINTS := constraints.txt
