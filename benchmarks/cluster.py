@@ -63,8 +63,9 @@ def make_images(folder: Path, count: int) -> None:
         Image.fromarray(images[i % len(images)]).save(folder / f"img{i:06d}.png")
 
 
-def make_model(out: Path) -> Path:
-    """An untrained ResNet-18 (width 1/4) BreastMNIST package: speed, not accuracy."""
+def make_model(out: Path, widen: float = 0.25) -> Path:
+    """An untrained ResNet-18 (``widen`` × its channels) BreastMNIST package: speed, not
+    accuracy."""
     import torch
 
     from meddx.config import parse_config
@@ -73,7 +74,7 @@ def make_model(out: Path) -> Path:
     from meddx.package import ModelCard, save_package
     from meddx.training import load_bundle
 
-    options = {"widen_factor": 0.25}
+    options = {"widen_factor": widen}
     cfg = parse_config({"name": "bench", "data": {"dataset": "breastmnist", "limit": 40},
                         "model": {"name": "resnet18", "options": options}})
     bundle = load_bundle(cfg)
@@ -213,6 +214,11 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=64)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--widen", type=float, default=0.25,
+                    help="ResNet-18 channel factor: 1 is the full network, ~16x the compute "
+                         "per image of the default 0.25 (where reads and the engine's own "
+                         "processes weigh less against the actors' work)")
+    ap.add_argument("--name", default="cluster", help="results/NAME.{md,json}")
     ap.add_argument("--render", type=Path, default=None,
                     help="Only rewrite the page from this results JSON.")
     args = ap.parse_args()
@@ -220,12 +226,12 @@ def main() -> None:
         import json
 
         data = json.loads(args.render.read_text())
-        write("cluster", data, render(data))
+        write(args.name, data, render(data))
         return
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="meddx-cluster-bench-") as t:
         tmp = Path(t)
-        model = args.model or make_model(tmp / "model")
+        model = args.model or make_model(tmp / "model", args.widen)
         big, small = tmp / "big", tmp / "small"
         make_images(big, args.images)
         make_images(small, args.small)
@@ -236,11 +242,12 @@ def main() -> None:
         small_ray, _ = on_ray(model, small, tmp, 1, args.block)
     n = args.images
     data = {"environment": environment(), "load_avg_before": load_before,
+            "widen_factor": None if args.model else args.widen,
             "images": n, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
                                                          "ray_2": r2_wall},
             "peak_worker_rss_mb": {"ray_1": r1_mem, "ray_2": r2_mem},
             "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray}}
-    write("cluster", data, render(data))
+    write(args.name, data, render(data))
 
 
 def _rate(images: int, wall: float) -> float | None:
@@ -249,6 +256,20 @@ def _rate(images: int, wall: float) -> float | None:
 
 def _f(value: float | None, fmt: str = ".0f") -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+def _net(widen: float | None) -> str:
+    if widen is None:
+        return "the package given with --model"
+    width = "full width" if widen == 1 else f"width ×{widen:g}"
+    return f"an untrained ResNet-18 ({width}; speed does not depend on the weights)"
+
+
+def _quiet(load_before: float) -> str:
+    if load_before < 1.0:
+        return "Measured on a quiet machine (nothing else running)."
+    return ("**Measured on a shared, loaded machine: rerun on a quiet one before quoting** "
+            "(`python benchmarks/cluster.py`).")
 
 
 def render(data: dict) -> str:
@@ -274,11 +295,10 @@ def render(data: dict) -> str:
     md = f"""# Archive inference on Ray vs one process
 
 {n:,} BreastMNIST test images (28 px PNGs, the 156 bundled test images repeated, written to a
-temporary folder), an untrained ResNet-18 (width 1/4; speed does not depend on the weights),
+temporary folder), {_net(data.get("widen_factor", 0.25))},
 one torch thread per predicting process. Wall time of the whole command, start-up included.
 CPU: {env['cpu']} ({env['cores']} cores); load average {load_before:.1f} before the run,
-{env['load_avg']:.1f} after. **Measured on a shared, loaded machine: rerun on a quiet one
-before quoting** (`python benchmarks/cluster.py`).{reduced}
+{env['load_avg']:.1f} after. {_quiet(load_before)}{reduced}
 
 | run | images/s (whole command) | images/s once started | wall s | peak RSS per Ray worker |
 |---|---:|---:|---:|---:|

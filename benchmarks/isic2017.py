@@ -18,6 +18,9 @@ Arms (side by side; each with its seeds):
             held-out split with age/sex (the bundled test split has none) — by DeLong's test
   r64/r224  the recipe at 64 / 224 px (resolution vs training time)
   ssl       fine-tuned from self-supervised init weights (`meddx pretrain`, --init-weights)
+  cv        image + metadata: K-fold CV over train+val (the images with age and sex), one
+            package per fold with `side_inputs: [age, sex]`, image-only vs fused on the same
+            folds (benchmarks/isic2017_metadata.py; reduced recipe: --cv-size, --cv-epochs)
 
     python benchmarks/isic2017.py [--arms base tta ensemble fusion r64] [--seeds 0 1 2]
                                   [--workdir ~/.cache/meddx/bench/isic] [--threads 2]
@@ -268,7 +271,7 @@ def report(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         arms.setdefault(r["arm"], []).append(r)
     summary = {}
     for arm, rs in arms.items():
-        if "fusion" in rs[0] or isinstance(rs[0]["seed"], list):
+        if "fusion" in rs[0] or "cv" in rs[0] or isinstance(rs[0]["seed"], list):
             continue
         s = {k: mean_ci([r[k] for r in rs]) for k in ("mel_auc", "sk_auc", "mean_auc", "acc")}
         summary[arm] = s
@@ -323,13 +326,21 @@ def report(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
                 md.append(f"| {r['seed']} | {task} | {f['image_auc']:.3f} | "
                           f"{f['fused_auc']:.3f} | {f['difference']:+.3f} "
                           f"({f['ci'][0]:+.3f} to {f['ci'][1]:+.3f}) | {f['p_value']:.3f} |")
+    cv = [r for r in rows if "cv" in r]
+    if cv:
+        from isic2017_metadata import cv_section
+
+        md += cv_section(cv, (DERM_SENS, DERM_SPEC, DERM_AUC))
     return "\n".join(md) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=["base", "tta", "ensemble", "fusion"],
-                    choices=["base", "tta", "ensemble", "fusion", "r64", "r224", "ssl"])
+                    choices=["base", "tta", "ensemble", "fusion", "r64", "r224", "ssl", "cv"])
+    ap.add_argument("--cv-folds", type=int, default=5, help="cv arm: folds")
+    ap.add_argument("--cv-size", type=int, default=64, help="cv arm: image size (px)")
+    ap.add_argument("--cv-epochs", type=int, default=12, help="cv arm: epochs per fold")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     ap.add_argument("--threads", type=int, default=2)
@@ -350,12 +361,19 @@ def main() -> None:
                 done[(r["arm"], json.dumps(r["seed"]))] = r
     for arm in args.arms:
         jobs = ([("ensemble", args.seeds, "none"), ("ensemble+tta", args.seeds, "flips")]
-                if arm == "ensemble" else [(arm, s, None) for s in args.seeds])
+                if arm == "ensemble" else [("cv", 0, None)] if arm == "cv"
+                else [(arm, s, None) for s in args.seeds])
         for label, seed, tta in jobs:
             key = (label, json.dumps(seed))
             if key in done:
                 continue
-            r = run_ensemble(args, tta) if arm == "ensemble" else run_seed(arm, seed, args)
+            if arm == "cv":
+                from isic2017_metadata import run_cv
+
+                args.derm_spec = DERM_SPEC
+                r = run_cv(args, _wilson, _delong_ci)
+            else:
+                r = run_ensemble(args, tta) if arm == "ensemble" else run_seed(arm, seed, args)
             done[key] = r
             with partial.open("a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -476,7 +476,7 @@ def _serve_json(modality: str, spec: dict[str, Any], body: bytes) -> Any:
 
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": [
         (b"content-type", b"application/fhir+json")], "query_string": b""}, receive)
-    items = asyncio.run(_json_items(request, get_modality(modality)))
+    items, _ = asyncio.run(_json_items(request, get_modality(modality)))
     if all(isinstance(i, Upload) for i in items):
         return _serve_uploads(modality, spec, items)
     mod = get_modality(modality)

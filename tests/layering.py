@@ -14,7 +14,7 @@ from pathlib import Path
 # lowest first; a module may import its own layer and the layers below it, never above
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("meddx.version", "meddx.errors", "meddx.registry", "meddx.tasks", "meddx.config",
-     "meddx.catalog", "meddx.fhir", "meddx.signing", "meddx.redaction"),
+     "meddx.catalog", "meddx.fhir", "meddx.signing", "meddx.redaction", "meddx.sideinputs"),
     ("meddx.modalities",),
     ("meddx.models",),
     ("meddx.package",),

@@ -66,22 +66,46 @@ def slide_set(folder: Path, n: int, size: tuple[int, int] = (512, 512),
     return csv
 
 
-def untrained_slide_package(folder: Path, *, name: str = "slides", mpp: float = 1.0,
-                            max_tiles: int = 256):
-    """A real, untrained, seeded ABMIL slide package over the 'stats' tile encoder, saved as
-    ``folder/model``: for tests of the mechanics (jobs, replicas, cohorts, the PACS path), not of
-    what the weights learned."""
+def untrained_tile_encoder(folder: Path, *, size: int = 32):
+    """A real, untrained, seeded tile classifier (a ResNet-18 of an eighth of the usual width
+    on ``size``-px RGB tiles, 64 penultimate features) saved as ``folder/model``: a package tile
+    encoder for the tests of slide packages that carry theirs."""
     import torch
 
-    from meddx.modalities.pathology.embeddings import StatsEncoder
+    from meddx.modalities import get_modality
+    from meddx.models import build_network
+    from meddx.package import ModelCard, save_package
+    from meddx.tasks import TaskSpec
+
+    spec = {"spatial_dims": 2, "channels": 3, "size": size, "normalize": "dtype-range"}
+    options = {"widen_factor": 0.125}
+    task = TaskSpec(kind="binary", class_names=["normal", "tumour"], positive_class="tumour")
+    torch.manual_seed(0)
+    net = build_network("resnet18", num_outputs=task.num_outputs,
+                        spec=get_modality("image").network_spec(spec), options=options)
+    card = ModelCard(name="tiles", modality="image", task=task,
+                     network={"name": "resnet18", "options": options}, preprocessing=spec)
+    return save_package(folder / "model", net.eval(), card)
+
+
+def untrained_slide_package(folder: Path, *, name: str = "slides", mpp: float = 1.0,
+                            max_tiles: int = 256, encoder: Path | None = None):
+    """A real, untrained, seeded ABMIL slide package over the 'stats' tile encoder (or over the
+    tile-classifier package at ``encoder``), saved as ``folder/model``: for tests of the
+    mechanics (jobs, replicas, cohorts, the PACS path, packaging), not of what the weights
+    learned."""
+    import torch
+
+    from meddx.modalities.pathology.embeddings import PackageEncoder, StatsEncoder
     from meddx.modalities.pathology.networks import ABMIL
     from meddx.package import ModelCard, save_package
     from meddx.tasks import TaskSpec
 
-    dim = StatsEncoder().dim
+    enc = StatsEncoder() if encoder is None else PackageEncoder(encoder)
+    dim = enc.dim
     torch.manual_seed(0)
     spec = {"format": "wsi-bag", "spatial_dims": 0, "channels": dim,
-            "encoder": {"kind": "stats", "dim": dim},
+            "encoder": enc.describe(),
             "tiles": {"mpp": mpp, "size": 32, "min_tissue": 0.3, "stain": None},
             "max_tiles": max_tiles, "slide_mpp": None,
             "feature_mean": [0.0] * dim, "feature_std": [1.0] * dim}

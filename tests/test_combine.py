@@ -9,7 +9,8 @@ import torch
 
 from meddx.errors import ConfigError
 from meddx.models import build_network
-from meddx.models.combine import Ensemble, FlipTTA, explained_network, flip_views
+from meddx.models.combine import Ensemble, FlipTTA, flip_views
+from meddx.models.explain import explained_parts
 
 SPEC = {"spatial_dims": 2, "in_channels": 1, "size": 16}
 
@@ -39,7 +40,10 @@ def test_build_network_wraps_any_image_network_in_an_ensemble_and_tta():
     # the members differ (independently initialised), so the mean is not one member
     with torch.no_grad():
         assert not torch.allclose(net.net.members[0](x), net.net.members[1](x))
-    assert explained_network(net) is net.net.members[0]
+    # an explainer sees every member on every view (flip axes counted from the end)
+    members, views = explained_parts(net)
+    assert members == list(net.net.members)
+    assert sorted(views) == sorted([(-2, -1), (-2,), (-1,), ()])
 
 
 def test_tta_and_members_are_refused_where_they_make_no_sense():

@@ -150,3 +150,15 @@ def test_non_finite_gradients_never_reach_the_weights(optimizer: str, bad: float
     opt.step()
     for p, b in zip(net.parameters(), before, strict=True):
         assert torch.isfinite(p).all() and torch.equal(p, b)
+
+
+def test_bf16_is_kept_only_where_the_cpu_computes_it() -> None:
+    # without oneDNN bf16 kernels (no AVX-512) every bf16 convolution runs PyTorch's reference
+    # path, 12-17x slower than fp32 (measured): such a CPU trains in fp32 and says so
+    import torch
+
+    from meddx.training import train_precision
+
+    assert train_precision("32") == "32"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert train_precision("bf16-mixed") == ("bf16-mixed" if native else "32")

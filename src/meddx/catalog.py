@@ -53,6 +53,9 @@ class DatasetEntry(BaseModel):
         urls: download address per file (same keys as ``files``), for users who are online.
         sizes: input sizes available (images).
         options: passed to the modality loader.
+        stage: the command that stages the dataset from a local copy (data no download
+            address reaches from here); named in the error when the files are missing.
+        optional: benchmark data kept in the cache only: tests skip it when absent, even in CI.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -71,6 +74,8 @@ class DatasetEntry(BaseModel):
     default_size: int | None = None
     splits: dict[str, int] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
+    stage: str = ""
+    optional: bool = False
 
     def file_keys(self, size: int | None = None) -> list[str]:
         """Relative paths for ``size`` (MedMNIST keeps one file per size)."""
@@ -176,6 +181,7 @@ def resolve(entry: DatasetEntry | str, size: int | None = None) -> list[Path]:
                 + (f" --size {size}" if size else "")
                 + "` (needs internet)"
                 if entry.urls
+                else f"stage it: {entry.stage}" if entry.stage
                 else f"get it from {entry.homepage or 'the source named in the catalog'}"
             )
             raise DataError(

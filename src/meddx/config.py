@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meddx.errors import ConfigError
+from meddx.sideinputs import SideInput, resolve_side_inputs
 from meddx.tasks import TaskSpec
 
 __all__ = [
@@ -120,6 +121,12 @@ class EvaluationConfig(_Frozen):
     # "auto" = Mahalanobis on the head layer's input where the network has one, else energy
     ood_detector: Literal["auto", "mahalanobis", "energy", "off"] = "auto"
     ood_false_alarm: float = Field(0.05, gt=0, lt=1)
+    # the in-distribution scores the OOD threshold is the conformal quantile of: "calib" alone,
+    # or "crossfit": calib pooled with the train split's out-of-fold Mahalanobis scores
+    # (Gaussians refitted on ood_folds - 1 folds; energy detectors use calib alone); "auto":
+    # crossfit unless those scores differ from calib's (meddx.statistics.ood.pool_scores)
+    ood_threshold_scores: Literal["auto", "calib", "crossfit"] = "auto"
+    ood_folds: int = Field(5, ge=2, le=20)
 
 
 class ExperimentConfig(_Frozen):
@@ -134,6 +141,19 @@ class ExperimentConfig(_Frozen):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     intended_use: str | None = None
     research_only: bool = True
+    # tabular inputs beside the main one (preset names "age", "sex", "site" or full entries),
+    # late-fused with the network's logits on calib (meddx.sideinputs; docs: imaging page)
+    side_inputs: list[SideInput] = Field(default_factory=list)
+
+    @field_validator("side_inputs", mode="before")
+    @classmethod
+    def _presets(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        try:
+            return resolve_side_inputs(v)
+        except ConfigError as e:
+            raise ValueError(e.message) from e
 
     def updated(self, **dotted: Any) -> ExperimentConfig:
         """Return a copy with dotted keys replaced (``{"train.epochs": 3}``); None values skipped."""

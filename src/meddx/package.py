@@ -9,7 +9,10 @@ A package is a folder::
     model.int8.onnx       optional statically quantised variant
 
 Loading checks every sha256 in the manifest; a changed, missing or unlisted weights file is a
-:class:`~meddx.errors.ModelError` naming it.
+:class:`~meddx.errors.ModelError` naming it. A modality may store more than the weights in a
+sub-folder (a slide model carries its tile encoder in ``encoder/``; see
+:meth:`~meddx.modalities.base.Modality.package_preprocessing`): the manifest lists those files
+by their relative path, so loading and signing cover them as well.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
-from meddx.errors import ModelError
+from meddx.errors import ConfigError, ModelError
+from meddx.sideinputs import SideInputFusion
+from meddx.signing import member_name_ok, write_manifest
 from meddx.tasks import TaskSpec
 
 __all__ = [
@@ -101,6 +106,13 @@ class OODDetector(_Strict):
     ``file``) on the input of the network's last linear layer ``layer``, fitted on ``fitted_on``;
     "energy": ``-logsumexp(logits)``, no file. An input is out of distribution when its score is
     above ``threshold``, chosen on ``threshold_fitted_on`` for the stated ``false_alarm`` rate.
+
+    ``threshold_scores`` "calib": the conformal quantile of the ``n_calib`` calib scores;
+    "crossfit": of those pooled with ``n_crossfit`` out-of-fold train scores (``folds`` folds),
+    ``n_threshold`` in all; ``crossfit_shift_p``: the Mann-Whitney p of calib vs those train
+    scores (where "auto" found them different, the threshold is calib's alone). ``expected_false_alarm`` and ``false_alarm_interval`` (95%) say
+    what rate this threshold realises on new in-distribution inputs, given ``n_threshold``.
+    Cards written before these fields leave them None (their threshold came from calib).
     """
 
     method: str  # "mahalanobis" | "energy"
@@ -115,6 +127,14 @@ class OODDetector(_Strict):
     n_calib: int | None = None
     calib_flagged: float | None = None
     shrinkage: float | None = None
+    threshold_scores: str = "calib"  # "calib" | "crossfit" (the scores used)
+    folds: int | None = None
+    n_crossfit: int | None = None
+    crossfit_shift_p: float | None = None
+    crossfit_flagged: float | None = None
+    n_threshold: int | None = None
+    expected_false_alarm: float | None = None
+    false_alarm_interval: list[float] | None = None
 
 
 class Histogram(_Strict):
@@ -165,6 +185,8 @@ class ModelCard(_Strict):
     conformal: Conformal | None = None
     ood: OODDetector | None = None
     reference: TrainingReference | None = None
+    # tabular inputs beside the main one and their late fusion (None: the main input only)
+    side_inputs: SideInputFusion | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training_data: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -237,26 +259,41 @@ class ModelPackage:
         """Change card fields and rewrite the card and manifest."""
         data = self.card.model_dump(mode="json")
         data.update({k: v for k, v in fields.items()})
-        self.card = ModelCard.model_validate(data)
-        _write_card_and_manifest(self.path, self.card)
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = _write_card_and_manifest(self.path, ModelCard.model_validate(data))
+        self.card = _loaded_card(self.path, ModelCard.model_validate_json(
+            (self.path / CARD).read_text()), self.manifest)
 
     def add_file(self, name: str) -> None:
         """Record an extra file (e.g. ``model.onnx``) written into the package folder."""
-        _write_card_and_manifest(self.path, self.card)
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = _write_card_and_manifest(self.path, self.card)
 
 
-def _write_card_and_manifest(path: Path, card: ModelCard) -> None:
+def _modality_of(card: ModelCard) -> Any:
+    """The card's modality, or None for a name no installed modality registers (such a card
+    still loads; building its network names the problem)."""
+    from meddx.modalities import get_modality
+
+    try:
+        return get_modality(card.modality)
+    except ConfigError:
+        return None
+
+
+def _loaded_card(root: Path, card: ModelCard, manifest: dict[str, str]) -> ModelCard:
+    modality = _modality_of(card)
+    if modality is None:
+        return card
+    spec = modality.loaded_preprocessing(card.preprocessing, root, manifest)
+    return card if spec is card.preprocessing else card.model_copy(update={"preprocessing": spec})
+
+
+def _write_card_and_manifest(path: Path, card: ModelCard) -> dict[str, str]:
+    modality = _modality_of(card)
+    if modality is not None:  # what the model needs beyond its weights is copied in first
+        card = card.model_copy(update={
+            "preprocessing": modality.package_preprocessing(card.preprocessing, path)})
     (path / CARD).write_text(json.dumps(card.model_dump(mode="json"), indent=2))
-    files = sorted(
-        p.name for p in path.iterdir()
-        if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")
-    )
-    manifest = {name: sha256_file(path / name) for name in files}
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(path / MANIFEST)
+    return write_manifest(path)
 
 
 def save_package(path: str | Path, model: torch.nn.Module, card: ModelCard) -> ModelPackage:
@@ -308,6 +345,9 @@ def load_package(path: str | Path, trust: Iterable[Any] | None = None) -> ModelP
         if required not in manifest:
             raise ModelError(f"manifest does not list {required}", path=str(root))
     for name, digest in manifest.items():
+        if not member_name_ok(name):
+            raise ModelError(f"manifest lists {name!r}, which is not a file inside the package",
+                             path=str(manifest_path))
         f = root / name
         if not f.is_file():
             raise ModelError(f"package file {name} is missing", path=str(f))
@@ -321,6 +361,7 @@ def load_package(path: str | Path, trust: Iterable[Any] | None = None) -> ModelP
         card = ModelCard.model_validate_json((root / CARD).read_text())
     except ValidationError as e:
         raise ModelError(f"card.json is invalid: {e}", path=str(root / CARD)) from e
+    card = _loaded_card(root, card, manifest)
     state = load_file(str(root / WEIGHTS))
     package = ModelPackage(root, card, state, manifest)
     package.signer = signer

@@ -37,6 +37,9 @@ __all__ = [
     "key_fingerprint",
     "sign_package",
     "verify_package",
+    "member_name_ok",
+    "check_package_files",
+    "write_manifest",
 ]
 
 MANIFEST = "manifest.json"
@@ -127,6 +130,58 @@ def load_public_key(path: str | Path) -> Any:
     return key
 
 
+def member_name_ok(name: str) -> bool:
+    """Whether a manifest entry names a file inside the package: a relative POSIX path
+    (``weights.safetensors``, ``encoder/weights.safetensors``), never absolute, never ``..``."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and not name.startswith("/") and all(
+        p not in ("", ".", "..") for p in parts)
+
+
+def check_package_files(path: str | Path) -> None:
+    """Check every file listed in a package's manifest, sub-folders included, against its
+    sha256 (no signature check).
+
+    Raises:
+        ModelError: no package or manifest, a listed file missing or changed.
+    """
+    root = Path(path)
+    _check_files(root, _read_manifest(root))
+
+
+def _member_files(root: Path) -> list[str]:
+    """Every file of a package folder but the manifest and its signature, sub-folders included
+    (relative POSIX names); hidden files and folders are never part of a package."""
+    names = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) \
+                and rel.as_posix() not in (MANIFEST, SIGNATURE, MANIFEST + ".tmp"):
+            names.append(rel.as_posix())
+    return sorted(names)
+
+
+def write_manifest(path: str | Path) -> dict[str, str]:
+    """(Re)write a package's ``manifest.json``: the sha256 of every file it holds. A signature
+    made before no longer matches (the package must be signed again).
+
+    Returns:
+        the manifest written.
+    """
+    root = Path(path)
+    manifest = {}
+    for name in _member_files(root):
+        h = hashlib.sha256()
+        with (root / name).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 - read at once
+                h.update(chunk)
+        manifest[name] = h.hexdigest()
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(root / MANIFEST)
+    return manifest
+
+
 def _check_files(root: Path, manifest_bytes: bytes) -> None:
     try:
         manifest = json.loads(manifest_bytes)
@@ -136,7 +191,7 @@ def _check_files(root: Path, manifest_bytes: bytes) -> None:
         raise ModelError("manifest.json is not a mapping of file to sha256", path=str(root))
     for name, digest in manifest.items():
         f = root / name
-        if Path(name).name != name or not f.is_file():
+        if not member_name_ok(str(name)) or not f.is_file():
             raise ModelError(f"package file {name} is missing", package=str(root))
         h = hashlib.sha256()
         with f.open("rb") as fh:

@@ -308,6 +308,10 @@ def predict(
                                              "reserved per actor (default: --threads)."),
     read_cpus: float = typer.Option(1.0, "--read-cpus", help="With --ray: CPUs reserved per "
                                     "read task."),
+    side_inputs: Path | None = typer.Option(
+        None, "--side-inputs", help="CSV of side inputs (age, sex, site …) for a model that "
+        "takes them: an id column (the image's file name or stem) and one column per input; "
+        "empty or 'unknown' = missing (flagged in each prediction's notes)."),
 ) -> None:
     """Predict with a package: the decision at the operating point (the recommendation, first
     column), the most likely class, (calibrated) probabilities, the conformal set, the OOD flag.
@@ -320,7 +324,8 @@ def predict(
       meddx predict runs/breast/model scan1.png scan2.dcm\n
       meddx predict runs/breast/model studies/ --sort risk --format csv\n
       meddx predict runs/icu/model stays/ --operating-point sensitivity@0.8 --format csv\n
-      meddx predict runs/breast/model archive.csv --ray head:6379 --out results.parquet
+      meddx predict runs/breast/model archive.csv --ray head:6379 --out results.parquet\n
+      meddx predict runs/derm/model lesions/ --side-inputs patients.csv --format json
     """
     from meddx.commands.inputs import inline_inputs
     from meddx.inference import load_model
@@ -346,7 +351,8 @@ def predict(
     if fs is not None:
         sources += [{"path": str(p), "fs": fs} for p in paths if p.suffix.lower() == ".csv"]
         paths = [p for p in paths if p.suffix.lower() != ".csv"]
-    preds, failures = _run(predictor, sources, paths, batch_size)
+    table = _side_table(predictor, side_inputs)
+    preds, failures = _run(predictor, sources, paths, batch_size, table)
     _warn_dropped(preds, failures)
     if sort == "risk":
         preds.sort(key=lambda p: -(p.risk if p.risk is not None else max(p.probabilities.values())))
@@ -364,9 +370,24 @@ def predict(
         raise typer.Exit(1)
 
 
-def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
-         ) -> tuple[list[Any], list[dict[str, str]]]:
+def _side_table(predictor: Any, path: Path | None) -> dict[str, Any] | None:
+    """The ``--side-inputs`` table, refused for a model without side inputs."""
+    if path is None:
+        return None
+    if predictor.card.side_inputs is None:
+        raise ConfigError(f"model '{predictor.card.name}' takes no side inputs",
+                          hint="leave out --side-inputs; its card lists what it expects")
+    from meddx.sideinputs import read_side_table
+
+    return read_side_table(path)
+
+
+def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int,
+         table: dict[str, Any] | None = None) -> tuple[list[Any], list[dict[str, str]]]:
     from rich.progress import track
+
+    from meddx.inference import attach_side_inputs
+    from meddx.sideinputs import match_row, parse_records
 
     samples, failures = [], []
     items = [(s, _name(s)) for s in sources]
@@ -376,13 +397,28 @@ def _run(predictor: Any, sources: list[Any], paths: list[Path], batch_size: int
         try:
             sample = predictor.read(str(src) if isinstance(src, Path) else src)
             sample.id = sample.id or name
+            if table is not None:  # a bad value refuses this input only, with its reason
+                row = match_row(table, name)
+                parse_records(predictor.card.side_inputs.inputs, [row])
+                attach_side_inputs(sample, row, "csv")
             samples.append(sample)
         except MeddxError as e:
             failures.append({"id": name, "error": str(e)})
     preds = []
     for start in range(0, len(samples), batch_size):
         preds += predictor.predict_samples(samples[start : start + batch_size])
+    if table is not None:
+        _warn_missing_side(preds)
     return preds, failures
+
+
+def _warn_missing_side(preds: list[Any]) -> None:
+    """One warning line counting the predictions made with side inputs missing."""
+    hit = [p for p in preds if (p.notes.get("side_inputs") or {}).get("missing")]
+    if hit:
+        Console(stderr=True).print(
+            f"[yellow]warning: {len(hit)} of {len(preds)} inputs predicted with side inputs "
+            "missing (flagged, not imputed): see notes.side_inputs.missing[/]", soft_wrap=True)
 
 
 def _warn_dropped(preds: list[Any], failures: list[dict[str, str]]) -> None:
@@ -456,6 +492,9 @@ def _row(p: Any) -> dict[str, Any]:
     dropped = (d.get("notes") or {}).get("dropped_lines")
     if isinstance(dropped, dict):
         row["dropped_lines"] = dropped.get("total", 0)
+    side = (d.get("notes") or {}).get("side_inputs")
+    if isinstance(side, dict):  # which side inputs were missing (flagged, not imputed)
+        row["side_inputs_missing"] = " | ".join(side.get("missing") or []) or "none"
     return row
 
 

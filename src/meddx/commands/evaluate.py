@@ -148,6 +148,7 @@ def explain(
     """
     from meddx.commands.inputs import check_flags, one_input
     from meddx.inference import load_model
+    from meddx.models.explain import combined_explainer
 
     chosen = one_input(source, smiles, sequence)
     predictor = load_model(model, backend="torch")
@@ -161,13 +162,17 @@ def explain(
     if method != "gradcam":
         options["method"] = method
     try:
-        explainer = predictor.modality.explainer(predictor.model, card.preprocessing, **options)
+        explainer = combined_explainer(predictor.modality, predictor.model, card.preprocessing,
+                                       **options)
     except TypeError as e:
         raise ConfigError(f"the {card.modality} explainer takes no --layer / --method",
                           hint="leave them out for this model") from e
     attribution = explainer.explain(sample, index)
     path = explainer.plot(sample, attribution, out)
-    where = f" (layer {explainer.layer})" if getattr(explainer, "layer", None) else ""
+    notes = [f"layer {explainer.layer}"] if getattr(explainer, "layer", None) else []
+    if hasattr(explainer, "averaged"):  # an ensemble or TTA package
+        notes.append(explainer.describe())
+    where = f" ({'; '.join(notes)})" if notes else ""
     console.print(escape(f"explained '{card.task.class_names[index]}'{where}: {path}"))
 
 

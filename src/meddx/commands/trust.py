@@ -1,5 +1,5 @@
-"""``meddx sign``, ``meddx keys sign-key`` and ``meddx audit verify``: signed model packages and
-the hash-chained audit log."""
+"""``meddx sign``, ``meddx verify``, ``meddx keys sign-key`` and ``meddx audit verify``: signed
+model packages and the hash-chained audit log."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ def sign(
     record = sign_package(model, key)
     typer.echo(f"signed {model} (key sha256 {record['key_sha256']}, manifest sha256 "
                f"{record['manifest_sha256']})")
+
+
+def verify(
+    model: Path = typer.Argument(..., help="Model package folder to check."),
+    trust_key: list[Path] = typer.Option([], "--trust-key", help="Ed25519 public key (PEM) "
+                                         "that must have signed it. Repeatable."),
+) -> None:
+    """Check every file of a package (sub-folders such as a slide model's encoder/ included)
+    against manifest.json and, with --trust-key, its signature; exit 1 naming what failed."""
+    from meddx.package import load_package
+
+    package = load_package(model, trust=trust_key or None)
+    signed = f"; signed by key sha256 {package.signer}" if package.signer else ""
+    typer.echo(f"OK: {model}: {len(package.manifest)} files match manifest.json{signed}")
 
 
 def sign_key(
@@ -62,9 +76,10 @@ def audit_verify(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``sign``, ``keys sign-key`` and ``audit verify`` to the CLI."""
+    """Add ``sign``, ``verify``, ``keys sign-key`` and ``audit verify`` to the CLI."""
     from meddx.commands.serve import keys_app
 
     app.command("sign")(sign)
+    app.command("verify")(verify)
     keys_app.command("sign-key")(sign_key)
     app.add_typer(audit_app, name="audit")

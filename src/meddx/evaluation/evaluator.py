@@ -24,6 +24,7 @@ from meddx.evaluation.sections import (
     calibration_section,
     conformal_section,
     error_cases,
+    ood_section,
     operating_point_section,
 )
 from meddx.package import ModelCard, ModelPackage, load_package
@@ -51,6 +52,7 @@ class EvaluationResult:
     operating_points: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     conformal: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
     subgroups: SubgroupResult | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +76,7 @@ class EvaluationResult:
             "task": self.task.model_dump(mode="json"), "threshold": self.threshold,
             "metrics": self.metrics, "bootstrap": self.bootstrap,
             "operating_points": self.operating_points, "calibration": self.calibration,
-            "conformal": self.conformal, "subgroups": sub,
+            "conformal": self.conformal, "ood": self.ood, "subgroups": sub,
             "errors": [{k: v for k, v in e.items() if k != "image"} for e in self.errors],
             "data": self.data, "notes": self.notes,
             **({"external": self.external} if self.external is not None else {}),
@@ -179,6 +181,18 @@ def _subgroups(package: ModelPackage, bundle: Any, split: str, logits: np.ndarra
     return result
 
 
+def _logits_and_ood(package: ModelPackage, split: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Outputs of every case (fused with the split's side inputs where the card has them) and,
+    where the package has a detector, their OOD scores on the network's own outputs (one forward
+    pass: the detector's features are read on the way)."""
+    from meddx.inference import Predictor
+
+    predictor = Predictor(package, backend="torch")
+    z, f = predictor.split_outputs(split, features=True)
+    scores = predictor.ood_scores(z, f)
+    return np.asarray(predictor.fuse_split(z, split), dtype=np.float32), scores
+
+
 def _data_section(bundle: Any, split: str) -> dict[str, Any]:
     info = {k: v for k, v in bundle.info.items() if isinstance(v, str | int | float | bool)}
     out = {"dataset": bundle.dataset, "modality": bundle.modality, "info": info,
@@ -271,7 +285,7 @@ def evaluate(
         notes.append(f"evaluated on '{split}', which the model was fitted on: figures are "
                      "optimistic")
     s = bundle.splits[split]
-    logits = split_logits(package, s)
+    logits, ood_scores = _logits_and_ood(package, s)
     task = card.task
     raw, probs = probabilities(card, logits, False), probabilities(card, logits)
     targets = np.asarray(s.targets)
@@ -290,6 +304,7 @@ def evaluate(
                                                  s.patient_ids),
         calibration=calibration_section(task, card, targets, raw, probs),
         conformal=conformal_section(task, card, targets, probs),
+        ood=ood_section(card, ood_scores),
         errors=error_cases(task, targets, probs, s.ids, threshold),
     )
     if subgroups:

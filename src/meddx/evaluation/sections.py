@@ -17,7 +17,7 @@ from meddx.statistics.metrics import binary_view, compute_metrics
 from meddx.tasks import TaskSpec
 
 __all__ = ["operating_point_section", "calibration_section", "conformal_section",
-           "error_cases", "confusion_counts"]
+           "error_cases", "confusion_counts", "ood_section"]
 
 _OP_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "balanced_accuracy")
 
@@ -181,3 +181,21 @@ def _multilabel_misses(task: TaskSpec, targets: np.ndarray, probs: np.ndarray,
              "probability": float(probs[i, j]), "explain_class": int(j)}
             for i, j in zip(rows, cols, strict=True) if np.isfinite(miss[i, j]) and
             probs[i, j] < 0.5]
+
+
+def ood_section(card: ModelCard, scores: np.ndarray | None) -> dict[str, Any]:
+    """The card's OOD detector against this split: the false-alarm rate it promised (with the
+    95% range its ``n_threshold`` scores imply) and the share of the split it flagged, with a
+    Clopper-Pearson 95% interval (every case of an evaluation split is in distribution)."""
+    from scipy.stats import binomtest
+
+    ood = card.ood
+    if ood is None or scores is None or len(scores) == 0:
+        return {}
+    flagged = int(np.sum(np.asarray(scores) > ood.threshold))
+    ci = binomtest(flagged, len(scores)).proportion_ci(confidence_level=0.95, method="exact")
+    return {"method": ood.method, "target": ood.false_alarm,
+            "threshold_fitted_on": ood.threshold_fitted_on, "n_threshold": ood.n_threshold
+            or ood.n_calib, "expected_interval": ood.false_alarm_interval,
+            "flagged": flagged, "n": len(scores), "rate": flagged / len(scores),
+            "ci95": [float(ci.low), float(ci.high)]}

@@ -21,13 +21,20 @@ logger = logging.getLogger(__name__)
 
 
 def _explainer(package: Any, modality: Any, layer: str | None, method: str) -> Any:
+    from meddx.models.explain import combined_explainer
+
     card = package.card
     options: dict[str, Any] = {"task": card.task, "network": card.network.get("name")}
     if layer is not None:
         options["layer"] = layer
     if method != "gradcam":
         options["method"] = method
-    return modality.explainer(package.build_model(), card.preprocessing, **options)
+    return combined_explainer(modality, package.build_model(), card.preprocessing, **options)
+
+
+def _averaged(explainer: Any) -> str:
+    """``"mean of 2 members × 4 views"`` for an ensemble or TTA package, else ``""``."""
+    return explainer.describe() if hasattr(explainer, "averaged") else ""
 
 
 def _heatmap_pictures(explainer: Any, package: Any, modality: Any, split: Any,
@@ -42,10 +49,12 @@ def _heatmap_pictures(explainer: Any, package: Any, modality: Any, split: Any,
                                                                card.preprocessing))
                           for c in group]).float()
         maps = explainer.explain_batch(xs, k)
+        averaged = _averaged(explainer)
         for case, x, m in zip(group, xs, maps, strict=True):
             case["image"] = base64.b64encode(explainer.overlay_png(x, m)).decode("ascii")
             case["image_caption"] = (f"{'Grad-CAM++' if method == 'gradcampp' else 'Grad-CAM'} "
-                                     f"for '{card.task.class_names[k]}' (layer {explainer.layer})")
+                                     f"for '{card.task.class_names[k]}' (layer {explainer.layer}"
+                                     f"{'; ' + averaged if averaged else ''})")
 
 
 def _other_pictures(explainer: Any, package: Any, modality: Any, split: Any,
@@ -67,7 +76,9 @@ def _other_pictures(explainer: Any, package: Any, modality: Any, split: Any,
                 path = Path(tmp) / f"{case['index']}.png"
                 plot(sample, attribution, path)
                 case["image"] = base64.b64encode(path.read_bytes()).decode("ascii")
-                case["image_caption"] = f"attribution of the input to '{target}'"
+                averaged = _averaged(explainer)
+                case["image_caption"] = (f"attribution of the input to '{target}'"
+                                         + (f" ({averaged})" if averaged else ""))
             elif "findings" not in case:
                 case["image_note"] = "the modality's explainer draws no picture"
 

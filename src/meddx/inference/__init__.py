@@ -9,7 +9,7 @@ uses the fp32 torch weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,18 @@ from meddx.inference.ood import FeatureTap, load_detector
 from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
 from meddx.package import ModelPackage, load_package
+from meddx.sideinputs import note, parse_records
 from meddx.statistics.calibration import apply_temperature
 from meddx.statistics.conformal import prediction_sets
 
 __all__ = ["Predictor", "Prediction", "load_model", "amx_available", "choose_operating_point",
-           "BACKENDS"]
+           "attach_side_inputs", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # sample metadata that FHIR answers are built from: passed on whatever its size
 ALWAYS_NOTES = ("basis", "patient", "encounter", "hours_used", "ignored")
+# sample metadata keys holding side inputs (the raw record, where it came from): never echoed
+SIDE_KEYS = ("side_inputs", "side_inputs_source")
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +190,26 @@ class Predictor:
             return None
         return self.detector.scores(logits, features)
 
-    def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and raw probabilities for every sample of a :class:`Split`."""
+    def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False,
+                      fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and raw probabilities for every sample of a :class:`Split`.
+
+        With side inputs in the card (and ``fused``), the logits are fused with the split's
+        metadata; a split without it (ISIC 2017's test set) has every side input missing,
+        flagged as such in the fusion and said in a warning.
+        """
         z, _ = self.split_outputs(split, batch_size, progress)
+        if fused:
+            z = self.fuse_split(z, split)
         return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+
+    def fuse_split(self, logits: np.ndarray, split: Any) -> np.ndarray:
+        """``logits`` of every sample of ``split`` fused with the split's side inputs when the
+        card has them (unchanged otherwise); the OOD detector scores the unfused outputs."""
+        fusion = self.card.side_inputs
+        if fusion is None:
+            return logits
+        return fusion.fuse(logits, _split_values(split, fusion))
 
     def split_outputs(self, split: Any, batch_size: int = 256, progress: bool = False,
                       features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -223,14 +241,25 @@ class Predictor:
         return self.modality.read(source, self.card.preprocessing)
 
     def predict(self, inputs: Sequence[Any] | Any, explain: bool = False,
-                batch_size: int = 64, ids: Sequence[str] | None = None) -> list[Prediction]:
+                batch_size: int = 64, ids: Sequence[str] | None = None,
+                side_inputs: Sequence[Mapping[str, Any] | None] | None = None
+                ) -> list[Prediction]:
         """Predict for paths, arrays, tensors, strings or FHIR resources.
 
+        Args:
+            side_inputs: per input, its side inputs (``{"age": 55, "sex": "female"}``; None
+                or a left-out key: missing) for a package that takes them (card
+                ``side_inputs``).
+
         Raises:
-            DataError / InputMismatchError: an input cannot be read or does not fit the model.
+            DataError / InputMismatchError: an input cannot be read or does not fit the model;
+                side inputs the model does not take, or a bad value.
         """
         if isinstance(inputs, str | Path | np.ndarray | torch.Tensor | dict) or not isinstance(inputs, Sequence):
             inputs = [inputs]
+        if side_inputs is not None and len(side_inputs) != len(inputs):
+            raise DataError(f"{len(side_inputs)} side-input records for {len(inputs)} inputs",
+                            hint="give one record (or None) per input")
         samples = []
         for i, src in enumerate(inputs):
             s = self.read(src)
@@ -238,6 +267,8 @@ class Predictor:
                 s.id = ids[i]
             elif not s.id:
                 s.id = str(i)
+            if side_inputs is not None:
+                attach_side_inputs(s, side_inputs[i], "argument")
             samples.append(s)
         return self.predict_samples(samples, explain=explain, batch_size=batch_size)
 
@@ -245,13 +276,37 @@ class Predictor:
                         batch_size: int = 64) -> list[Prediction]:
         """Predict for already-read samples (windows aggregated when the modality has them)."""
         logits, scores = self._sample_logits(samples, batch_size)
+        logits, side_notes = self._fuse(logits, samples)
         preds = self.finalize(logits, [s.id for s in samples], ood_scores=scores)
-        for p, s in zip(preds, samples, strict=True):
+        for p, s, side in zip(preds, samples, side_notes, strict=True):
             p.notes.update({k: v for k, v in s.meta.items()
-                            if k in ALWAYS_NOTES or _small_json(v)})
+                            if (k in ALWAYS_NOTES or _small_json(v)) and k not in SIDE_KEYS})
+            if side is not None:
+                p.notes["side_inputs"] = side
         if explain:
             self._explain(samples, preds)
         return preds
+
+    def _fuse(self, logits: np.ndarray, samples: list[Sample]
+              ) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
+        """Fused logits and per-sample notes (values used, missing ones, source) when the card
+        has side inputs; unchanged logits otherwise.
+
+        Raises:
+            DataError: side inputs for a model without them, an unknown name or a bad value.
+        """
+        fusion = self.card.side_inputs
+        given = [s.meta.get(SIDE_KEYS[0]) for s in samples]
+        if fusion is None:
+            if any(g is not None for g in given):
+                raise DataError(f"model '{self.card.name}' takes no side inputs",
+                                hint="send the input alone; its card lists what it expects")
+            return logits, [None] * len(samples)
+        values = parse_records(fusion.inputs, given, strict=True)
+        notes: list[dict[str, Any] | None] = [
+            note(fusion.inputs, v, str(s.meta.get(SIDE_KEYS[1]) or "none given"))
+            for v, s in zip(values, samples, strict=True)]
+        return fusion.fuse(logits, values), notes
 
     def _sample_logits(self, samples: list[Sample], batch_size: int
                        ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -363,11 +418,11 @@ class Predictor:
     def explainer(self) -> Any:
         """The modality's explainer for this model, built once (it hooks the fp32 network)."""
         if self._explainer is None:
-            from meddx.models.combine import explained_network
+            from meddx.models.explain import combined_explainer
 
-            # an ensemble or TTA package is explained through member 1 on the plain input
-            self._explainer = self.modality.explainer(
-                explained_network(self.model), self.card.preprocessing, task=self.task,
+            # an ensemble or TTA package: the mean of the members' maps over every view
+            self._explainer = combined_explainer(
+                self.modality, self.model, self.card.preprocessing, task=self.task,
                 network=self.card.network.get("name"))
         return self._explainer
 
@@ -382,6 +437,25 @@ class Predictor:
             target = p.decision if isinstance(p.decision, str) and p.decision in names else p.label
             index = names.index(target) if isinstance(target, str) and target in names else 0
             p.explanation = explainer.explain(s, index)
+
+
+def _split_values(split: Any, fusion: Any) -> list[dict[str, Any]]:
+    """Checked side-input values of every case of a split, from its metadata."""
+    meta = getattr(split, "metadata", None)
+    if meta is None or len(meta.columns) == 0:
+        logger.warning("the %s split carries no metadata: side inputs %s all missing",
+                       split.name, [s.name for s in fusion.inputs])
+        records: list[Any] = [None] * len(split)
+    else:
+        records = meta.reset_index(drop=True).to_dict("records")
+    return parse_records(fusion.inputs, records)
+
+
+def attach_side_inputs(sample: Sample, record: Mapping[str, Any] | None, source: str) -> None:
+    """Give a read sample its side inputs (``record``; None: none known) and say where they
+    came from (``"csv"``, ``"request body"``, ``"FHIR Patient"``) for the prediction's notes."""
+    sample.meta[SIDE_KEYS[0]] = record if record is not None else {}
+    sample.meta[SIDE_KEYS[1]] = source
 
 
 def _small_json(value: Any) -> bool:

@@ -375,6 +375,21 @@ class Modality(ABC):
             "size": input_spec.get("size"),
         }
 
+    # ------------------------------------------------------------ packaging
+    def package_preprocessing(self, input_spec: dict[str, Any], root: Path) -> dict[str, Any]:
+        """The preprocessing to store in the package being written at ``root``, after copying
+        into ``root`` whatever else the model needs to read an input (a slide model's tile
+        encoder), so that the package is one unit to copy, sign and serve. Called before the
+        card and manifest are written; the default needs nothing beyond the weights."""
+        return input_spec
+
+    def loaded_preprocessing(self, input_spec: dict[str, Any], root: Path,
+                             manifest: dict[str, str]) -> dict[str, Any]:
+        """The preprocessing of a package loaded from ``root`` (files already checked against
+        ``manifest``), with the parts it carries pointed at ``root``; the inverse of
+        :meth:`package_preprocessing`. The default returns it unchanged."""
+        return input_spec
+
     # ------------------------------------------------------------ explanation
     def explainer(self, model: torch.nn.Module, input_spec: dict[str, Any], **options: Any) -> Any:
         """An object with ``explain(sample, class_index=None)`` returning the attribution

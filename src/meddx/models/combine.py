@@ -18,7 +18,8 @@ Both are package options on the card (``network.options``), read by
 
 Both wrappers are plain ``torch.nn.Module`` code with no data-dependent control flow, so
 ``meddx export --onnx`` writes one graph that holds all members and views, checked against
-torch like any export.
+torch like any export. Their explanations are the mean of the members' maps over every view
+(:mod:`meddx.models.explain`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 from meddx.errors import ConfigError
 
 __all__ = ["Ensemble", "FlipTTA", "TTA_MODES", "WRAPPER_OPTIONS", "flip_views",
-           "explained_network", "plain_options", "tta_views"]
+           "plain_options", "tta_views"]
 
 TTA_MODES = ("none", "hflip", "flips")
 WRAPPER_OPTIONS = ("members", "tta")
@@ -109,6 +110,7 @@ class FlipTTA(nn.Module):
                               f"{spatial_dims}D input")
         self.net = net
         self.mode = mode
+        self.spatial_dims = spatial_dims
         self.views = flip_views(mode, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,22 +119,6 @@ class FlipTTA(nn.Module):
         xs = torch.cat([x.flip(v) if v else x for v in self.views])
         out = self.net(xs)
         return out.reshape(len(self.views), batch, *out.shape[1:]).mean(0)
-
-
-def explained_network(model: nn.Module) -> nn.Module:
-    """The plain network an explainer hooks: TTA removed, an ensemble's first member.
-
-    Grad-CAM and occlusion explain one network on one view; for a TTA package that is the
-    unflipped image, for an ensemble member 1 (the card and the docs say so). A network's own
-    fused ensemble (GRU-D) is explained whole by its modality's explainer.
-    """
-    while True:
-        if isinstance(model, FlipTTA):
-            model = model.net
-        elif isinstance(model, Ensemble):
-            model = model.members[0]
-        else:
-            return model
 
 
 def describe(options: dict[str, Any]) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "PrefetchMissingError",
     "adapter_for",
     "ensure_input",
+    "patient_side_inputs",
+    "service_prefetch",
     "fetch_missing",
     "render_template",
     "resources_in",
@@ -144,6 +146,41 @@ def adapter_for(modality: str) -> CdsAdapter | None:
     except Exception as e:  # noqa: BLE001 — a broken adapter must not stop the service
         logger.warning("CDS Hooks adapter for %s unavailable: %s", modality, e)
         return None
+
+
+def service_prefetch(adapter: CdsAdapter, card: Any, hook: str) -> dict[str, str]:
+    """The adapter's prefetch templates, plus the ``Patient`` when the model takes side
+    inputs (age from ``birthDate``, sex from ``gender``)."""
+    templates = dict(adapter.prefetch(card, hook))
+    if getattr(card, "side_inputs", None) is not None and "patient" not in templates:
+        templates["patient"] = "Patient/{{context.patientId}}"
+    return templates
+
+
+def patient_side_inputs(card: Any, data: dict[str, Any], n: int
+                        ) -> tuple[tuple[list[Any], str] | None, list[str]]:
+    """Side inputs for ``n`` inputs from the prefetched FHIR ``Patient`` (age in years at the
+    service date, today in UTC; sex from gender) and the card lines saying what was used and
+    what was missing; ``(None, [])`` for a model without side inputs.
+
+    Raises:
+        DataError: a malformed birth date or gender (the service answers with no card).
+    """
+    if getattr(card, "side_inputs", None) is None:
+        return None, []
+    from meddx.sideinputs import from_patient
+
+    patient = data.get("patient")
+    record, notes = from_patient(patient, datetime.now(UTC).date())
+    names = [s.name for s in card.side_inputs.inputs]
+    used = [f"{k} {v}" + (" years" if k == "age" else "") for k, v in record.items()
+            if k in names]
+    missing = [k for k in names if k not in record]
+    lines = ["Side inputs from the FHIR Patient: " + (", ".join(used) or "none")]
+    if missing:
+        lines.append(f"Missing side inputs (flagged to the model, not imputed): "
+                     f"{', '.join(missing)}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return ([{k: v for k, v in record.items() if k in names}] * n, "FHIR Patient"), lines
 
 
 # --------------------------------------------------------------- FHIR access

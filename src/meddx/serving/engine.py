@@ -32,6 +32,9 @@ __all__ = ["Answer", "ServedModel", "ModelHub"]
 
 logger = logging.getLogger(__name__)
 
+# side inputs of a request: one record (or None) per input, and where they came from
+SideRecords = tuple[list[Any], str] | None
+
 
 @dataclass
 class Answer:
@@ -112,7 +115,10 @@ class ServedModel:
         card.pop("training", None)
         return {**self.info, "modality": self.modality, "research_only": self.research_only,
                 "intended_use": self.card.intended_use, "license": self.card.license,
-                "operating_point": self.predictor.operating_point_name, "card": card}
+                "operating_point": self.predictor.operating_point_name, "card": card,
+                # what the model takes beside its input (name, unit, allowed values)
+                "side_inputs": [] if self.card.side_inputs is None
+                else self.card.side_inputs.expects()}
 
     def warmup(self) -> None:
         """Run the network once on the builder's example input (first calls are slow)."""
@@ -151,25 +157,37 @@ class ServedModel:
                 modality.check_served(s, self.card.preprocessing, n)
         return samples
 
-    def answer(self, uploads: list[Upload], explain: bool = False) -> list[Answer]:
-        """Predict for uploads; with ``explain`` add the Grad-CAM overlay of each input."""
+    def answer(self, uploads: list[Upload], explain: bool = False,
+               side_inputs: SideRecords = None) -> list[Answer]:
+        """Predict for uploads; with ``explain`` add the Grad-CAM overlay of each input;
+        ``side_inputs``: one record per input (and where they came from) for a model that
+        takes them."""
         samples = self.read(uploads)
         digests = [sha256_bytes(u.data) for u in uploads]
         if len(digests) != len(samples):  # grouped uploads: one digest of all parts
             digests = [sha256_bytes(b"".join(u.data for u in uploads))] * len(samples)
-        return self.answer_samples(samples, digests, explain)
+        return self.answer_samples(samples, digests, explain, side_inputs)
 
     def answer_sources(self, sources: list[Any], digests: list[str],
-                       explain: bool = False) -> list[Answer]:
+                       explain: bool = False, side_inputs: SideRecords = None) -> list[Answer]:
         """Predict for already-decoded sources (FHIR resources, strings, arrays)."""
         with _reading():
             samples = [self.predictor.read(s) for s in sources]
             for s in samples:
                 self.predictor.modality.check_served(s, self.card.preprocessing, None)
-        return self.answer_samples(samples, digests, explain)
+        return self.answer_samples(samples, digests, explain, side_inputs)
 
     def answer_samples(self, samples: list[Any], digests: list[str],
-                       explain: bool) -> list[Answer]:
+                       explain: bool, side_inputs: SideRecords = None) -> list[Answer]:
+        if side_inputs is not None:
+            from meddx.inference import attach_side_inputs
+
+            records, source = side_inputs
+            if len(records) != len(samples):
+                raise DataError(f"{len(records)} side-input records for {len(samples)} inputs",
+                                hint="give one object of side inputs per input")
+            for s, rec in zip(samples, records, strict=True):
+                attach_side_inputs(s, rec, source)
         for i, s in enumerate(samples):
             s.id = str(i)  # never echo file names (they may name a patient)
         context.note_inputs([s.tensor for s in samples])  # for drift monitoring (audit log)
@@ -199,6 +217,9 @@ class ServedModel:
                 index = names.index(target) if target in names else None
                 result = self._explainer.explain(s, index)
                 a.extra["explained_class"] = None if index is None else names[index]
+                averaged = getattr(self._explainer, "averaged", None)
+                if averaged:  # an ensemble or TTA package: say what the map is the mean of
+                    a.extra["explanation"] = {"averaged_over": dict(averaged)}
                 if isinstance(result, tuple):  # (findings in words, attributions)
                     p.notes["findings"] = list(result[0])[:5]
                     p.explanation = result[1]

@@ -11,18 +11,27 @@
 
 Both scores grow with "how unlike the training data": an input is flagged when its score is
 above a threshold chosen on held-out in-distribution data (``calib``) for a stated false-alarm
-rate (:func:`false_alarm_threshold`).
+rate (:func:`false_alarm_threshold`). The rate is promised on average over calibration draws;
+with ``n`` scores the realised rate of one detector follows a Beta distribution
+(:func:`false_alarm_distribution`), wide for small ``n``. :func:`crossfit_scores` gives more
+held-out Mahalanobis scores: the training split's own, each from Gaussians fitted without it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from meddx.errors import EvaluationError
 
-__all__ = ["MahalanobisScorer", "energy_score", "false_alarm_threshold", "detector_auroc"]
+__all__ = ["MahalanobisScorer", "energy_score", "false_alarm_threshold", "detector_auroc",
+           "crossfit_scores", "false_alarm_distribution", "pool_scores", "SHIFT_P"]
+
+# below this two-sided Mann-Whitney p, out-of-fold train scores are taken to differ from calib's
+# (not exchangeable with new inputs) and "auto" leaves them out of the threshold
+SHIFT_P = 0.05
 
 
 class MahalanobisScorer:
@@ -99,6 +108,109 @@ def false_alarm_threshold(scores: np.ndarray, false_alarm: float) -> float:
         raise EvaluationError(f"{n} calibration cases are too few for a false-alarm rate of "
                               f"{false_alarm:g} (need at least {math.ceil(1 / false_alarm) - 1})")
     return float(s[k - 1])
+
+
+def false_alarm_distribution(n: int, false_alarm: float, level: float = 0.95) -> dict[str, float]:
+    """What the realised false-alarm rate of a threshold from ``n`` exchangeable scores is.
+
+    The threshold is the ``k = ceil((n+1)(1-a))``-th smallest score; the share of new
+    in-distribution inputs above it is ``Beta(n+1-k, k)`` over calibration draws (Vovk 2012;
+    Angelopoulos & Bates 2021, section 3.2): mean ``(n+1-k)/(n+1) <= a``, spread ~ 1/sqrt(n).
+
+    Returns:
+        ``expected`` (the mean) and ``low``/``high``, the central ``level`` interval.
+
+    Raises:
+        EvaluationError: too few scores for the rate (as :func:`false_alarm_threshold`).
+    """
+    from scipy.stats import beta
+
+    k = math.ceil((n + 1) * (1 - false_alarm))
+    if not 0 < false_alarm < 1 or n < 1 or k > n:
+        raise EvaluationError(f"no false-alarm distribution for n={n}, rate {false_alarm:g}")
+    a, b = n + 1 - k, k
+    tail = (1 - level) / 2
+    return {"expected": a / (n + 1), "low": float(beta.ppf(tail, a, b)),
+            "high": float(beta.ppf(1 - tail, a, b))}
+
+
+def _fold_ids(n: int, classes: np.ndarray | None, groups: np.ndarray | None, folds: int,
+              seed: int) -> np.ndarray:
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    stratify = classes is not None and np.unique(classes, return_counts=True)[1].min() >= folds
+    if groups is not None and len(np.unique(groups)) < folds:
+        raise EvaluationError(f"{len(np.unique(groups))} patients are too few for {folds} "
+                              "cross-fitting folds", hint="lower evaluation.ood_folds")
+    if groups is not None:
+        splitter: Any = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if stratify
+                         else GroupKFold(folds))
+    else:
+        splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if stratify
+                    else KFold(folds, shuffle=True, random_state=seed))
+    fold = np.full(n, -1, dtype=int)
+    y = classes if stratify else np.zeros(n, dtype=int)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(n), y, groups)):
+        fold[held] = k
+    return fold
+
+
+def crossfit_scores(features: np.ndarray, classes: np.ndarray | None = None, folds: int = 5,
+                    seed: int = 0, groups: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold Mahalanobis scores of the rows of ``features``.
+
+    The rows are cut into ``folds`` folds (stratified by class where every class fills each
+    fold; whole patients per fold where ``groups`` are given); each fold is scored by a
+    :class:`MahalanobisScorer` fitted on the other folds, so no score comes from Gaussians that
+    saw its own row (an in-sample score is optimistically small: the row pulls the mean and the
+    covariance towards itself).
+
+    Returns:
+        ``(scores, fold)``: one score and the index of its held-out fold per row.
+
+    Raises:
+        EvaluationError: ``folds`` < 2, or too few rows (or patients) for the folds.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    if folds < 2 or len(f) < 2 * folds:
+        raise EvaluationError(f"{len(f)} feature vectors are too few for {folds} "
+                              "cross-fitting folds (need folds >= 2 and 2 rows per fold)",
+                              hint="lower evaluation.ood_folds or set "
+                                   "evaluation.ood_threshold_scores: calib")
+    c = None if classes is None else np.asarray(classes).astype(int)
+    g = None if groups is None else np.asarray(groups)
+    fold = _fold_ids(len(f), c, g, folds, seed)
+    scores = np.empty(len(f), dtype=np.float64)
+    for k in range(folds):
+        held = fold == k
+        scorer = MahalanobisScorer().fit(f[~held], None if c is None else c[~held])
+        scores[held] = scorer.score(f[held])
+    return scores, fold
+
+
+def pool_scores(calib: np.ndarray, oof: np.ndarray | None, mode: str = "auto",
+                min_p: float = SHIFT_P) -> tuple[np.ndarray, str, float | None]:
+    """The scores a threshold is chosen on: ``calib``, or ``calib`` + out-of-fold ``oof``.
+
+    ``mode`` "calib": calib alone; "crossfit": both, always; "auto": both unless a two-sided
+    Mann-Whitney test says the two differ (p < ``min_p``): out-of-fold train scores come from
+    a network that trained on those cases, and one that memorised them puts them nearer the
+    class means than new inputs (a pooled threshold would then be too low). Calib alone is
+    valid either way; pooling only narrows the spread of the realised rate.
+
+    Returns:
+        ``(scores, used, p)``: the pool, "calib" or "crossfit", and the test's p (or None).
+    """
+    from scipy.stats import mannwhitneyu
+
+    calib = np.asarray(calib, dtype=np.float64)
+    if mode == "calib" or oof is None or len(oof) == 0:
+        return calib, "calib", None
+    p = float(mannwhitneyu(calib, oof).pvalue)
+    if mode == "auto" and p < min_p:
+        return calib, "calib", p
+    return np.r_[calib, np.asarray(oof, dtype=np.float64)], "crossfit", p
 
 
 def detector_auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

@@ -16,6 +16,7 @@ trains an ensemble whose members share one split.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ def _base_options(package: ModelPackage) -> dict[str, Any]:
     return plain_options(package.card.network.get("options", {}))
 
 
+def _stored_preprocessing(package: ModelPackage) -> Any:
+    """The preprocessing as the card on disk says it: loading may point parts a package
+    carries (a slide model's encoder) at that package's own folder."""
+    return json.loads((package.path / "card.json").read_text()).get("preprocessing")
+
+
 def _check_compatible(packages: list[ModelPackage]) -> None:
     first = packages[0].card
     for p in packages[1:]:
@@ -51,7 +58,8 @@ def _check_compatible(packages: list[ModelPackage]) -> None:
                            ("task", first.task.model_dump(), c.task.model_dump()),
                            ("network", first.network.get("name"), c.network.get("name")),
                            ("network options", _base_options(packages[0]), _base_options(p)),
-                           ("preprocessing", first.preprocessing, c.preprocessing)):
+                           ("preprocessing", _stored_preprocessing(packages[0]),
+                            _stored_preprocessing(p))):
             if a != b:
                 raise ConfigError(f"packages {first.name!r} and {c.name!r} differ in {what}",
                                   hint="join packages trained with one recipe")

@@ -167,7 +167,9 @@ def pretrain(config: ExperimentConfig | str | Path | dict, *, out: str | Path,
     fmt = _memory_format(model, bundle.input_spec)
     if fmt is not None:
         net = net.to(memory_format=fmt)
-    bf16 = cfg.train.precision == "bf16-mixed"
+    from meddx.training import train_precision
+
+    bf16 = train_precision(cfg.train.precision) == "bf16-mixed"
     start = time.perf_counter()
     losses = _fit(net, loader, views, epochs=epochs, lr=lr, weight_decay=weight_decay,
                   temperature=temperature, bf16=bf16, fmt=fmt, progress=progress,

@@ -93,8 +93,7 @@ class ECGExplainer:
                 torch.autocast("cpu", enabled=False):
             x = x.clone()
             if class_index is None:
-                with torch.no_grad():
-                    class_index = int(torch.softmax(self.scores(x), 1).mean(0).argmax())
+                class_index = self.top_class(x)
             if self.method == "integrated_gradients":
                 from captum.attr import IntegratedGradients
 
@@ -117,6 +116,12 @@ class ECGExplainer:
                 out = np.broadcast_to(heat, x.shape).copy()
         out = np.nan_to_num(out.astype(np.float32))
         return out[0] if squeeze else out
+
+    def top_class(self, sample: Any) -> int:
+        """The record's most probable class (mean probability over its windows)."""
+        x, _ = _as_windows(sample)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return int(torch.softmax(self.scores(x), 1).mean(0).argmax())
 
     def plot(self, sample: Any, attribution: np.ndarray, path: str | Path,
              title: str | None = None) -> Path:

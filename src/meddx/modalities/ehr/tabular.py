@@ -272,6 +272,12 @@ class TabularExplainer:
                 t, baselines=torch.zeros_like(t), n_steps=self.n_steps)[0].detach().numpy()
         if class_index == 0:
             attr = -attr
+        return self.findings(t, attr), attr
+
+    def findings(self, x: Any, attr: np.ndarray) -> list[str]:
+        """The ``top_k`` features of ``attr`` (F,) in words, with the input's values."""
+        t = torch.as_tensor(np.asarray(x.tensor if isinstance(x, Sample) else x),
+                            dtype=torch.float32).reshape(1, -1)
         names = self.spec["feature_names"]
         words = []
         for i in np.argsort(-np.abs(attr))[: self.top_k]:
@@ -282,4 +288,4 @@ class TabularExplainer:
                 side = "above" if value > 0 else "below"
                 state = f"{names[i]} {side} average ({value:+.1f} SD)"
             words.append(state + (" (raises the risk)" if attr[i] > 0 else " (lowers the risk)"))
-        return words, attr
+        return words

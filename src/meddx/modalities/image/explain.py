@@ -217,6 +217,12 @@ class ImageExplainer:
         x = _as_batch(sample, self.input_spec.get("spatial_dims"))
         return self.explain_batch(x, class_index)[0]
 
+    def top_class(self, sample: Any) -> int:
+        """The network's top-scoring class (``class_names`` order) for one image."""
+        x = _as_batch(sample, self.input_spec.get("spatial_dims"))
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return int(self._scores(x).argmax(dim=1)[0])
+
     def explain_batch(self, x: torch.Tensor, class_index: int | None = None) -> np.ndarray:
         """Maps (B, *spatial) for a batch (B, C, *spatial), all for one class (None: each
         image's top class)."""

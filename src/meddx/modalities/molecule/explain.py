@@ -105,7 +105,7 @@ class AtomExplainer:
         from meddx.modalities.molecule.io import MolInput, featurize
 
         if class_index is None:
-            class_index = self._top_class(sample)
+            class_index = self.top_class(sample)
         if self.input_spec.get("featurizer", "graph") == "ecfp":
             mol = _mol_of(sample)
             self.score_, w = fingerprint_atom_weights(self.model, mol, class_index,
@@ -117,7 +117,8 @@ class AtomExplainer:
         self.score_, w = atom_masking(self.model, graph, class_index, self.input_spec, self.task)
         return w
 
-    def _top_class(self, sample: Any) -> int:
+    def top_class(self, sample: Any) -> int:
+        """The network's predicted class for a Sample or a SMILES string."""
         from meddx.modalities.molecule.io import collate_inputs, featurize
 
         batch = collate_inputs([featurize(_mol_smiles(sample), self.input_spec)])

@@ -1,4 +1,5 @@
-"""``meddx wsi``: whole-slide images on the command line (describe a slide, tile it).
+"""``meddx wsi``: whole-slide images on the command line (describe a slide, tile it, stage a
+labelled tile set, carry a slide model's tile encoder in its package).
 
 Nothing here writes a slide's associated images (label, macro, scanner thumbnail): they may show
 patient identifiers. The thumbnail ``meddx wsi tiles`` writes is drawn from the pyramid itself.
@@ -13,7 +14,8 @@ import typer
 
 __all__ = ["register"]
 
-wsi_app = typer.Typer(help="Whole-slide pathology images: describe and tile slides.",
+wsi_app = typer.Typer(help="Whole-slide pathology images: describe and tile slides; carry a "
+                      "slide model's tile encoder in its package.",
                       no_args_is_help=True)
 
 _SLIDE_MPP_HELP = ("The slide's own resolution in µm per pixel at level 0, for files that do not "
@@ -130,6 +132,57 @@ def tiles(
     typer.echo(f"{len(index)} tiles of {size} px at {mpp:g} µm/px ({index.level0_size} px at "
                f"level 0, overlap {overlap}) on {mask.mean():.1%} tissue of {slide.path.name}; "
                f"index {index_path}, thumbnail {thumb_path}; {wall:.1f} s{rate}")
+
+
+@wsi_app.command("stage")
+def stage(
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="The catalog name of a hand-staged set: crchistophenotypes."),
+    source: Path = typer.Argument(..., metavar="SNAPSHOT", help="A folder holding the files "
+                                  "(e.g. Data/ColonCancer) or the git directory of a snapshot."),
+    dest: Path | None = typer.Option(None, "--dest", help="Target folder [default: "
+                                     "~/.cache/meddx/data/pathology/<dataset>, where the catalog "
+                                     "looks]."),
+) -> None:
+    """Copy a labelled tile set the catalog cannot download into the data cache, with a label
+    table and SHA256SUMS; then check it against the catalog's checksums.
+
+    Example: ``meddx wsi stage crchistophenotypes ./Neural-Trees-for-Multiple-Instance-Learning``
+    """
+    from meddx.errors import ConfigError
+    from meddx.modalities.pathology import tileset
+
+    if dataset.lower() != tileset.NAME:
+        raise ConfigError(f"'{dataset}' cannot be staged by hand; known: {tileset.NAME}",
+                          hint="run `meddx datasets` for the others (downloadable ones use "
+                          "`meddx datasets --download NAME`)")
+    root = tileset.stage(source, dest)
+    n = tileset.verify(root)
+    note = tileset.check_catalog(root)
+    typer.echo(f"staged {tileset.NAME} under {root}: {n} files in SHA256SUMS; {note}")
+
+
+@wsi_app.command("embed-encoder")
+def embed_encoder(
+    model: Path = typer.Argument(..., help="Slide model package folder."),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="The tile-encoder package the slide model was trained with, "
+        "where it is now [default: the path its card names]."),
+) -> None:
+    """Copy a slide model's tile encoder into its package (packages made before slide packages
+    carried their encoder name it by path): the package is then one unit to copy, sign and
+    serve. The encoder must be the one the model was trained with (sha256 of its weights).
+
+    Example: ``meddx wsi embed-encoder runs/slides/model --encoder runs/tiles/model``
+    """
+    from meddx.modalities.pathology.bundle import embed_encoder as embed
+
+    done = embed(model, encoder)
+    typer.echo(f"{model}: tile encoder {done['encoder']!r} (sha256 {done['sha256'][:16]}…) "
+               "copied into encoder/ and listed in manifest.json")
+    if done["signature_removed"]:
+        typer.echo("the old signature no longer matched and was removed: sign the package "
+                   "again (`meddx sign`)")
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,9 @@ Encoders (``data.options.encoder``):
   tissue classes at low resolution (nuclear density, stain balance, texture scale). What it
   is worth against a trained tile encoder is measured in ``benchmarks/wsi_models.py``.
 * a path to an image :class:`~meddx.package.ModelPackage` (a trained tile classifier): the
-  input of its last linear layer (the penultimate features, 512 for ``resnet18``).
+  input of its last linear layer (the penultimate features, 512 for ``resnet18``). A slide
+  package carries a copy of it (:mod:`~meddx.modalities.pathology.bundle`); its identity, the
+  sha256 of its weights, keeps the cache key wherever the copy lies.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meddx.errors import ConfigError, DataError, MeddxError
+from meddx.errors import ConfigError, DataError, MeddxError, ModelError
 
 __all__ = ["Bag", "Cancelled", "Encoder", "PackageEncoder", "StatsEncoder", "TileSettings",
            "bag_key", "embed_slide", "embed_tiles", "load_bag", "make_encoder",
@@ -167,7 +169,9 @@ class PackageEncoder(Encoder):
                               path=str(path))
         if sha256 and weights_sha256 != sha256:
             raise ConfigError("the tile encoder package differs from the one this model was "
-                              "trained with (sha256 mismatch)", path=str(path))
+                              "trained with (sha256 mismatch)", path=str(path),
+                              hint="give the encoder package the model was trained with; a "
+                              "slide package made now carries it (`meddx wsi embed-encoder`)")
         self.path, self.sha256 = str(Path(path).resolve()), weights_sha256
         self.size = int(spec["size"])
         self.model = model
@@ -210,6 +214,12 @@ def make_encoder(spec: str | dict[str, Any]) -> Encoder:
     if kind not in ("stats", "package") or (kind == "package" and not path):
         raise ConfigError(f"unknown tile encoder {spec!r}",
                           hint="use 'stats' or the folder of a trained tile-classifier package")
+    if isinstance(spec, dict) and kind == "package" and not (Path(path) / "manifest.json").is_file():
+        from meddx.modalities.pathology.bundle import REPACKAGE_HINT
+
+        # a slide package made before packages carried their encoder names it by path
+        raise ModelError(f"the tile encoder this slide model was trained with is neither in its "
+                         f"package nor at {path}", path=str(path), hint=REPACKAGE_HINT)
     with _ENCODERS_LOCK:
         key = (kind, str(path) if path else None)
         if key not in _ENCODERS:
@@ -217,7 +227,8 @@ def make_encoder(spec: str | dict[str, Any]) -> Encoder:
         enc = _ENCODERS[key]
     if digest and getattr(enc, "sha256", digest) != digest:
         raise ConfigError("the tile encoder package changed since the model was trained",
-                          path=str(path))
+                          path=str(path), hint="give the encoder package the model was trained "
+                          "with; a slide package made now carries it (`meddx wsi embed-encoder`)")
     return enc
 
 

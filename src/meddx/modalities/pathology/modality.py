@@ -333,6 +333,21 @@ class PathologyModality(Modality):
         return slide_report_bundle(prediction, card, heatmap_png=heatmap_png, subject=subject,
                                    research_only=research_only, n_tiles=context.get("n_tiles"))
 
+    # --------------------------------------------------------------- packaging
+    def package_preprocessing(self, input_spec: dict[str, Any], root: Path) -> dict[str, Any]:
+        """A package tile encoder is copied into the slide package (``encoder/``; see
+        :mod:`~meddx.modalities.pathology.bundle`)."""
+        from meddx.modalities.pathology.bundle import bundle_encoder
+
+        return bundle_encoder(input_spec, root)
+
+    def loaded_preprocessing(self, input_spec: dict[str, Any], root: Path,
+                             manifest: dict[str, str]) -> dict[str, Any]:
+        """The bundled tile encoder read from the package's own ``encoder/`` folder."""
+        from meddx.modalities.pathology.bundle import resolve_encoder
+
+        return resolve_encoder(input_spec, root, manifest)
+
     # ------------------------------------------------------------------ jobs
     def check_job_source(self, path: Path, input_spec: dict[str, Any],
                          options: dict[str, Any]) -> None:

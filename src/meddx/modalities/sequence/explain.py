@@ -115,12 +115,17 @@ class ISMExplainer:
         if want is not None and x.shape[-1] != want:
             raise InputMismatchError(f"sequence has {x.shape[-1]} bases; the model takes {want}")
         if class_index is None:
-            self.model.eval()
-            with torch.no_grad():
-                class_index = top_class(self.model(x.unsqueeze(0)), self.input_spec, self.task)
+            class_index = self.top_class(x)
         ref, delta = in_silico_mutagenesis(self.model, x, class_index, self.input_spec,
                                            self.task, self.batch_size)
         return ISMResult(seq, class_index, ref, delta)
+
+    def top_class(self, sample: Any) -> int:
+        """The network's predicted class for a Sample or a (4, L) tensor."""
+        x, _ = _tensor_and_sequence(sample)
+        self.model.eval()
+        with torch.no_grad():
+            return top_class(self.model(x.unsqueeze(0)), self.input_spec, self.task)
 
     def plot(self, sample: Any, attribution: np.ndarray, path: str | Path,
              class_name: str | None = None) -> Path:

@@ -28,6 +28,8 @@ from meddx.serving.cds import (
     adapter_for,
     ensure_input,
     fetch_missing,
+    patient_side_inputs,
+    service_prefetch,
 )
 from meddx.serving.deps import State, cds_caller, rest_caller, state
 
@@ -63,7 +65,7 @@ def discovery(st: State = Depends(state), caller: Caller = Depends(rest_caller))
         found.append({
             "hook": hook, "id": sid, "title": title,
             "description": f"{adapter.description}: {card.intended_use}",
-            "prefetch": adapter.prefetch(card, hook),
+            "prefetch": service_prefetch(adapter, card, hook),
             "usageRequirements": "Send prefetch, or fhirServer with fhirAuthorization.",
         })
     return {"services": found}
@@ -93,14 +95,17 @@ def _cards(st: State, service_id: str, served: Any, adapter: CdsAdapter, body: H
             return {"cards": []}
         digests = hook_input.digests
         explain = st.settings.cds_explain and adapter.explain
-        answers = served.answer_sources(hook_input.sources, digests, explain=explain)
+        side, side_lines = patient_side_inputs(served.card, data, len(hook_input.sources))
+        answers = served.answer_sources(hook_input.sources, digests, explain=explain,
+                                        side_inputs=side)
         cards = []
         for a in answers:
             shown = a.overlay_png or a.explanation_png
             link = _heatmap_link(st, served, a) if shown else None
             cards.append(build_card(
                 a.prediction, served, critical_risk=st.settings.critical_risk, link=link,
-                subject=_subject(body), notes=hook_input.notes, basis=hook_input.basis,
+                subject=_subject(body), notes=[*hook_input.notes, *side_lines],
+                basis=hook_input.basis,
                 risk_card=adapter.risk_assessment,
                 summary=adapter.summary(a.prediction, served.card),
                 extra_lines=adapter.detail_lines(a.prediction, served.card),
@@ -143,7 +148,7 @@ async def call_service(service_id: str, request: Request, st: State = Depends(st
     body = await run_in_threadpool(_parse_hook, await request.body())
     if body.hook != hook:
         raise DataError(f"service '{service_id}' answers '{hook}', not '{body.hook}'")
-    templates = adapter.prefetch(served.card, hook)
+    templates = service_prefetch(adapter, served.card, hook)
     try:
         data = await run_in_threadpool(fetch_missing, body, templates,
                                        st.settings.fhir_server_allow, st.settings.fhir_timeout_s)

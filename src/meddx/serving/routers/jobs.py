@@ -88,6 +88,7 @@ def _check_source(served: Any, slide: Path, mpp: float | None) -> None:
 
 def run_job(st: State, job: Job) -> dict[str, Any]:
     """Read, embed, classify and explain one slide (on a worker thread)."""
+    from meddx.models.explain import combined_explainer
     from meddx.serving.audit import sha256_bytes
 
     served = st.hub.get(job.model)
@@ -99,7 +100,8 @@ def run_job(st: State, job: Job) -> dict[str, Any]:
     job.stage = "classifying"
     pred = predictor.predict_samples([sample])[0]
     job.stage = "explaining"
-    explainer = predictor.modality.explainer(predictor.model, card.preprocessing, task=card.task)
+    explainer = combined_explainer(predictor.modality, predictor.model, card.preprocessing,
+                                   task=card.task)
     attention = explainer.explain(sample)
     heat = explainer.heatmap_png(sample, attention)
     (job.folder / "heatmap.png").write_bytes(heat)

@@ -6,7 +6,10 @@ or ``{"inputs": [...]}`` whose items are such resources, ``{"data": base64, "con
 objects, or modality inputs (SMILES strings, FHIR Bundles …). ``?explain=true`` adds the Grad-CAM
 overlay for images (``heatmap_png``, base64) or, for other modalities, the
 explanation plot (``explanation_png``) and its summary (``explanation``); ``?format=fhir``
-answers with a FHIR R4 Bundle.
+answers with a FHIR R4 Bundle. A model with side inputs (its card's ``side_inputs``) takes
+them as ``"side_inputs"`` beside ``"inputs"`` (an object, or a list with one object per input)
+or as a multipart form field of that JSON; a missing value is flagged in the answer's
+``notes.side_inputs.missing``, an unknown name or a bad value is a 422.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["predict"])
 
 ROUTE = "/v1/models/{name}/predict"
+SIDE_FIELD = "side_inputs"  # beside "inputs" (JSON) or a form field (multipart): see side_records
 
 
 @router.get("/models")
@@ -54,16 +58,46 @@ def get_model(name: str, st: State = Depends(state),
     return st.hub.get(name).describe()
 
 
-async def _multipart(request: Request, max_batch: int) -> list[Upload]:
+async def _multipart(request: Request, max_batch: int) -> tuple[list[Upload], Any]:
+    """The file parts, and the ``side_inputs`` field (JSON text) when there is one."""
     form = await request.form(max_files=max_batch, max_fields=16)
-    uploads = []
-    for _, value in form.multi_items():
+    uploads, side = [], None
+    for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             uploads.append(Upload(await value.read(), value.filename, value.content_type))
+        elif key == SIDE_FIELD:
+            try:
+                side = json.loads(value)
+            except ValueError as e:
+                raise DataError('the "side_inputs" field is not valid JSON',
+                                hint='e.g. side_inputs={"age": 55, "sex": "female"}') from e
     await form.close()
     if not uploads:
         raise DataError("the multipart body holds no file", hint="send the image as a file part")
-    return uploads
+    return uploads, side
+
+
+def side_records(value: Any, n: int, served: Any) -> tuple[list[Any], str] | None:
+    """A request's ``side_inputs`` as one record per input: an object (one input) or a list
+    of objects/nulls (one per input); None when the request has none.
+
+    Raises:
+        DataError: side inputs for a model without them, or the wrong shape or count.
+    """
+    if value is None:
+        return None
+    if served.card.side_inputs is None:
+        raise DataError(f"model '{served.name}' takes no side inputs",
+                        hint="send the input alone; GET /v1/models/{name} lists what a model "
+                             "takes")
+    records = [value] if isinstance(value, dict) else value
+    if not isinstance(records, list) or not all(isinstance(r, dict | None) for r in records):
+        raise DataError('"side_inputs" must be an object or a list of objects (one per input)',
+                        hint='e.g. {"age": 55, "sex": "female"}')
+    if len(records) != n:
+        raise DataError(f'{len(records)} "side_inputs" records for {n} inputs',
+                        hint="give one object (or null) per input, in order")
+    return records, "request body"
 
 
 def _json_item(item: Any, modality: Any) -> Upload | tuple[Any, str]:
@@ -91,20 +125,24 @@ def _json_item(item: Any, modality: Any) -> Upload | tuple[Any, str]:
     return source, digest
 
 
-async def _json_items(request: Request, modality: Any) -> list[Upload | tuple[Any, str]]:
+async def _json_items(request: Request, modality: Any
+                      ) -> tuple[list[Upload | tuple[Any, str]], Any]:
+    """The inputs of a JSON body, and its ``side_inputs`` (beside ``inputs``) if any."""
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError("the body is not valid JSON") from e
     except RecursionError as e:
         raise DataError("the JSON body is nested too deeply to be a FHIR resource") from e
+    side = None
     if isinstance(body, dict) and "inputs" in body and "resourceType" not in body:
         items = body["inputs"]
         if not isinstance(items, list) or not items:
             raise DataError('"inputs" must be a non-empty list')
+        side = body.get(SIDE_FIELD)
     else:
         items = [body]
-    return [_json_item(i, modality) for i in items]
+    return [_json_item(i, modality) for i in items], side
 
 
 def to_fhir(answers: list[Any], served: Any, subject: str | None = None) -> dict[str, Any]:
@@ -162,14 +200,16 @@ def _json_answer(answers: list[Any], served: Any) -> dict[str, Any]:
 
 
 def _compute(st: State, served: Any, items: list[Any], explain: bool, fmt: str,
-             caller: Caller) -> dict[str, Any]:
+             caller: Caller, side: Any = None) -> dict[str, Any]:
     uploads = [i for i in items if isinstance(i, Upload)]
     digests = [sha256_bytes(u.data) for u in uploads] or [d for _, d in items]
     try:
+        records = side_records(side, len(items), served)
         if len(uploads) == len(items):
-            answers = served.answer(uploads, explain=explain)
+            answers = served.answer(uploads, explain=explain, side_inputs=records)
         elif not uploads:
-            answers = served.answer_sources([s for s, _ in items], digests, explain=explain)
+            answers = served.answer_sources([s for s, _ in items], digests, explain=explain,
+                                            side_inputs=records)
         else:
             raise DataError("mix either files or modality inputs in one request, not both")
         body = to_fhir(answers, served) if fmt == "fhir" else _json_answer(answers, served)
@@ -193,10 +233,12 @@ async def predict(name: str, request: Request,
     """Predict for one or more inputs (multipart files or JSON)."""
     served = st.hub.get(name)
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    side: Any = None
     if ctype == "multipart/form-data":
-        items: list[Any] = await _multipart(request, st.settings.max_batch)
+        items: list[Any]
+        items, side = await _multipart(request, st.settings.max_batch)
     elif ctype in ("application/json", "application/fhir+json"):
-        items = await _json_items(request, served.predictor.modality)
+        items, side = await _json_items(request, served.predictor.modality)
     else:
         raise UnsupportedMediaTypeError(
             f"request content type {ctype or 'none'} is not accepted",
@@ -204,4 +246,4 @@ async def predict(name: str, request: Request,
     if len(items) > st.settings.max_batch:
         raise DataError(f"{len(items)} inputs in one request; the limit is "
                         f"{st.settings.max_batch}", hint="split the batch")
-    return await run_in_threadpool(_compute, st, served, items, explain, format, caller)
+    return await run_in_threadpool(_compute, st, served, items, explain, format, caller, side)

@@ -54,6 +54,13 @@ def _explanation_line(summary: dict | None) -> str:
         text = "Most important atoms: " + ", ".join(
             f"{t['symbol']}{t['index']}" for t in summary["top_atoms"])
     else:
+        text = ""
+    averaged = summary.get("averaged_over")
+    if averaged:  # an ensemble or TTA package
+        text += ("; " if text else "") + (
+            f"the map is the mean over {averaged['members']} ensemble member(s) × "
+            f"{averaged['views']} test-time view(s)")
+    if not text:
         return ""
     return f'<p id="explanation">{html.escape(text)}</p>'
 
