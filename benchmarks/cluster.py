@@ -99,15 +99,22 @@ def _pids_under(marker: str) -> list[int]:
     return out
 
 
-class Node:
-    """A fresh single Ray node of ``cpus`` CPUs (its own temp dir; stopped by PID)."""
+def cores(n: int | None) -> list[str]:
+    """A command prefix that keeps a process and everything it starts on the first ``n``
+    cores (``taskset``; nothing for None)."""
+    return [] if n is None else ["taskset", "-c", "0" if n == 1 else f"0-{n - 1}"]
 
-    def __init__(self, cpus: int) -> None:
+
+class Node:
+    """A fresh single Ray node of ``cpus`` CPUs (its own temp dir; stopped by PID); with
+    ``pin`` its processes (raylet, GCS, workers) run on ``cpus`` cores only."""
+
+    def __init__(self, cpus: int, pin: bool = False) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-        subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+        subprocess.run([*cores(cpus if pin else None), RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
                         str(self.port), "--num-cpus", str(cpus), "--include-dashboard",
                         "false", "--object-store-memory", str(300 * 2**20), "--temp-dir",
                         self.dir, "--disable-usage-stats"], env=_env(), check=True,
@@ -150,9 +157,10 @@ class PeakRss(threading.Thread):
         return round(max(rss) / 2**20, 1) if rss else float("nan")
 
 
-def timed(args: list[str], threads: int = 1) -> float:
+def timed(args: list[str], threads: int = 1, on_cores: int | None = None) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "meddx.cli", *args], env=_env(threads),
+    done = subprocess.run([*cores(on_cores), sys.executable, "-m", "meddx.cli", *args],
+                          env=_env(threads),
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
@@ -160,21 +168,22 @@ def timed(args: list[str], threads: int = 1) -> float:
     return wall
 
 
-def single(model: Path, folder: Path, tmp: Path) -> float:
+def single(model: Path, folder: Path, tmp: Path, pin: bool = False) -> float:
     return timed(["predict", str(model), str(folder), "--format", "csv", "--out",
-                  str(tmp / "single.csv"), "--batch-size", "256"])
+                  str(tmp / "single.csv"), "--batch-size", "256"], on_cores=1 if pin else None)
 
 
-def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int
+def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int, pin: bool = False
            ) -> tuple[float, float]:
-    node = Node(workers)
+    node = Node(workers, pin)
     watch = PeakRss(node.dir)
     watch.start()
     try:
         out = tmp / f"ray{workers}-{time.monotonic_ns()}.parquet"
         wall = timed(["predict", str(model), str(folder), "--ray", node.address, "--out",
                       str(out), "--batch-size", str(block), "--workers", str(workers),
-                      "--threads", "1", "--worker-cpus", "0.5", "--read-cpus", "0.5"])
+                      "--threads", "1", "--worker-cpus", "0.5", "--read-cpus", "0.5"],
+                     on_cores=workers if pin else None)
     finally:
         watch.done.set()
         node.stop()
@@ -219,6 +228,10 @@ def main() -> None:
                          "per image of the default 0.25 (where reads and the engine's own "
                          "processes weigh less against the actors' work)")
     ap.add_argument("--name", default="cluster", help="results/NAME.{md,json}")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each command (and its Ray node) on as many cores as it has "
+                         "workers (taskset): one worker gets one core, not the idle second "
+                         "one for its reads and Ray's own processes")
     ap.add_argument("--render", type=Path, default=None,
                     help="Only rewrite the page from this results JSON.")
     args = ap.parse_args()
@@ -235,18 +248,21 @@ def main() -> None:
         big, small = tmp / "big", tmp / "small"
         make_images(big, args.images)
         make_images(small, args.small)
-        s_wall = single(model, big, tmp)
-        r1_wall, r1_mem = on_ray(model, big, tmp, 1, args.block)
-        r2_wall, r2_mem = on_ray(model, big, tmp, 2, args.block)
-        small_single = single(model, small, tmp)
-        small_ray, _ = on_ray(model, small, tmp, 1, args.block)
+        pin = args.pin and shutil.which("taskset") is not None
+        s_wall = single(model, big, tmp, pin)
+        r1_wall, r1_mem = on_ray(model, big, tmp, 1, args.block, pin)
+        r2_wall, r2_mem = on_ray(model, big, tmp, 2, args.block, pin)
+        small_single = single(model, small, tmp, pin)
+        small_ray, _ = on_ray(model, small, tmp, 1, args.block, pin)
+        small_ray2, _ = on_ray(model, small, tmp, 2, args.block, pin)
     n = args.images
     data = {"environment": environment(), "load_avg_before": load_before,
-            "widen_factor": None if args.model else args.widen,
+            "widen_factor": None if args.model else args.widen, "pinned": pin,
             "images": n, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
                                                          "ray_2": r2_wall},
             "peak_worker_rss_mb": {"ray_1": r1_mem, "ray_2": r2_mem},
-            "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray}}
+            "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray,
+                          "ray2_s": small_ray2}}
     write(args.name, data, render(data))
 
 
@@ -256,6 +272,15 @@ def _rate(images: int, wall: float) -> float | None:
 
 def _f(value: float | None, fmt: str = ".0f") -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+def _pinned(pinned: bool) -> str:
+    if pinned:
+        return ("Cores pinned (`taskset`): the single process, the 1-worker node and the small "
+                "jobs run on one core, the 2-worker node (its raylet, GCS, readers, actors and "
+                "the driver) on two, so each run gets the cores its worker count names.")
+    return ("Cores not pinned (`--no-pin`): every run may use both cores, so the 1-worker node's "
+            "reads and Ray's own processes also run on the second core.")
 
 
 def _net(widen: float | None) -> str:
@@ -284,7 +309,9 @@ def render(data: dict) -> str:
     extra = n - small["images"]  # images beyond the small job: the rate once started
     marginal = {"single": _rate(extra, s_wall - small_single),
                 "ray_1": _rate(extra, r1_wall - small_ray),
-                "ray_2": _rate(extra, r2_wall - small_ray)}
+                # each node's own start-up: a 2-worker node (pinned to two cores) starts
+                # faster than a 1-worker one
+                "ray_2": _rate(extra, r2_wall - small.get("ray2_s", small_ray))}
     m1, m2, ms = marginal["ray_1"], marginal["ray_2"], marginal["single"]
     speedup = m2 / m1 if m1 and m2 else None
     overhead = (ms / m1 - 1) * 100 if ms and m1 else None
@@ -297,6 +324,7 @@ def render(data: dict) -> str:
 {n:,} BreastMNIST test images (28 px PNGs, the 156 bundled test images repeated, written to a
 temporary folder), {_net(data.get("widen_factor", 0.25))},
 one torch thread per predicting process. Wall time of the whole command, start-up included.
+{_pinned(data.get("pinned", False))}
 CPU: {env['cpu']} ({env['cores']} cores); load average {load_before:.1f} before the run,
 {env['load_avg']:.1f} after. {_quiet(load_before)}{reduced}
 
@@ -316,7 +344,7 @@ large one, i.e. the machine's load swamped the difference).
 - Engine overhead at equal threads (1 worker vs single process), once started:
   **{_f(overhead, "+.0f")} %** time per image; whole command {(r1_wall / s_wall - 1) * 100:+.0f} %
   (target ≤ 10 %). Each Ray worker runs
-  one torch thread, but its read tasks run beside it: the node's one CPU is shared by a reader
+  one torch thread, and its read tasks run beside it: the node's one CPU is shared by a reader
   and an actor (`--worker-cpus 0.5 --read-cpus 0.5`).
 - Fixed overhead of a small job ({args.small} images): {small_ray:.1f} s on Ray (connect,
   start an actor, load and verify the package, write one part) vs {small_single:.1f} s

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,8 +94,11 @@ def test_ray_ddp_run_is_the_same_kind_of_package_as_a_local_run(
     from meddx.training import train
 
     local = train(_cfg(), out=tmp_path / "local", progress=False)
+    litter = set(Path(tempfile.gettempdir()).glob("lightning_checkpoints-*"))
     on_ray = train_on_ray(_cfg(), out=tmp_path / "ray", address=ray_cluster.address,
                           workers=2)
+    # the workers (on this machine) leave no checkpoint folder of Ray's in the temp dir
+    assert set(Path(tempfile.gettempdir()).glob("lightning_checkpoints-*")) <= litter
     again = load_package(tmp_path / "ray" / "model")  # verifies every file's sha256
     assert again.sha256 == on_ray.sha256
     assert (tmp_path / "ray" / "splits.json").read_text() == \

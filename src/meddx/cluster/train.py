@@ -223,12 +223,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     """One Ray Train worker: the local run's module and loaders under Ray's DDP."""
     import lightning as L
     import ray.train
-    from ray.train.lightning import (
-        RayDDPStrategy,
-        RayLightningEnvironment,
-        RayTrainReportCallback,
-        prepare_trainer,
-    )
+    from ray.train.lightning import RayTrainReportCallback
 
     cfg = _on_node(payload)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -237,10 +232,22 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     latest = ray.train.get_checkpoint()
     if latest is not None and _is_packaged(latest):
         return  # restarted after rank 0 reported the package: nothing left to do
+    report = RayTrainReportCallback()
+    try:
+        _fit_and_package(cfg, bundle, fit, latest, report, payload)
+    finally:  # Ray's callback leaves an empty folder per rank in the temp dir
+        shutil.rmtree(report.tmpdir_prefix, ignore_errors=True)
+
+
+def _fit_and_package(cfg: ExperimentConfig, bundle: Any, fit: Any, latest: Any, report: Any,
+                     payload: dict[str, Any]) -> None:
+    import lightning as L
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
     with tempfile.TemporaryDirectory(prefix="meddx-ray-") as tmp:
         trainer = prepare_trainer(L.Trainer(
             devices="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
-            **trainer_options(cfg, Path(tmp), False, [RayTrainReportCallback()])))
+            **trainer_options(cfg, Path(tmp), False, [report])))
         start, resumed_from = time.perf_counter(), None
         if latest is None:
             trainer.fit(fit.module, fit.train_loader, fit.val_loader)
