@@ -30,6 +30,8 @@ def exported(package, tmp_path_factory):
 
 
 @pytest.mark.slow
+# the exported graph is the eval-mode network's, wrapper included (dropout off, BN frozen)
+@pytest.mark.filterwarnings("error:Exporting a model while it is in training mode")
 def test_export_writes_verified_files(exported):
     folder, report = exported
     assert report["files"] == [ONNX_FILE, INT8_FILE]

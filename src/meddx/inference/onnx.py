@@ -115,7 +115,8 @@ def _export_fp32(model: torch.nn.Module, x: torch.Tensor, out: Path, opset: int,
     batch = torch.export.Dim("batch", min=1, max=4096)
     names = ["logits"]
     if features_layer is not None:
-        model, names = _WithFeatures(model, features_layer), ["logits", "features"]
+        # a new module starts in training mode: eval, as the network it wraps
+        model, names = _WithFeatures(model, features_layer).eval(), ["logits", "features"]
     torch.onnx.export(model, (x,), str(out), dynamo=True, external_data=False,
                       input_names=["input"], output_names=names, opset_version=opset,
                       dynamic_shapes=({0: batch},), verbose=False)
