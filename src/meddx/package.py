@@ -17,7 +17,6 @@ by their relative path, so loading and signing cover them as well.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from meddx.errors import ConfigError, ModelError
 from meddx.sideinputs import SideInputFusion
-from meddx.signing import member_name_ok, write_manifest
+from meddx.signing import member_name_ok, sha256_file, write_manifest
 from meddx.tasks import TaskSpec
 
 __all__ = [
@@ -199,15 +198,6 @@ class ModelCard(_Strict):
         if self.default_operating_point is None:
             return None
         return self.operating_points.get(self.default_operating_point)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ModelPackage:

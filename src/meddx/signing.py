@@ -40,6 +40,7 @@ __all__ = [
     "member_name_ok",
     "check_package_files",
     "write_manifest",
+    "sha256_file",
 ]
 
 MANIFEST = "manifest.json"
@@ -130,6 +131,12 @@ def load_public_key(path: str | Path) -> Any:
     return key
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def member_name_ok(name: str) -> bool:
     """Whether a manifest entry names a file inside the package: a relative POSIX path
     (``weights.safetensors``, ``encoder/weights.safetensors``), never absolute, never ``..``."""
@@ -169,13 +176,7 @@ def write_manifest(path: str | Path) -> dict[str, str]:
         the manifest written.
     """
     root = Path(path)
-    manifest = {}
-    for name in _member_files(root):
-        h = hashlib.sha256()
-        with (root / name).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 - read at once
-                h.update(chunk)
-        manifest[name] = h.hexdigest()
+    manifest = {name: sha256_file(root / name) for name in _member_files(root)}
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(root / MANIFEST)
@@ -193,11 +194,7 @@ def _check_files(root: Path, manifest_bytes: bytes) -> None:
         f = root / name
         if not member_name_ok(str(name)) or not f.is_file():
             raise ModelError(f"package file {name} is missing", package=str(root))
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != digest:
+        if sha256_file(f) != digest:
             raise ModelError(f"package file {name} was changed (sha256 mismatch)",
                              package=str(root),
                              hint="restore the original file, or rebuild and re-sign the package")
