@@ -95,6 +95,8 @@ def _card_subset(raw: bytes) -> bytes:
 def _copy(blobs: dict[str, bytes], target: Path) -> None:
     """Write the encoder folder next to ``target`` under a hidden name, then swap it in (a
     hidden folder is never listed in the slide package's manifest)."""
+    from meddx.signing import write_manifest
+
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -102,8 +104,7 @@ def _copy(blobs: dict[str, bytes], target: Path) -> None:
              "weights.safetensors": blobs["weights.safetensors"]}
     for name, blob in files.items():
         (tmp / name).write_bytes(blob)
-    manifest = {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()}
-    (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(tmp)  # the encoder stays a package of its own: its manifest, the same way
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
