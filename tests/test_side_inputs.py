@@ -215,3 +215,20 @@ def test_evaluation_scores_the_fused_model_and_its_subgroups(side, tmp_path) -> 
     assert roc_auc_score(y, r.probs[:, 0]) > 0.9
     text = r.report.read_text()
     assert "Side inputs" in text and "age (years)" in text
+
+
+def test_one_age_rule_for_side_inputs_and_icu_stays():
+    """A partial birth date stands for the middle of its span, in both places that need an age
+    (a `Patient` for side inputs, an ICU stay's start); an unreadable one is missing in the EHR."""
+    from datetime import date, datetime
+
+    from meddx.modalities.ehr.fhir import _age_from_birthdate
+    from meddx.sideinputs import age_in_years
+
+    for birth, on, years in (("1950", date(2020, 3, 1), 69), ("1950", date(2020, 8, 1), 70),
+                             ("1950-06", date(2020, 6, 10), 69), ("1950-06-10", date(2020, 6, 10), 70)):
+        assert age_in_years(birth, on) == years
+        assert _age_from_birthdate(birth, datetime(on.year, on.month, on.day, 8)) == float(years)
+    assert from_patient({"resourceType": "Patient", "birthDate": "1950"}, on="2020-03-01")[0] \
+        == {"age": 69}
+    assert _age_from_birthdate("June 1950", datetime(2020, 1, 1)) is None

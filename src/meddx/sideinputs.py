@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from meddx.errors import ConfigError, DataError
 
 __all__ = ["SideInput", "SideInputFusion", "PRESETS", "MISSING", "resolve_side_inputs",
-           "from_patient", "read_side_table", "match_row", "parse_records", "note"]
+           "from_patient", "age_in_years", "read_side_table", "match_row", "parse_records", "note"]
 
 # values that mean "not recorded" in a CSV cell or a JSON value (case-insensitive)
 MISSING = frozenset({"", "unknown", "na", "n/a", "nan", "none", "null", "missing"})
@@ -272,8 +272,7 @@ def from_patient(patient: Mapping[str, Any] | None, on: date | str | None = None
     notes: list[str] = []
     bd = patient.get("birthDate")
     if isinstance(bd, str) and bd:
-        born = _birth_date(bd)
-        years = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
+        years = age_in_years(bd, when)
         if years < 0:
             raise DataError("Patient.birthDate is after the service date")
         rec["age"] = years
@@ -287,6 +286,20 @@ def from_patient(patient: Mapping[str, Any] | None, on: date | str | None = None
     else:
         raise DataError("Patient.gender is not one of FHIR's male, female, other, unknown")
     return rec, notes
+
+
+def age_in_years(birth_date: str, on: date) -> int:
+    """Completed years from a FHIR ``birthDate`` to ``on`` (negative if born after ``on``).
+
+    The one age rule of the project (side inputs from a ``Patient``, the EHR's ICU stays): a
+    partial date (``YYYY`` or ``YYYY-MM``) stands for the middle of its span (1 July, the 15th),
+    which halves the worst-case error against taking its first day.
+
+    Raises:
+        DataError: ``birth_date`` is not a FHIR date.
+    """
+    born = _birth_date(birth_date)
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
 
 
 def _birth_date(text: str) -> date:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from meddx.modalities.ehr.io import (
     read_physionet_stay,
     variables,
 )
+from meddx.sideinputs import age_in_years
 
 __all__ = [
     "SYNTHETIC_ADMISSION",
@@ -274,12 +274,14 @@ def _pick_encounter(encounters: list[tuple[str | None, dict[str, Any]]]
 
 
 def _age_from_birthdate(birth: Any, start: datetime) -> float | None:
-    m = re.match(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", birth, flags=re.ASCII) \
-        if isinstance(birth, str) else None
-    if m is None:
+    """Age at the stay's start by the project's one rule (:func:`meddx.sideinputs.age_in_years`);
+    an unreadable birth date is a missing age (the stay's other data still count)."""
+    if not isinstance(birth, str) or not birth:
         return None
-    year, month, day = int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1)
-    return float(start.year - year - ((start.month, start.day) < (month, day)))
+    try:
+        return float(age_in_years(birth, start.date()))
+    except DataError:
+        return None
 
 
 def _value(obs: Mapping[str, Any]) -> tuple[float | None, str | None]:
