@@ -69,8 +69,19 @@ def _coefficients(lr: Any, n_outputs: int) -> tuple[list[list[float]], list[floa
     return coef.tolist(), icpt.tolist()
 
 
+def _record_logits(predictor: Any, split: Any) -> np.ndarray:
+    """Unfused logits of every case as ``meddx predict`` sees it: a windowed record (ECG) is
+    the mean of its windows' logits, anything else is the network's one output."""
+    modality, spec = predictor.modality, predictor.card.preprocessing
+    if spec.get("stride") and hasattr(modality, "windows_of") and hasattr(modality,
+                                                                          "aggregate_logits"):
+        return np.stack([modality.aggregate_logits(predictor.logits(modality.windows_of(x, spec)),
+                                                   predictor.task) for x in split.inputs])
+    return predictor.predict_split(split, fused=False)[0]
+
+
 def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInput],
-                    c: float = 1.0) -> SideInputFusion:
+                    c: float = 1.0, derived: Sequence[str] = ()) -> SideInputFusion:
     """Fit the late fusion on ``bundle``'s calib split and write it into the card.
 
     Args:
@@ -79,6 +90,8 @@ def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInp
             metadata columns.
         inputs: the side inputs (:attr:`meddx.config.ExperimentConfig.side_inputs`).
         c: inverse L2 strength of the logistic model (scikit-learn's ``C``).
+        derived: metadata columns the modality derived from each input (the ECG's
+            ``rhythm:*`` features; ``bundle.input_spec["derived_features"]``).
 
     Raises:
         ConfigError: a task other than binary/multiclass, or metadata without the inputs.
@@ -97,23 +110,38 @@ def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInp
                               hint="set data.calib_fraction > 0")
     values = parse_records(inputs, split_records(calib, inputs))
     fitted = _standardised(inputs, values)
-    logits, _ = Predictor(package, backend="torch").predict_split(calib, fused=False)
+    logits = _record_logits(Predictor(package, backend="torch"), calib)
     names = ([task.positive_class or "positive"] if task.num_outputs == 1
              else list(task.class_names))
+    extra: dict[str, Any] = {}
+    x_derived = None
+    if derived:
+        lacking = [c for c in derived if c not in calib.metadata.columns]
+        if lacking:
+            raise ConfigError(f"derived feature '{lacking[0]}' is not a metadata column of calib")
+        x_derived = calib.metadata[list(derived)].to_numpy(dtype=np.float64)
+        fill = np.nanmedian(np.where(np.isfinite(x_derived), x_derived, np.nan), axis=0)
+        fill = np.where(np.isfinite(fill), fill, 0.0)
+        filled = np.where(np.isfinite(x_derived), x_derived, fill)
+        std = filled.std(axis=0)
+        extra = {"derived": list(derived), "derived_fill": fill.tolist(),
+                 "derived_mean": filled.mean(axis=0).tolist(),
+                 "derived_std": np.where(std > 0, std, 1.0).tolist()}
     fusion = SideInputFusion(inputs=fitted, image_features=[f"logit:{n}" for n in names],
-                             coef=[[0.0]], intercept=[0.0])
+                             coef=[[0.0]], intercept=[0.0], **extra)
     targets = np.asarray(calib.targets)
     # a binary network's one logit is the positive class's log-odds: fit on "is positive"
     y = (targets.astype(int).reshape(-1) == 1).astype(int) if task.num_outputs == 1 \
         else task.target_index(targets)
     if len(np.unique(y)) != len(task.class_names):
         raise EvaluationError("the calibration split lacks a class: side inputs cannot be fitted")
-    lr = LogisticRegression(C=c, max_iter=5000).fit(fusion.design(logits, values), y)
+    lr = LogisticRegression(C=c, max_iter=5000).fit(fusion.design(logits, values, x_derived), y)
     coef, icpt = _coefficients(lr, task.num_outputs)
     missing = {s.name: sum(v[s.name] is None for v in values) for s in inputs}
     fusion = fusion.model_copy(update={"coef": coef, "intercept": icpt, "n_fit": len(values),
                                        "missing_in_fit": missing, "regularisation_c": c})
     package.update_card(side_inputs=fusion.model_dump(mode="json"))
-    logger.info("side inputs %s fused on %d calibration cases (missing: %s)",
-                [s.name for s in inputs], len(values), missing)
+    logger.info("side inputs %s%s fused on %d calibration cases (missing: %s)",
+                [s.name for s in inputs], f" and {len(derived)} derived features" if derived
+                else "", len(values), missing)
     return fusion
