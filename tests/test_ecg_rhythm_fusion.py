@@ -79,3 +79,14 @@ def test_missing_derived_features_take_the_calib_median():
     irregular = fusion.fuse(z, [{}, {}], np.array([[0.3], [0.1]]))
     # (0.3 - 0.1) / 0.05 = 4 standard deviations: +8 on a, -8 on b
     assert irregular[0, 0] - irregular[0, 1] == pytest.approx(0.3 + 16.0, abs=1e-4)
+
+
+def test_cds_discovery_asks_for_no_patient(fused):
+    """The rhythm features come from the ECG itself: the CDS service prefetches the ECG
+    Observations only, not the Patient an age/sex model needs."""
+    from meddx.modalities import get_modality
+    from meddx.serving.cds import adapter_for, service_prefetch
+
+    get_modality("ecg")  # registers its CDS adapter
+    templates = service_prefetch(adapter_for("ecg"), fused.card, "patient-view")
+    assert "patient" not in templates and templates
