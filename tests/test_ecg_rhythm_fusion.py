@@ -90,3 +90,17 @@ def test_cds_discovery_asks_for_no_patient(fused):
     get_modality("ecg")  # registers its CDS adapter
     templates = service_prefetch(adapter_for("ecg"), fused.card, "patient-view")
     assert "patient" not in templates and templates
+
+
+def test_external_validation_reads_the_features_with_the_records(fused, tmp_path):
+    """`meddx validate MODEL labels.csv` reads record by record; the features travel with each
+    record into the external split (else the fusion would see only calib medians)."""
+    from meddx.evaluation.external import SPLIT, external_bundle
+
+    rows = [(p, "A") for p in _records("A", 3)] + [(p, "N") for p in _records("N", 3)]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,label\n" + "".join(f"{p},{y}\n" for p, y in rows))
+    ext = external_bundle(fused, csv_path).splits[SPLIT]
+    assert list(ext.metadata.columns) == columns() and len(ext.metadata) == 6
+    assert ext.metadata["rhythm:irregular_frac"].iloc[:3].mean() > \
+        ext.metadata["rhythm:irregular_frac"].iloc[3:].mean()
