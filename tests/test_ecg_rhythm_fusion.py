@@ -39,8 +39,11 @@ def test_the_card_carries_the_fusion_and_asks_nothing_of_the_caller(fused):
     fusion = fused.card.side_inputs
     assert fusion is not None and fusion.derived == columns()
     assert fusion.inputs == [] and fusion.expects() == []
-    assert len(fusion.coef[0]) == 4 + len(columns())  # 4 logits, then the rhythm features
-    assert np.abs(np.asarray(fusion.coef)[:, 4:]).sum() > 0
+    # 4 network logits, then the 4 class log-probabilities of the boosted model of the rhythm
+    # features (trained on the train split, stored as ONNX in the signed manifest)
+    assert len(fusion.coef[0]) == 4 + 4 and np.abs(np.asarray(fusion.coef)[:, 4:]).sum() > 0
+    assert fusion.derived_model in fused.manifest
+    assert fusion.derived_model_info["fitted_on"] == "train"
     assert fused.card.preprocessing["derived_features"] == columns()
 
 

@@ -215,8 +215,11 @@ class SideInputFusion(BaseModel):
 
     ``image_features`` name the network logits used; ``missing_in_fit`` counts missing values
     per input in the fitting split. ``derived`` names features the modality computes from the
-    input itself (an ECG's RR-interval and HRV features, ``rhythm:*``): nobody sends them, a
-    missing one (too few beats) takes the calib median, and all are standardised with calib's
+    input itself (an ECG's RR-interval and HRV features, ``rhythm:*``): nobody sends them.
+    With ``derived_model`` (a package file: an ONNX gradient-boosted model trained on the
+    train split's features, so calib stays unseen for the fusion) the block fused is that
+    model's class log-probabilities (``derived_outputs``); without, the features themselves.
+    A missing value of the block takes the calib median, and all are standardised with calib's
     mean and std. ``offsets`` are per-class log-odds shifts fitted on calib for a decision
     metric (the challenge F1 of PhysioNet 2017), added last.
     """
@@ -236,24 +239,33 @@ class SideInputFusion(BaseModel):
     derived_fill: list[float] = Field(default_factory=list)
     derived_mean: list[float] = Field(default_factory=list)
     derived_std: list[float] = Field(default_factory=list)
+    derived_model: str | None = None
+    derived_model_info: dict[str, Any] = Field(default_factory=dict)
+    derived_outputs: list[str] = Field(default_factory=list)
     offsets: list[float] | None = None
     offsets_metric: str | None = None
 
     @property
+    def block(self) -> list[str]:
+        """Names of the derived block's columns: the model's outputs, or the features."""
+        return self.derived_outputs or self.derived
+
+    @property
     def features(self) -> list[str]:
         return [*self.image_features, *[f for s in self.inputs for f in s.features()],
-                *self.derived]
+                *(self.block if self.derived else [])]
 
-    def derived_matrix(self, derived: np.ndarray | None, n: int) -> np.ndarray:
-        """Derived features (n, len(derived)) filled and standardised; None: all missing."""
+    def derived_matrix(self, block: np.ndarray | None, n: int) -> np.ndarray:
+        """The derived block (n, len(block)) filled and standardised; None: all missing."""
         if not self.derived:
             return np.zeros((n, 0))
-        x = (np.full((n, len(self.derived)), np.nan) if derived is None
-             else np.asarray(derived, dtype=np.float64).reshape(n, len(self.derived)))
-        fill = np.asarray(self.derived_fill or np.zeros(len(self.derived)))
+        k = len(self.block)
+        x = (np.full((n, k), np.nan) if block is None
+             else np.asarray(block, dtype=np.float64).reshape(n, k))
+        fill = np.asarray(self.derived_fill or np.zeros(k))
         x = np.where(np.isfinite(x), x, fill)
-        mean = np.asarray(self.derived_mean or np.zeros(len(self.derived)))
-        std = np.asarray(self.derived_std or np.ones(len(self.derived)))
+        mean = np.asarray(self.derived_mean or np.zeros(k))
+        std = np.asarray(self.derived_std or np.ones(k))
         return (x - mean) / std
 
     def design(self, logits: np.ndarray, values: Sequence[Mapping[str, Any]],

@@ -211,7 +211,8 @@ class Predictor:
         fusion = self.card.side_inputs
         if fusion is None:
             return logits
-        return fusion.fuse(logits, _split_values(split, fusion), _split_derived(split, fusion))
+        return fusion.fuse(logits, _split_values(split, fusion),
+                           self.derived_block(_split_derived(split, fusion)))
 
     def split_outputs(self, split: Any, batch_size: int = 256, progress: bool = False,
                       features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -313,7 +314,19 @@ class Predictor:
         if fusion.derived:
             derived = np.array([[(s.meta.get(DERIVED_KEY) or {}).get(n, np.nan)
                                  for n in fusion.derived] for s in samples], dtype=np.float64)
-        return fusion.fuse(logits, values, derived), notes
+        return fusion.fuse(logits, values, self.derived_block(derived)), notes
+
+    def derived_block(self, raw: np.ndarray | None) -> np.ndarray | None:
+        """The fused block for raw derived features (n, len(derived)): the card's derived
+        model's class log-probabilities (ONNX, run here), or the features themselves."""
+        fusion = self.card.side_inputs
+        if raw is None or fusion is None or not fusion.derived_model:
+            return raw
+        if getattr(self, "_derived_session", None) is None:
+            from meddx.inference.derived import DerivedModel
+
+            self._derived_session = DerivedModel(self.package.path / fusion.derived_model)
+        return self._derived_session.log_proba(raw)
 
     def _sample_logits(self, samples: list[Sample], batch_size: int
                        ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -536,6 +536,6 @@ def _post_hoc(package: ModelPackage, bundle: DataBundle, cfg: ExperimentConfig) 
     if cfg.side_inputs or derived:  # before the post-hoc fits: they act on the fused logits
         from meddx.training.sideinputs import fit_side_inputs
 
-        fit_side_inputs(package, bundle, cfg.side_inputs, derived=derived)
+        fit_side_inputs(package, bundle, cfg.side_inputs, derived=derived, seed=cfg.seed)
     fit_post_hoc(package, bundle, cfg.evaluation)
     return package
