@@ -88,7 +88,9 @@ def main() -> None:
     classes = [str(v) for v in (task.label_values or task.class_names)]
     y = task.target_index(test.targets)
     start = time.perf_counter()
-    z_win = _window_logits(predictor, test, card.preprocessing)
+    # whole record as `meddx predict` sees it: window logits averaged, then fused with the
+    # record's rhythm features where the package has them (`rhythm_features: true`)
+    z_win = predictor.fuse_split(_window_logits(predictor, test, card.preprocessing), test)
     t_win = time.perf_counter() - start
     z_ctr, _ = predictor.predict_split(test)
     result = {

@@ -209,11 +209,19 @@ def parse_records(inputs: Sequence[SideInput], records: Sequence[Mapping[str, An
 
 
 class SideInputFusion(BaseModel):
-    """Late fusion stored in the card: fused logits = ``[image logits, encoded side inputs] @
-    coef.T + intercept``, a logistic model (multinomial for several classes) fitted on calib.
+    """Late fusion stored in the card: fused logits = ``[image logits, encoded side inputs,
+    derived features] @ coef.T + intercept (+ offsets)``, a logistic model (multinomial for
+    several classes) fitted on calib.
 
-    ``image_features`` name the image logits used; ``missing_in_fit`` counts missing values
-    per input in the fitting split.
+    ``image_features`` name the network logits used; ``missing_in_fit`` counts missing values
+    per input in the fitting split. ``derived`` names features the modality computes from the
+    input itself (an ECG's RR-interval and HRV features, ``rhythm:*``): nobody sends them.
+    With ``derived_model`` (a package file: an ONNX gradient-boosted model trained on the
+    train split's features, so calib stays unseen for the fusion) the block fused is that
+    model's class log-probabilities (``derived_outputs``); without, the features themselves.
+    A missing value of the block takes the calib median, and all are standardised with calib's
+    mean and std. ``offsets`` are per-class log-odds shifts fitted on calib for a decision
+    metric (the challenge F1 of PhysioNet 2017), added last.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -227,24 +235,61 @@ class SideInputFusion(BaseModel):
     n_fit: int = 0
     missing_in_fit: dict[str, int] = Field(default_factory=dict)
     regularisation_c: float = 1.0
+    derived: list[str] = Field(default_factory=list)
+    derived_fill: list[float] = Field(default_factory=list)
+    derived_mean: list[float] = Field(default_factory=list)
+    derived_std: list[float] = Field(default_factory=list)
+    derived_model: str | None = None
+    derived_model_info: dict[str, Any] = Field(default_factory=dict)
+    derived_outputs: list[str] = Field(default_factory=list)
+    offsets: list[float] | None = None
+    offsets_metric: str | None = None
+
+    @property
+    def block(self) -> list[str]:
+        """Names of the derived block's columns: the model's outputs, or the features."""
+        return self.derived_outputs or self.derived
 
     @property
     def features(self) -> list[str]:
-        return [*self.image_features, *[f for s in self.inputs for f in s.features()]]
+        return [*self.image_features, *[f for s in self.inputs for f in s.features()],
+                *(self.block if self.derived else [])]
 
-    def design(self, logits: np.ndarray, values: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """The fitted model's design matrix for image logits and checked values."""
+    def derived_matrix(self, block: np.ndarray | None, n: int) -> np.ndarray:
+        """The derived block (n, len(block)) filled and standardised; None: all missing."""
+        if not self.derived:
+            return np.zeros((n, 0))
+        k = len(self.block)
+        x = (np.full((n, k), np.nan) if block is None
+             else np.asarray(block, dtype=np.float64).reshape(n, k))
+        fill = np.asarray(self.derived_fill or np.zeros(k))
+        x = np.where(np.isfinite(x), x, fill)
+        mean = np.asarray(self.derived_mean or np.zeros(k))
+        std = np.asarray(self.derived_std or np.ones(k))
+        return (x - mean) / std
+
+    def design(self, logits: np.ndarray, values: Sequence[Mapping[str, Any]],
+               derived: np.ndarray | None = None) -> np.ndarray:
+        """The fitted model's design matrix for image logits, checked values and derived
+        features."""
+        n = len(values)
         side = np.array([[x for s in self.inputs for x in s.encode(v.get(s.name))]
-                         for v in values], dtype=np.float64).reshape(len(values), -1)
-        return np.column_stack([np.asarray(logits, np.float64).reshape(len(values), -1), side])
+                         for v in values], dtype=np.float64).reshape(n, -1)
+        return np.column_stack([np.asarray(logits, np.float64).reshape(n, -1), side,
+                                self.derived_matrix(derived, n)])
 
-    def fuse(self, logits: np.ndarray, values: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    def fuse(self, logits: np.ndarray, values: Sequence[Mapping[str, Any]],
+             derived: np.ndarray | None = None) -> np.ndarray:
         """Fused logits, shaped like ``logits``."""
-        z = self.design(logits, values) @ np.asarray(self.coef).T + np.asarray(self.intercept)
+        z = self.design(logits, values, derived) @ np.asarray(self.coef).T \
+            + np.asarray(self.intercept)
+        if self.offsets is not None:
+            z = z + np.asarray(self.offsets)
         return z.astype(np.float32)
 
     def expects(self) -> list[dict[str, Any]]:
-        """The inputs as the card and ``GET /v1/models/{name}`` list them."""
+        """The inputs as the card and ``GET /v1/models/{name}`` list them (the ones a caller
+        sends; derived features are computed from the input)."""
         return [s.card_entry() for s in self.inputs]
 
 

@@ -374,7 +374,7 @@ def _side_table(predictor: Any, path: Path | None) -> dict[str, Any] | None:
     """The ``--side-inputs`` table, refused for a model without side inputs."""
     if path is None:
         return None
-    if predictor.card.side_inputs is None:
+    if predictor.card.side_inputs is None or not predictor.card.side_inputs.inputs:
         raise ConfigError(f"model '{predictor.card.name}' takes no side inputs",
                           hint="leave out --side-inputs; its card lists what it expects")
     from meddx.sideinputs import read_side_table

@@ -170,7 +170,9 @@ def _subgroups(package: ModelPackage, bundle: Any, split: str, logits: np.ndarra
     s = bundle.splits[chosen]
     z = logits if chosen == split else split_logits(package, s)
     probs = probabilities(package.card, z)
-    result = subgroup_analysis(package.card.task, s.targets, probs, s.metadata,
+    derived = set(package.card.preprocessing.get("derived_features") or [])
+    meta = s.metadata.drop(columns=[c for c in s.metadata.columns if c in derived])
+    result = subgroup_analysis(package.card.task, s.targets, probs, meta,
                                _threshold(package.card), s.patient_ids, n_resamples, seed)
     result.split = chosen
     if chosen != split:

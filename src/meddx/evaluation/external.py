@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from meddx.config import ExperimentConfig, parse_config
 from meddx.errors import ConfigError, DataError, EvaluationError
@@ -74,7 +75,9 @@ def external_bundle(package: ModelPackage, data: str | Path, split: str = "test"
     tensors, targets, ids, info = modality.read_external(data, card.preprocessing, card.task)
     if not ids:
         raise DataError("no case of the external data could be read", path=str(data))
-    ext = Split(name=SPLIT, inputs=tensors, targets=np.asarray(targets), ids=ids)
+    derived = info.pop("derived", None)
+    meta = pd.DataFrame(derived) if derived and len(derived) == len(ids) else None
+    ext = Split(name=SPLIT, inputs=tensors, targets=np.asarray(targets), ids=ids, metadata=meta)
     return DataBundle(dataset=data.name or str(data), modality=card.modality, task=card.task,
                       splits={SPLIT: ext}, input_spec=dict(card.preprocessing), info=info)
 

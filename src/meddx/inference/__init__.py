@@ -33,6 +33,8 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 ALWAYS_NOTES = ("basis", "patient", "encounter", "hours_used", "ignored")
 # sample metadata keys holding side inputs (the raw record, where it came from): never echoed
 SIDE_KEYS = ("side_inputs", "side_inputs_source")
+# sample metadata key of the features a modality derives from the input (ECG rhythm features)
+DERIVED_KEY = "derived"
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +211,8 @@ class Predictor:
         fusion = self.card.side_inputs
         if fusion is None:
             return logits
-        return fusion.fuse(logits, _split_values(split, fusion))
+        return fusion.fuse(logits, _split_values(split, fusion),
+                           self.derived_block(_split_derived(split, fusion)))
 
     def split_outputs(self, split: Any, batch_size: int = 256, progress: bool = False,
                       features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -280,7 +283,8 @@ class Predictor:
         preds = self.finalize(logits, [s.id for s in samples], ood_scores=scores)
         for p, s, side in zip(preds, samples, side_notes, strict=True):
             p.notes.update({k: v for k, v in s.meta.items()
-                            if (k in ALWAYS_NOTES or _small_json(v)) and k not in SIDE_KEYS})
+                            if (k in ALWAYS_NOTES or _small_json(v))
+                            and k not in SIDE_KEYS and k != DERIVED_KEY})
             if side is not None:
                 p.notes["side_inputs"] = side
         if explain:
@@ -305,8 +309,24 @@ class Predictor:
         values = parse_records(fusion.inputs, given, strict=True)
         notes: list[dict[str, Any] | None] = [
             note(fusion.inputs, v, str(s.meta.get(SIDE_KEYS[1]) or "none given"))
-            for v, s in zip(values, samples, strict=True)]
-        return fusion.fuse(logits, values), notes
+            if fusion.inputs else None for v, s in zip(values, samples, strict=True)]
+        derived = None
+        if fusion.derived:
+            derived = np.array([[(s.meta.get(DERIVED_KEY) or {}).get(n, np.nan)
+                                 for n in fusion.derived] for s in samples], dtype=np.float64)
+        return fusion.fuse(logits, values, self.derived_block(derived)), notes
+
+    def derived_block(self, raw: np.ndarray | None) -> np.ndarray | None:
+        """The fused block for raw derived features (n, len(derived)): the card's derived
+        model's class log-probabilities (ONNX, run here), or the features themselves."""
+        fusion = self.card.side_inputs
+        if raw is None or fusion is None or not fusion.derived_model:
+            return raw
+        if getattr(self, "_derived_session", None) is None:
+            from meddx.inference.derived import DerivedModel
+
+            self._derived_session = DerivedModel(self.package.path / fusion.derived_model)
+        return self._derived_session.log_proba(raw)
 
     def _sample_logits(self, samples: list[Sample], batch_size: int
                        ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -449,6 +469,19 @@ def _split_values(split: Any, fusion: Any) -> list[dict[str, Any]]:
     else:
         records = meta.reset_index(drop=True).to_dict("records")
     return parse_records(fusion.inputs, records)
+
+
+def _split_derived(split: Any, fusion: Any) -> np.ndarray | None:
+    """The derived features of every case of a split (its metadata columns), or None."""
+    if not fusion.derived:
+        return None
+    meta = getattr(split, "metadata", None)
+    missing = [c for c in fusion.derived if meta is None or c not in meta.columns]
+    if missing:
+        logger.warning("the %s split lacks %d derived feature(s) (%s…): calib medians used",
+                       split.name, len(missing), missing[0])
+        return None
+    return meta[fusion.derived].to_numpy(dtype=np.float64)
 
 
 def attach_side_inputs(sample: Sample, record: Mapping[str, Any] | None, source: str) -> None:

@@ -288,7 +288,9 @@ class Modality(ABC):
         """Cases from another source for ``meddx validate``: ``(inputs, targets, ids, info)``,
         read with the package's preprocessing. The default reads a labelled-files CSV
         (``path,label``, or a folder holding ``labels.csv``); unreadable cases are left out
-        and counted by reason in ``info``; a modality with its own layout overrides this."""
+        and counted by reason in ``info``; a modality with its own layout overrides this.
+        Features the modality derives from each input (``Sample.meta["derived"]``) come back
+        as ``info["derived"]``, one dict per case, to become the split's metadata."""
         import re
         from collections import Counter
 
@@ -305,6 +307,7 @@ class Modality(ABC):
         tensors: list[Any] = []
         targets: list[Any] = []
         ids: list[str] = []
+        derived: list[dict[str, float]] = []
         left_out: Counter[str] = Counter()
         for row in table.itertuples(index=False):
             rel = str(row.path)
@@ -319,9 +322,13 @@ class Modality(ABC):
             tensors.append(sample.tensor)
             targets.append(target)
             ids.append(Path(str(row.path)).name)
+            if "derived" in sample.meta:  # features the package fuses (ECG rhythm features)
+                derived.append(sample.meta["derived"])
         info = {"source": str(csv), "format": "labels CSV",
                 "left_out_cases": int(sum(left_out.values())),
                 "left_out_by_reason": dict(left_out.most_common())}
+        if derived:
+            info["derived"] = derived
         return tensors, targets, ids, info
 
     def variant_effect(self, predictor: Any, variant: str) -> dict[str, Any]:

@@ -134,7 +134,8 @@ def _limitations(result: Any) -> list[str]:
     if result.subgroups is None:
         out.append("No demographic metadata: performance across sex, age or site is unknown.")
     side = getattr(card, "side_inputs", None)
-    if side is not None and (result.subgroups is None or result.subgroups.split != result.split):
+    if side is not None and side.inputs and (result.subgroups is None
+                                             or result.subgroups.split != result.split):
         out.append(f"The {result.split} split carries no side inputs "
                    f"({', '.join(s.name for s in side.inputs)}): the model was scored with "
                    "every one of them missing (flagged to the model), which is not how it is "

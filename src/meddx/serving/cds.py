@@ -148,11 +148,18 @@ def adapter_for(modality: str) -> CdsAdapter | None:
         return None
 
 
+def _takes_side_inputs(card: Any) -> bool:
+    """Whether the caller supplies side inputs (features a modality derives itself, such as an
+    ECG's rhythm features, need no Patient)."""
+    fusion = getattr(card, "side_inputs", None)
+    return fusion is not None and bool(fusion.inputs)
+
+
 def service_prefetch(adapter: CdsAdapter, card: Any, hook: str) -> dict[str, str]:
     """The adapter's prefetch templates, plus the ``Patient`` when the model takes side
     inputs (age from ``birthDate``, sex from ``gender``)."""
     templates = dict(adapter.prefetch(card, hook))
-    if getattr(card, "side_inputs", None) is not None and "patient" not in templates:
+    if _takes_side_inputs(card) and "patient" not in templates:
         templates["patient"] = "Patient/{{context.patientId}}"
     return templates
 
@@ -166,7 +173,7 @@ def patient_side_inputs(card: Any, data: dict[str, Any], n: int
     Raises:
         DataError: a malformed birth date or gender (the service answers with no card).
     """
-    if getattr(card, "side_inputs", None) is None:
+    if not _takes_side_inputs(card):
         return None, []
     from meddx.sideinputs import from_patient
 

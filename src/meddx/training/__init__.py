@@ -526,15 +526,16 @@ def _post_hoc(package: ModelPackage, bundle: DataBundle, cfg: ExperimentConfig) 
     """Fit temperature, operating points and conformal sets on ``calib`` (never val or test)."""
     from meddx.training.posthoc import fit_post_hoc
 
+    derived = list(bundle.input_spec.get("derived_features") or [])
     if "calib" not in bundle.splits or len(bundle.splits["calib"]) == 0:
-        if cfg.side_inputs:
-            raise ConfigError("side inputs are fitted on the calibration split; there is none",
-                              hint="set data.calib_fraction > 0")
+        if cfg.side_inputs or derived:
+            raise ConfigError("side inputs and derived features are fitted on the calibration "
+                              "split; there is none", hint="set data.calib_fraction > 0")
         logger.warning("no calibration split: package left uncalibrated")
         return package
-    if cfg.side_inputs:  # before the post-hoc fits: they act on the fused logits
+    if cfg.side_inputs or derived:  # before the post-hoc fits: they act on the fused logits
         from meddx.training.sideinputs import fit_side_inputs
 
-        fit_side_inputs(package, bundle, cfg.side_inputs)
+        fit_side_inputs(package, bundle, cfg.side_inputs, derived=derived, seed=cfg.seed)
     fit_post_hoc(package, bundle, cfg.evaluation)
     return package

@@ -212,6 +212,10 @@ class ECGModality(Modality):
             stride_seconds: step between prediction windows.
             min_seconds: shorter records are refused.
             cache: preprocess the whole dataset once into ``cache_dir()/ecg``.
+            rhythm_features: compute each record's RR-interval, HRV and beat-morphology
+                features (:mod:`meddx.modalities.ecg.rhythm`) from the record at its own rate,
+                and fuse them with the network's logits on calib (late fusion, as side inputs
+                are); prediction computes them from the input itself.
             scale / baseline_wander / noise: augmentation strengths (z-score units).
         """
 
@@ -226,6 +230,7 @@ class ECGModality(Modality):
         stride_seconds: float = Field(15.0, gt=0)
         min_seconds: float = Field(5.0, ge=0)
         cache: bool = True
+        rhythm_features: bool = False
         scale: float = Field(0.2, ge=0, lt=1)
         baseline_wander: float = Field(0.2, ge=0)
         noise: float = Field(0.05, ge=0)
@@ -252,7 +257,14 @@ class ECGModality(Modality):
         needed = sorted({i for v in split_ids.values() for i in v})
         signals = (_cached_signals(folder, name, ids, spec) if opts.cache
                    else {i: preprocess(read_wfdb(folder / i), spec) for i in needed})
-        splits = {k: _make_split(k, v, signals, targets, spec["fs"]) for k, v in split_ids.items()}
+        rhythm = None
+        if opts.rhythm_features:
+            from meddx.modalities.ecg.rhythm import cached_features, columns
+
+            rhythm = dict(zip(needed, cached_features(folder, needed), strict=True))
+            spec["derived_features"] = columns()
+        splits = {k: _make_split(k, v, signals, targets, spec["fs"], rhythm)
+                  for k, v in split_ids.items()}
         strat = task.target_index(splits["train"].targets) if task.kind != "regression" else None
         splits["train"], splits["calib"] = carve_split(
             splits["train"], data.calib_fraction, seed, strat, "calib")
@@ -336,12 +348,19 @@ class ECGModality(Modality):
         """
         record, notes = read_source(source, input_spec)
         sig = preprocess(record, input_spec)
+        derived = None
+        if input_spec.get("derived_features"):  # a package fused with rhythm features
+            from meddx.modalities.ecg.rhythm import record_features
+
+            derived = record_features(record, input_spec.get("leads"))
         length = int(input_spec["length"])
         wins, starts = windows(sig, length, int(input_spec.get("stride", length)))
         meta = {"windows": True, "starts": starts, "fs": float(input_spec["fs"]),
                 "n_samples": int(sig.shape[-1]), "source_fs": record.fs,
                 "leads": list(input_spec.get("leads") or record.leads),
                 "seconds": round(record.seconds, 3), "signal": sig, **notes}
+        if derived is not None:
+            meta["derived"] = derived
         return Sample(id=record.id, tensor=torch.from_numpy(np.ascontiguousarray(wins)), meta=meta)
 
     def aggregate(self, probs: np.ndarray) -> np.ndarray:
@@ -471,9 +490,16 @@ def _limit(ids: list[str], targets: dict[str, Any], n: int, seed: int) -> list[s
 
 
 def _make_split(name: str, ids: list[str], signals: dict[str, np.ndarray],
-                targets: dict[str, Any], fs: float) -> Split:
+                targets: dict[str, Any], fs: float,
+                rhythm: dict[str, np.ndarray] | None = None) -> Split:
     inputs = [signals[i] for i in ids]
     meta = pd.DataFrame({"seconds": [round(s.shape[-1] / fs, 2) for s in inputs]})
+    if rhythm is not None:
+        from meddx.modalities.ecg.rhythm import columns
+
+        meta = pd.concat([meta, pd.DataFrame(np.stack([rhythm[i] for i in ids]) if ids else
+                                             np.zeros((0, len(columns()))), columns=columns())],
+                         axis=1)
     return Split(name=name, inputs=inputs, targets=np.asarray([targets[i] for i in ids]),
                  ids=list(ids), metadata=meta)
 

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FEATURES", "rhythm_features", "detect_beats", "features_table"]
+__all__ = ["FEATURES", "PREFIX", "VERSION", "rhythm_features", "detect_beats", "features_table",
+           "cached_features", "record_features", "columns"]
 
 logger = logging.getLogger(__name__)
+
+# bump when a feature's definition changes: it keys the on-disk cache of a dataset's features
+VERSION = 1
+# the features' names as metadata columns and fusion inputs
+PREFIX = "rhythm:"
 
 FEATURES = [
     "seconds", "beats_per_s", "hr_median", "rr_mean", "rr_sd", "rr_cv", "rmssd", "rmssd_norm",
@@ -171,3 +177,58 @@ def features_table(paths: list[Any], progress: bool = True) -> np.ndarray:
         rec = read_wfdb(path)
         rows.append(rhythm_features(rec.signal[:, 0], rec.fs))
     return np.stack(rows) if rows else np.zeros((0, len(FEATURES)))
+
+
+def columns() -> list[str]:
+    """The features' names as split metadata columns (``rhythm:rr_cv`` …)."""
+    return [PREFIX + f for f in FEATURES]
+
+
+def record_features(record: Any, leads: list[str] | None = None) -> dict[str, float]:
+    """``{"rhythm:<name>": value}`` of an :class:`~meddx.modalities.ecg.io.ECGRecord`, from
+    its first lead among ``leads`` (the model's), at the record's own sampling rate."""
+    from meddx.modalities.ecg.io import select_leads
+
+    sig = select_leads(record, leads)[0]  # (leads, samples): the first of the model's leads
+    return dict(zip(columns(), rhythm_features(sig, record.fs).tolist(), strict=True))
+
+
+def cached_features(folder: Any, ids: list[str], progress: bool = True) -> np.ndarray:
+    """:func:`features_table` of the records ``ids`` of a WFDB folder, one row per id.
+
+    Rows are kept per record in ``cache_dir()/ecg/rhythm-<key>.npz`` (key: the folder,
+    :data:`FEATURES` and :data:`VERSION`), so any later subset or split of the same folder
+    computes only the records not seen before.
+    """
+    import hashlib
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from meddx.catalog import cache_dir
+
+    folder = Path(folder)
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), FEATURES, VERSION]).encode()
+                         ).hexdigest()[:16]
+    path = cache_dir() / "ecg" / f"rhythm-{key}.npz"
+    known: dict[str, np.ndarray] = {}
+    if path.is_file():
+        try:
+            with np.load(path) as got:
+                known = dict(zip(got["ids"].tolist(), got["x"], strict=True))
+        except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
+            logger.warning("rhythm-feature cache %s unreadable: rebuilding it", path.name)
+    todo = [i for i in dict.fromkeys(ids) if i not in known]
+    if todo:
+        logger.info("rhythm features of %d records of %s (cached for later runs)", len(todo),
+                    folder.name)
+        known.update(zip(todo, features_table([folder / i for i in todo], progress=progress),
+                         strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".npz", dir=path.parent)
+        os.close(fd)
+        names = sorted(known)
+        np.savez(tmp, ids=np.array(names), x=np.stack([known[n] for n in names]))
+        os.replace(tmp, path)
+    return np.stack([known[i] for i in ids]) if ids else np.zeros((0, len(FEATURES)))
