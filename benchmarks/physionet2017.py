@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, environment  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -90,9 +90,10 @@ def main() -> None:
     start = time.perf_counter()
     # whole record as `meddx predict` sees it: window logits averaged, then fused with the
     # record's rhythm features where the package has them (`rhythm_features: true`)
-    z_win = predictor.fuse_split(_window_logits(predictor, test, card.preprocessing), test)
+    z_net = _window_logits(predictor, test, card.preprocessing)
+    z_win = predictor.fuse_split(z_net, test)
     t_win = time.perf_counter() - start
-    z_ctr, _ = predictor.predict_split(test)
+    z_ctr, _ = predictor.split_outputs(test)  # the network alone on the centre 30-s window
     result = {
         "benchmark": "physionet2017",
         "dataset": "PhysioNet/CinC 2017, bundled 6,822 records; our fixed test split",
@@ -105,10 +106,13 @@ def main() -> None:
                       "wall_time_s", "threads", "precision")},
         "train_call_wall_s": None if wall is None else round(wall, 1),
         "whole_record_windows": _score(y, z_win.argmax(1), classes, args.bootstrap),
+        "fused": card.side_inputs is not None,
+        "network_alone_whole_record": _score(y, z_net.argmax(1), classes, args.bootstrap),
         "centre_window": _score(y, z_ctr.argmax(1), classes, args.bootstrap),
         "predict_seconds_per_record": round(t_win / max(1, len(test)), 4),
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads()},
+        "environment": environment(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
@@ -122,6 +126,10 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"Network: `{r['network']['name']}` {r['network'].get('options', {})}; "
         f"input {r['preprocessing']['fs']:g} Hz, window {r['preprocessing']['length']} samples.",
+        (f"{r['environment']['cpu']}, {r['environment']['cores']} cores, torch "
+         f"{r['environment']['torch']}, load {r['environment']['load_avg']:.2f}; "
+         f"{r['environment']['date']}, commit {r['environment']['commit']}."
+         if r.get("environment") else ""),
         f"Training: {r['training']['epochs_run']} epochs, best epoch {r['training']['best_epoch']}, "
         f"wall time {r['training']['wall_time_s']} s on {r['training']['threads']} thread(s), "
         f"{r['training']['precision']}.",
@@ -129,8 +137,13 @@ def _markdown(r: dict[str, Any]) -> str:
         "| evaluation | challenge score (mean F1 N/A/O) | 95% CI | F1 N | F1 A | F1 O | F1 ~ |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, label in (("whole_record_windows", "whole record (mean over windows)"),
-                       ("centre_window", "centre window only")):
+    rows = [("whole_record_windows", "whole record (mean over windows)"
+             + (", fused with the rhythm features: the package" if r.get("fused") else "")),
+            ("network_alone_whole_record", "network alone, whole record"),
+            ("centre_window", "network alone, centre window only")]
+    for key, label in rows:
+        if key not in r or (key == "network_alone_whole_record" and not r.get("fused")):
+            continue
         s = r[key]
         b = s["bootstrap"]
         f = s["f1"]

@@ -194,16 +194,40 @@ class Predictor:
 
     def predict_split(self, split: Any, batch_size: int = 256, progress: bool = False,
                       fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and raw probabilities for every sample of a :class:`Split`.
+        """Logits and raw probabilities for every sample of a :class:`Split` (a windowed
+        record, ECG: the mean of its windows' logits, as in prediction).
 
         With side inputs in the card (and ``fused``), the logits are fused with the split's
         metadata; a split without it (ISIC 2017's test set) has every side input missing,
         flagged as such in the fusion and said in a warning.
         """
-        z, _ = self.split_outputs(split, batch_size, progress)
+        z = (self.record_logits(split, progress) if self.windowed
+             else self.split_outputs(split, batch_size, progress)[0])
         if fused:
             z = self.fuse_split(z, split)
         return z, self.task.probabilities(torch.from_numpy(z)).numpy()
+
+    @property
+    def windowed(self) -> bool:
+        """Whether a record is read as overlapping windows (ECG) whose logits are averaged."""
+        spec = self.card.preprocessing
+        return bool(spec.get("stride")) and hasattr(self.modality, "windows_of") \
+            and hasattr(self.modality, "aggregate_logits")
+
+    def record_logits(self, split: Any, progress: bool = False) -> np.ndarray:
+        """Unfused logits of every record of a windowed split as ``meddx predict`` sees it:
+        the whole record cut into windows, their logits averaged — so calibration, operating
+        points, conformal sets and evaluation rest on the same numbers as a prediction."""
+        spec = self.card.preprocessing
+        it: Iterable[Any] = split.inputs
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(split.inputs, desc=f"predict {split.name}", unit="record")
+        rows = [self.modality.aggregate_logits(self.logits(self.modality.windows_of(x, spec)),
+                                               self.task) for x in it]
+        return (np.stack(rows).astype(np.float32) if rows
+                else np.zeros((0, self.task.num_outputs), np.float32))
 
     def fuse_split(self, logits: np.ndarray, split: Any) -> np.ndarray:
         """``logits`` of every sample of ``split`` fused with the split's side inputs when the

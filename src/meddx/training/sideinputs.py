@@ -71,17 +71,6 @@ def _coefficients(lr: Any, n_outputs: int) -> tuple[list[list[float]], list[floa
     return coef.tolist(), icpt.tolist()
 
 
-def _record_logits(predictor: Any, split: Any) -> np.ndarray:
-    """Unfused logits of every case as ``meddx predict`` sees it: a windowed record (ECG) is
-    the mean of its windows' logits, anything else is the network's one output."""
-    modality, spec = predictor.modality, predictor.card.preprocessing
-    if spec.get("stride") and hasattr(modality, "windows_of") and hasattr(modality,
-                                                                          "aggregate_logits"):
-        return np.stack([modality.aggregate_logits(predictor.logits(modality.windows_of(x, spec)),
-                                                   predictor.task) for x in split.inputs])
-    return predictor.predict_split(split, fused=False)[0]
-
-
 def _derived_columns(split: Any, derived: Sequence[str]) -> np.ndarray:
     meta = getattr(split, "metadata", None)
     lacking = [c for c in derived if meta is None or c not in meta.columns]
@@ -201,7 +190,7 @@ def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInp
                               hint="set data.calib_fraction > 0")
     values = parse_records(inputs, split_records(calib, inputs))
     fitted = _standardised(inputs, values)
-    logits = _record_logits(Predictor(package, backend="torch"), calib)
+    logits, _ = Predictor(package, backend="torch").predict_split(calib, fused=False)
     names = ([task.positive_class or "positive"] if task.num_outputs == 1
              else list(task.class_names))
     extra: dict[str, Any] = {}
