@@ -107,3 +107,21 @@ def test_external_validation_reads_the_features_with_the_records(fused, tmp_path
     assert list(ext.metadata.columns) == columns() and len(ext.metadata) == 6
     assert ext.metadata["rhythm:irregular_frac"].iloc[:3].mean() > \
         ext.metadata["rhythm:irregular_frac"].iloc[3:].mean()
+
+
+def test_a_split_is_scored_on_the_whole_record_as_a_prediction_is(fused):
+    """Calibration, operating points, conformal sets, evaluation and the fusion are fitted on
+    `predict_split`; it must give the logits a prediction gives (the mean over the record's
+    30-s windows), not the centre window's — a 60-s record tells them apart."""
+    from meddx.inference import load_model
+    from meddx.modalities.base import Split
+
+    predictor = load_model(fused.path)
+    paths = [p for p in _records("A", 40) if predictor.read(p).tensor.shape[0] >= 3][:2]
+    assert paths, "no AF record of 45 s or more among the last 40"
+    samples = [predictor.read(p) for p in paths]
+    split = Split(name="x", inputs=[s.meta["signal"] for s in samples],
+                  targets=np.zeros(len(samples), dtype=int), ids=[s.id for s in samples])
+    z_split, _ = predictor.predict_split(split, fused=False)
+    z_pred, _ = predictor._sample_logits(samples, batch_size=8)
+    np.testing.assert_allclose(z_split, z_pred, rtol=1e-4, atol=1e-4)
