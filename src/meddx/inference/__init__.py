@@ -224,8 +224,9 @@ class Predictor:
             from tqdm import tqdm
 
             it = tqdm(split.inputs, desc=f"predict {split.name}", unit="record")
-        rows = [self.modality.aggregate_logits(self.logits(self.modality.windows_of(x, spec)),
-                                               self.task) for x in it]
+        modality: Any = self.modality  # a windowed modality (checked by `windowed`)
+        rows = [modality.aggregate_logits(self.logits(modality.windows_of(x, spec)), self.task)
+                for x in it]
         return (np.stack(rows).astype(np.float32) if rows
                 else np.zeros((0, self.task.num_outputs), np.float32))
 
@@ -501,11 +502,12 @@ def _split_derived(split: Any, fusion: Any) -> np.ndarray | None:
         return None
     meta = getattr(split, "metadata", None)
     missing = [c for c in fusion.derived if meta is None or c not in meta.columns]
-    if missing:
+    if meta is None or missing:
         logger.warning("the %s split lacks %d derived feature(s) (%s…): calib medians used",
                        split.name, len(missing), missing[0])
         return None
-    return meta[fusion.derived].to_numpy(dtype=np.float64)
+    values: np.ndarray = meta[list(fusion.derived)].to_numpy(dtype=np.float64)
+    return values
 
 
 def attach_side_inputs(sample: Sample, record: Mapping[str, Any] | None, source: str) -> None:
