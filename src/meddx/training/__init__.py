@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from meddx.config import ExperimentConfig, dump_config
-from meddx.errors import ConfigError
+from meddx.errors import ConfigError, EvaluationError
 from meddx.modalities import DataBundle, get_modality
 from meddx.modalities.loading import as_config, load_bundle
 from meddx.package import ModelCard, ModelPackage, save_package
@@ -536,6 +536,13 @@ def _post_hoc(package: ModelPackage, bundle: DataBundle, cfg: ExperimentConfig) 
     if cfg.side_inputs or derived:  # before the post-hoc fits: they act on the fused logits
         from meddx.training.sideinputs import fit_side_inputs
 
-        fit_side_inputs(package, bundle, cfg.side_inputs, derived=derived, seed=cfg.seed)
+        try:
+            fit_side_inputs(package, bundle, cfg.side_inputs, derived=derived, seed=cfg.seed)
+        except EvaluationError as e:
+            if cfg.side_inputs:  # inputs the user asked for: no package without them
+                raise
+            # features the modality derives (a recipe default): a tiny run still trains
+            logger.warning("derived features not fused, the package is the network alone: %s "
+                           "(use more records)", e.message)
     fit_post_hoc(package, bundle, cfg.evaluation)
     return package

@@ -188,6 +188,12 @@ def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInp
     if calib is None or len(calib) == 0:
         raise EvaluationError("side inputs are fitted on the calibration split; there is none",
                               hint="set data.calib_fraction > 0")
+    targets = np.asarray(calib.targets)
+    # a binary network's one logit is the positive class's log-odds: fit on "is positive"
+    y = (targets.astype(int).reshape(-1) == 1).astype(int) if task.num_outputs == 1 \
+        else task.target_index(targets)
+    if len(np.unique(y)) != len(task.class_names):
+        raise EvaluationError("the calibration split lacks a class: side inputs cannot be fitted")
     values = parse_records(inputs, split_records(calib, inputs))
     fitted = _standardised(inputs, values)
     logits, _ = Predictor(package, backend="torch").predict_split(calib, fused=False)
@@ -212,12 +218,6 @@ def fit_side_inputs(package: ModelPackage, bundle: Any, inputs: Sequence[SideInp
                       "derived_std": np.where(std > 0, std, 1.0).tolist()})
     fusion = SideInputFusion(inputs=fitted, image_features=[f"logit:{n}" for n in names],
                              coef=[[0.0]], intercept=[0.0], **extra)
-    targets = np.asarray(calib.targets)
-    # a binary network's one logit is the positive class's log-odds: fit on "is positive"
-    y = (targets.astype(int).reshape(-1) == 1).astype(int) if task.num_outputs == 1 \
-        else task.target_index(targets)
-    if len(np.unique(y)) != len(task.class_names):
-        raise EvaluationError("the calibration split lacks a class: side inputs cannot be fitted")
     lr = LogisticRegression(C=c, max_iter=5000).fit(fusion.design(logits, values, x_derived), y)
     coef, icpt = _coefficients(lr, task.num_outputs)
     missing = {s.name: sum(v[s.name] is None for v in values) for s in inputs}
