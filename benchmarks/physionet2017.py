@@ -54,12 +54,6 @@ def _score(y: np.ndarray, pred: np.ndarray, classes: list[str], n_boot: int) -> 
     return out
 
 
-def _window_logits(predictor: Any, split: Any, spec: dict[str, Any]) -> np.ndarray:
-    modality, task = predictor.modality, predictor.task
-    return np.stack([modality.aggregate_logits(predictor.logits(modality.windows_of(x, spec)), task)
-                     for x in split.inputs])
-
-
 def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -90,7 +84,7 @@ def main() -> None:
     start = time.perf_counter()
     # whole record as `meddx predict` sees it: window logits averaged, then fused with the
     # record's rhythm features where the package has them (`rhythm_features: true`)
-    z_net = _window_logits(predictor, test, card.preprocessing)
+    z_net = predictor.record_logits(test)  # the network alone, windows averaged
     z_win = predictor.fuse_split(z_net, test)
     t_win = time.perf_counter() - start
     z_ctr, _ = predictor.split_outputs(test)  # the network alone on the centre 30-s window

@@ -133,7 +133,6 @@ def main() -> None:
     ap.add_argument("--name", default="physionet2017_rr")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from physionet2017 import _window_logits
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
@@ -168,8 +167,7 @@ def main() -> None:
     print(f"rhythm features alone (GBM, 5-fold CV on train): {gbm_cv:.3f}", flush=True)
 
     t0 = time.perf_counter()
-    z = {k: _window_logits(predictor, sp[k], predictor.card.preprocessing)
-         for k in ("calib", "test")}
+    z = {k: predictor.record_logits(sp[k]) for k in ("calib", "test")}
     t_logits = time.perf_counter() - t0
 
     # choose on repeated K-fold CV inside calib

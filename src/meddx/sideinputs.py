@@ -210,7 +210,7 @@ def parse_records(inputs: Sequence[SideInput], records: Sequence[Mapping[str, An
 
 class SideInputFusion(BaseModel):
     """Late fusion stored in the card: fused logits = ``[image logits, encoded side inputs,
-    derived features] @ coef.T + intercept (+ offsets)``, a logistic model (multinomial for
+    derived features] @ coef.T + intercept``, a logistic model (multinomial for
     several classes) fitted on calib.
 
     ``image_features`` name the network logits used; ``missing_in_fit`` counts missing values
@@ -220,8 +220,7 @@ class SideInputFusion(BaseModel):
     train split's features, so calib stays unseen for the fusion) the block fused is that
     model's class log-probabilities (``derived_outputs``); without, the features themselves.
     A missing value of the block takes the calib median, and all are standardised with calib's
-    mean and std. ``offsets`` are per-class log-odds shifts fitted on calib for a decision
-    metric (the challenge F1 of PhysioNet 2017), added last.
+    mean and std.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -242,8 +241,6 @@ class SideInputFusion(BaseModel):
     derived_model: str | None = None
     derived_model_info: dict[str, Any] = Field(default_factory=dict)
     derived_outputs: list[str] = Field(default_factory=list)
-    offsets: list[float] | None = None
-    offsets_metric: str | None = None
 
     @property
     def block(self) -> list[str]:
@@ -283,8 +280,6 @@ class SideInputFusion(BaseModel):
         """Fused logits, shaped like ``logits``."""
         z = self.design(logits, values, derived) @ np.asarray(self.coef).T \
             + np.asarray(self.intercept)
-        if self.offsets is not None:
-            z = z + np.asarray(self.offsets)
         return z.astype(np.float32)
 
     def expects(self) -> list[dict[str, Any]]:
