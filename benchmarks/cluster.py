@@ -1,7 +1,8 @@
 """Archive inference on Ray against the single-process ``meddx predict``, at equal threads.
 
-BreastMNIST test images (28 px, bundled) are written as PNGs, repeated until there are
-``--images`` of them, to a temporary folder; the same folder is predicted by
+BreastMNIST test images (28 px, bundled; ``--size`` scales them up, e.g. to 128 px as an
+archive's images would be, where each image costs the network real work) are written as PNGs,
+repeated until there are ``--images`` of them, to a temporary folder; the same folder is predicted by
 
 * ``meddx predict MODEL FOLDER --format csv`` with one torch thread (the single process), and
 * ``meddx predict MODEL FOLDER --ray ADDRESS --out …`` on a fresh local Ray node of W CPUs
@@ -13,6 +14,7 @@ Ray worker process. The 64-node figures in the results are a plan worked out by 
 from the measured per-worker rate, not a measurement.
 
     python benchmarks/cluster.py [--images 10000] [--small 64] [--model runs/x/model]
+    python benchmarks/cluster.py --widen 1 --size 128 --name cluster_128
 
 Writes results/cluster.{json,md}. The machine's load average is recorded: rerun on a quiet
 machine for figures worth quoting.
@@ -49,23 +51,26 @@ def _env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def make_images(folder: Path, count: int) -> None:
-    """``count`` PNGs cycling through BreastMNIST's test images."""
+def make_images(folder: Path, count: int, size: int = 28) -> None:
+    """``count`` PNGs cycling through BreastMNIST's test images, resized (bilinear) to
+    ``size`` px."""
     from PIL import Image
 
     from meddx.catalog import data_roots
 
     npz = next(r / "medmnist/breastmnist.npz" for r in data_roots()
                if (r / "medmnist/breastmnist.npz").exists())
-    images = np.load(npz)["test_images"]
+    images = [Image.fromarray(a) for a in np.load(npz)["test_images"]]
+    if size != images[0].width:
+        images = [im.resize((size, size), Image.BILINEAR) for im in images]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        Image.fromarray(images[i % len(images)]).save(folder / f"img{i:06d}.png")
+        images[i % len(images)].save(folder / f"img{i:06d}.png")
 
 
-def make_model(out: Path, widen: float = 0.25) -> Path:
-    """An untrained ResNet-18 (``widen`` × its channels) BreastMNIST package: speed, not
-    accuracy."""
+def make_model(out: Path, widen: float = 0.25, size: int = 28) -> Path:
+    """An untrained ResNet-18 (``widen`` × its channels) BreastMNIST package taking ``size``-px
+    images: speed, not accuracy."""
     import torch
 
     from meddx.config import parse_config
@@ -78,6 +83,7 @@ def make_model(out: Path, widen: float = 0.25) -> Path:
     cfg = parse_config({"name": "bench", "data": {"dataset": "breastmnist", "limit": 40},
                         "model": {"name": "resnet18", "options": options}})
     bundle = load_bundle(cfg)
+    bundle.input_spec["size"] = size  # the package's grid: inputs are resized to it
     torch.manual_seed(0)
     net = build_network("resnet18", num_outputs=bundle.task.num_outputs,
                         spec=get_modality(bundle.modality).network_spec(bundle.input_spec),
@@ -109,14 +115,14 @@ class Node:
     """A fresh single Ray node of ``cpus`` CPUs (its own temp dir; stopped by PID); with
     ``pin`` its processes (raylet, GCS, workers) run on ``cpus`` cores only."""
 
-    def __init__(self, cpus: int, pin: bool = False) -> None:
+    def __init__(self, cpus: int, pin: bool = False, store_mb: int = 300) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
         subprocess.run([*cores(cpus if pin else None), RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
                         str(self.port), "--num-cpus", str(cpus), "--include-dashboard",
-                        "false", "--object-store-memory", str(300 * 2**20), "--temp-dir",
+                        "false", "--object-store-memory", str(store_mb * 2**20), "--temp-dir",
                         self.dir, "--disable-usage-stats"], env=_env(), check=True,
                        capture_output=True, timeout=300)
         self.address = f"127.0.0.1:{self.port}"
@@ -173,9 +179,9 @@ def single(model: Path, folder: Path, tmp: Path, pin: bool = False) -> float:
                   str(tmp / "single.csv"), "--batch-size", "256"], on_cores=1 if pin else None)
 
 
-def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int, pin: bool = False
-           ) -> tuple[float, float]:
-    node = Node(workers, pin)
+def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int, pin: bool = False,
+           store_mb: int = 300) -> tuple[float, float]:
+    node = Node(workers, pin, store_mb)
     watch = PeakRss(node.dir)
     watch.start()
     try:
@@ -190,21 +196,25 @@ def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int, pin: 
     return wall, watch.workers_mb()
 
 
-def plan(rate1: float, nodes: int = 64, cores: int = 16) -> str:
+def plan(rate1: float, nodes: int = 64, cores: int = 16, size: int = 28,
+         png_kb: float = 0.8) -> str:
     """The 64-node arithmetic from one worker's measured rate."""
     workers = nodes * cores // 2  # half the cores predict, half read and decode
     rate = workers * rate1
+    block_kb = 64 * size * size * 4 / 1e3  # 64 decoded float32 images, one channel
     return "\n".join([
         f"- **Plan, not a measurement.** {nodes} nodes × {cores} cores, half the cores as "
         f"one-thread actors, half as read tasks: {workers} actors × {rate1:.0f} images/s "
-        f"(this run's 1-worker rate once started, else whole-command) ≈ **{rate:,.0f} images/s**; 10⁶ 28-px images in "
+        f"(this run's 1-worker rate once started, else whole-command) ≈ **{rate:,.0f} images/s**; 10⁶ {size}-px images in "
         f"{1e6 / rate / 60:.1f} min.",
-        f"- Storage: at 28 px a PNG is ~0.8 kB ({rate * 0.8e3 / 1e6:,.0f} MB/s); a 512×512 "
+        f"- Storage: at {size} px a PNG is ~{png_kb:.1f} kB ({rate * png_kb / 1e3:,.0f} MB/s); "
+        "a 512×512 "
         f"DICOM is ~0.5 MB, which at even 1/20 of that rate ({rate / 20:,.0f}/s) needs "
         f"{rate / 20 * 0.5:,.0f} MB/s from the archive — storage, not compute, becomes the "
         "limit first; read tasks should run next to the data (one NFS/object-store gateway "
         "per rack), and larger models move the limit back to the actors.",
-        "- Object store: a block of 64 decoded 28-px images is 200 kB, a block of 64 "
+        f"- Object store: a block of 64 decoded {size}-px images is {block_kb:,.0f} kB, a "
+        "block of 64 "
         "224-px RGB images 38 MB; with Ray Data's streaming back-pressure at most a few "
         "blocks per actor are in flight, so a 2 GB store per node does not spill; above "
         "that Ray spills to local disk (set `object_spilling_directory` to an NVMe path).",
@@ -227,6 +237,11 @@ def main() -> None:
                     help="ResNet-18 channel factor: 1 is the full network, ~16x the compute "
                          "per image of the default 0.25 (where reads and the engine's own "
                          "processes weigh less against the actors' work)")
+    ap.add_argument("--size", type=int, default=28,
+                    help="image size in px: the 28-px images are scaled up to it and the "
+                         "package takes it (128 or 224: an archive's per-image work)")
+    ap.add_argument("--store-mb", type=int, default=300,
+                    help="object store of each Ray node, MB")
     ap.add_argument("--name", default="cluster", help="results/NAME.{md,json}")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="run each command (and its Ray node) on as many cores as it has "
@@ -244,21 +259,23 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="meddx-cluster-bench-") as t:
         tmp = Path(t)
-        model = args.model or make_model(tmp / "model", args.widen)
+        model = args.model or make_model(tmp / "model", args.widen, args.size)
         big, small = tmp / "big", tmp / "small"
-        make_images(big, args.images)
-        make_images(small, args.small)
+        make_images(big, args.images, args.size)
+        make_images(small, args.small, args.size)
+        png_kb = sum(f.stat().st_size for f in big.iterdir()) / args.images / 1e3
         pin = args.pin and shutil.which("taskset") is not None
         s_wall = single(model, big, tmp, pin)
-        r1_wall, r1_mem = on_ray(model, big, tmp, 1, args.block, pin)
-        r2_wall, r2_mem = on_ray(model, big, tmp, 2, args.block, pin)
+        r1_wall, r1_mem = on_ray(model, big, tmp, 1, args.block, pin, args.store_mb)
+        r2_wall, r2_mem = on_ray(model, big, tmp, 2, args.block, pin, args.store_mb)
         small_single = single(model, small, tmp, pin)
-        small_ray, _ = on_ray(model, small, tmp, 1, args.block, pin)
-        small_ray2, _ = on_ray(model, small, tmp, 2, args.block, pin)
+        small_ray, _ = on_ray(model, small, tmp, 1, args.block, pin, args.store_mb)
+        small_ray2, _ = on_ray(model, small, tmp, 2, args.block, pin, args.store_mb)
     n = args.images
     data = {"environment": environment(), "load_avg_before": load_before,
             "widen_factor": None if args.model else args.widen, "pinned": pin,
-            "images": n, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
+            "store_mb": args.store_mb,
+            "images": n, "size": args.size, "png_kb": png_kb, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
                                                          "ray_2": r2_wall},
             "peak_worker_rss_mb": {"ray_1": r1_mem, "ray_2": r2_mem},
             "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray,
@@ -281,6 +298,14 @@ def _pinned(pinned: bool) -> str:
                 "the driver) on two, so each run gets the cores its worker count names.")
     return ("Cores not pinned (`--no-pin`): every run may use both cores, so the 1-worker node's "
             "reads and Ray's own processes also run on the second core.")
+
+
+def _px(data: dict) -> str:
+    size = data.get("size", 28)
+    if size == 28:
+        return "28 px PNGs"
+    return (f"scaled from 28 to {size} px, {data.get('png_kb', float('nan')):.1f} kB PNGs on "
+            "average")
 
 
 def _net(widen: float | None) -> str:
@@ -321,10 +346,10 @@ def render(data: dict) -> str:
     env = data["environment"]
     md = f"""# Archive inference on Ray vs one process
 
-{n:,} BreastMNIST test images (28 px PNGs, the 156 bundled test images repeated, written to a
+{n:,} BreastMNIST test images ({_px(data)}, the 156 bundled test images repeated, written to a
 temporary folder), {_net(data.get("widen_factor", 0.25))},
 one torch thread per predicting process. Wall time of the whole command, start-up included.
-{_pinned(data.get("pinned", False))}
+{_pinned(data.get("pinned", False))} Object store: {data.get("store_mb", 300):,} MB per Ray node.
 CPU: {env['cpu']} ({env['cores']} cores); load average {load_before:.1f} before the run,
 {env['load_avg']:.1f} after. {_quiet(load_before)}{reduced}
 
@@ -352,7 +377,7 @@ large one, i.e. the machine's load swamped the difference).
 
 ## Scaling to 64 nodes (a plan worked out from the figures above)
 
-{plan(plan_rate)}
+{plan(plan_rate, size=data.get("size", 28), png_kb=data.get("png_kb", 0.8))}
 """
     return md
 

@@ -141,6 +141,20 @@ def alive_nodes(address: str) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def actor_classes(address: str) -> list[str]:
+    """The class name of every actor the cluster has run (alive or dead), from the GCS's actor
+    table (asked from a short-lived driver in a subprocess)."""
+    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', "
+            "log_to_driver=False); from ray._private.state import state; "
+            "print(json.dumps([a['ActorClassName'] + '|' + a['ActorID'] "
+            "for a in state.actor_table(None).values()]))")
+    done = subprocess.run([sys.executable, "-c", code], env=ray_env(), capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     nodes: list[dict] = []

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from meddx.cluster.sources import InputRef, list_inputs
 from meddx.errors import ConfigError, DataError
 from pathology_model_support import untrained_slide_package
-from ray_support import ray_cluster, ray_env  # noqa: F401
+from ray_support import actor_classes, ray_cluster, ray_env  # noqa: F401
 
 SUFFIXES = (".png", ".dcm")
 
@@ -155,6 +155,25 @@ def test_archive_rows_equal_single_process_predict_and_a_rerun_skips_them(
     ids = Counter(r["id"] for r in _rows(out))
     assert set(ids) == {*names, "broken.png", "case0030.png", "case0031.png", "case0032.png"}
     assert max(ids.values()) == 1
+
+
+@pytest.mark.slow
+def test_blocks_are_read_by_long_lived_reader_actors(
+        ray_cluster, breast_package, breast_npz: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Six blocks are read by the one reader actor asked for (--readers 1), not by a task
+    process per block, each of which would import torch and the modality again."""
+    folder = tmp_path / "archive"
+    _write_pngs(folder, breast_npz, 24)
+    out = tmp_path / "r.parquet"
+    before = set(actor_classes(ray_cluster.address))
+    done = _meddx("predict", str(breast_package.path), str(folder), "--ray",
+                  ray_cluster.address, "--out", str(out), "--batch-size", "4", "--workers", "1",
+                  "--readers", "1", "--worker-cpus", "0.5", "--read-cpus", "0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 24
+    new = [a.split("|")[0] for a in set(actor_classes(ray_cluster.address)) - before]
+    # Ray Data runs both stages' actors as its map workers: one reader, one predictor
+    assert len([c for c in new if "MapWorker" in c]) == 2, new
 
 
 @pytest.mark.slow

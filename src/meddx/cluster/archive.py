@@ -3,7 +3,9 @@
 The pipeline streams blocks of inputs (Ray Data's batch-inference pattern)::
 
     list inputs ─► skip ids already written ─► blocks of N ids (named by a hash of their ids)
-      ─► read + preprocess   (Ray tasks on CPUs: the model's Modality.read, nothing else)
+      ─► read + preprocess   (the model's Modality.read, nothing else: an actor pool of
+                              readers, each importing the modality once, or Ray tasks where
+                              each input is minutes of work, as a slide is)
       ─► predict + write     (an actor pool: each actor loads and verifies the package once,
                               predicts the block and writes it as one Parquet part)
 
@@ -36,7 +38,7 @@ from meddx.cluster.sources import InputRef
 from meddx.errors import ConfigError, MeddxError, ModelError
 
 __all__ = ["ArchiveConfig", "ArchiveResult", "done_ids", "plan_blocks", "run_archive",
-           "read_block", "BlockPredictor", "encode_tensor", "decode_tensor"]
+           "read_block", "BlockReader", "BlockPredictor", "encode_tensor", "decode_tensor"]
 
 logger = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -55,7 +57,10 @@ class ArchiveConfig(BaseModel):
     workers: int = Field(1, ge=1, description="predicting actors")
     threads: int = Field(1, ge=1, description="torch threads per actor")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per actor")
-    read_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per read task")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per reader")
+    readers: int | None = Field(None, ge=1, description="reading actors (long-lived: the "
+                                "modality and torch are imported once per actor); None: a Ray "
+                                "task per block, for blocks of minutes each (slides)")
     read_memory_mb: int = Field(256, ge=1, description="memory Ray reserves per read task")
     attempts: int = Field(3, ge=1, description="runs over the remaining inputs when the "
                           "cluster loses work (a node dies)")
@@ -191,6 +196,24 @@ def read_block(row: dict[str, Any], modality: str, preprocessing: dict[str, Any]
             "errors": errors, "metas": metas}
 
 
+class BlockReader:
+    """A Ray Data actor that reads blocks (:func:`read_block`) for the whole job.
+
+    A Ray task that reads runs in a worker process which imports torch and the modality
+    first (~5 s of CPU), and Ray stops idle workers beyond a node's CPU count, so a short read
+    task often pays that start again. An actor pays it once.
+    """
+
+    def __init__(self, modality: str, preprocessing: dict[str, Any]) -> None:
+        from meddx.modalities import get_modality
+
+        get_modality(modality)  # import now, not in the first block
+        self.modality, self.preprocessing = modality, preprocessing
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return read_block(row, self.modality, self.preprocessing)
+
+
 # ------------------------------------------------------------------ stage 2: predict + write
 def _text(value: Any) -> str | None:
     if value is None:
@@ -318,13 +341,21 @@ def _error_row(sid: str, error: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ the driver
 def _pipeline(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256: str,
               card: Any) -> Iterator[dict[str, Any]]:
+    ctx = ray.data.DataContext.get_current()
+    # the command draws its own bar; Ray's per-operator bars redraw from the driver's core
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     # the reads reserve memory for decoding; as a requirement the actors do not share, it
     # also keeps Ray Data from fusing the reads into the actors, so decoding scales on CPU
     # tasks apart from the (possibly GPU) predictors
-    ds = ds.map(read_block, num_cpus=cfg.read_cpus, memory=cfg.read_memory_mb * 2**20,
-                fn_kwargs={"modality": card.modality,
-                           "preprocessing": dict(card.preprocessing)})
+    read_args = {"modality": card.modality, "preprocessing": dict(card.preprocessing)}
+    if cfg.readers:
+        ds = ds.map(BlockReader, num_cpus=cfg.read_cpus, memory=cfg.read_memory_mb * 2**20,
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.readers),
+                    fn_constructor_kwargs=read_args)
+    else:
+        ds = ds.map(read_block, num_cpus=cfg.read_cpus, memory=cfg.read_memory_mb * 2**20,
+                    fn_kwargs=read_args)
     ds = ds.map(BlockPredictor, num_cpus=cfg.worker_cpus,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
                 fn_constructor_kwargs={

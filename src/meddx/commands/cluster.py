@@ -32,7 +32,7 @@ def _address(ray_address: str) -> str | None:
 def archive_predict(model: Path, inputs: list[str], out: Path | None, ray_address: str, *,
                     backend: str, operating_point: str | None, block_size: int, workers: int,
                     threads: int, worker_cpus: float | None, read_cpus: float,
-                    suffixes: tuple[str, ...]) -> None:
+                    readers: int | None, suffixes: tuple[str, ...]) -> None:
     """``meddx predict MODEL SOURCE --ray ADDRESS --out results.parquet`` (see RAY_HELP)."""
     from meddx.cluster.archive import ArchiveConfig
 
@@ -46,7 +46,7 @@ def archive_predict(model: Path, inputs: list[str], out: Path | None, ray_addres
     cfg = ArchiveConfig(model=model, out=out, backend=backend, operating_point=operating_point,
                         block_size=block_size, workers=workers, threads=threads,
                         worker_cpus=worker_cpus if worker_cpus is not None else float(threads),
-                        read_cpus=read_cpus)
+                        read_cpus=read_cpus, readers=readers)
     _run_job(cfg, inputs[0], suffixes, ray_address, None, "predicting")
 
 

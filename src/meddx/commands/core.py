@@ -307,7 +307,9 @@ def predict(
     worker_cpus: float | None = typer.Option(None, "--worker-cpus", help="With --ray: CPUs "
                                              "reserved per actor (default: --threads)."),
     read_cpus: float = typer.Option(1.0, "--read-cpus", help="With --ray: CPUs reserved per "
-                                    "read task."),
+                                    "reader."),
+    readers: int | None = typer.Option(None, "--readers", min=1, help="With --ray: actors "
+                                       "that read and preprocess (default: --workers)."),
     side_inputs: Path | None = typer.Option(
         None, "--side-inputs", help="CSV of side inputs (age, sex, site …) for a model that "
         "takes them: an id column (the image's file name or stem) and one column per input; "
@@ -336,7 +338,8 @@ def predict(
         return archive_predict(model, inputs or [], out, ray, backend=backend,
                                operating_point=operating_point, block_size=batch_size,
                                workers=workers, threads=threads, worker_cpus=worker_cpus,
-                               read_cpus=read_cpus, suffixes=INPUT_SUFFIXES)
+                               read_cpus=read_cpus, readers=readers or workers,
+                               suffixes=INPUT_SUFFIXES)
     if fmt not in ("table", "csv", "json"):
         raise ConfigError(f"unknown format '{fmt}'; use table, csv or json")
     predictor = load_model(model, backend=backend, operating_point=operating_point)
