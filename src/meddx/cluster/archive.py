@@ -207,7 +207,7 @@ class BlockReader:
     def __init__(self, modality: str, preprocessing: dict[str, Any]) -> None:
         from meddx.modalities import get_modality
 
-        get_modality(modality)  # import now, not in the first block
+        get_modality(modality)  # import torch and the modality now, not in the first block
         self.modality, self.preprocessing = modality, preprocessing
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -341,9 +341,20 @@ def _error_row(sid: str, error: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ the driver
 def _pipeline(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256: str,
               card: Any) -> Iterator[dict[str, Any]]:
+    # the command draws its own bar; Ray's per-operator bars would redraw from the driver's
+    # core. Off for this job only: the caller's own Ray Data use keeps its settings.
     ctx = ray.data.DataContext.get_current()
-    # the command draws its own bar; Ray's per-operator bars redraw from the driver's core
+    saved = ctx.enable_progress_bars, ctx.enable_operator_progress_bars
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    try:
+        yield from _datasets(ray, cfg, blocks, sha256, card).iter_rows()
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+
+
+def _datasets(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256: str,
+              card: Any) -> Any:
+    """The job's Ray Data pipeline: blocks → read → predict and write."""
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     # the reads reserve memory for decoding; as a requirement the actors do not share, it
     # also keeps Ray Data from fusing the reads into the actors, so decoding scales on CPU
@@ -362,7 +373,7 @@ def _pipeline(ray: Any, cfg: ArchiveConfig, blocks: list[dict[str, Any]], sha256
                     "model": str(cfg.model.resolve()), "sha256": sha256,
                     "out": str(cfg.out.resolve()), "backend": cfg.backend,
                     "operating_point": cfg.operating_point, "threads": cfg.threads})
-    yield from ds.iter_rows()
+    return ds
 
 
 def run_archive(cfg: ArchiveConfig, refs: list[InputRef], ray: Any,

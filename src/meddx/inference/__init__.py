@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from meddx.errors import ConfigError, DataError, MeddxError
+from meddx.inference.derived import DerivedModel
 from meddx.inference.ood import FeatureTap, load_detector
 from meddx.inference.prediction import Prediction
 from meddx.modalities import Sample, get_modality
@@ -111,6 +112,7 @@ class Predictor:
         self.bf16 = amx_available() if bf16 is None else bf16
         self._onnx = None
         self._explainer = None
+        self._derived: DerivedModel | None = None  # the card's derived-feature model, at first use
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
         if backend != "torch" and package.onnx_path is not None:
@@ -347,11 +349,9 @@ class Predictor:
         fusion = self.card.side_inputs
         if raw is None or fusion is None or not fusion.derived_model:
             return raw
-        if getattr(self, "_derived_session", None) is None:
-            from meddx.inference.derived import DerivedModel
-
-            self._derived_session = DerivedModel(self.package.path / fusion.derived_model)
-        return self._derived_session.log_proba(raw)
+        if self._derived is None:
+            self._derived = DerivedModel(self.package.path / fusion.derived_model)
+        return self._derived.log_proba(raw)
 
     def _sample_logits(self, samples: list[Sample], batch_size: int
                        ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -18,7 +18,8 @@ __all__ = ["DerivedModel"]
 
 
 class DerivedModel:
-    """An ONNX classifier over derived features; :meth:`log_proba` gives (n, classes)."""
+    """An ONNX classifier over derived features, from a file (``path``) or its serialised
+    bytes (``model``); :meth:`log_proba` gives (n, classes)."""
 
     def __init__(self, path: str | Path | None = None, model: bytes | None = None) -> None:
         try:
@@ -38,11 +39,6 @@ class DerivedModel:
         self.input = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         self.output = "probabilities" if "probabilities" in names else names[-1]
-
-    @classmethod
-    def from_bytes(cls, model: bytes) -> DerivedModel:
-        """A model from its serialised ONNX bytes."""
-        return cls(model=model)
 
     def log_proba(self, x: np.ndarray) -> np.ndarray:
         """Class log-probabilities of rows of raw features (NaN: missing)."""

@@ -138,7 +138,7 @@ def fit_derived_model(package: ModelPackage, bundle: Any, derived: Sequence[str]
     # the copy must answer as the original: ONNX compares float32 features with float32
     # thresholds, so a value within rounding of a threshold may take the other branch (0.4% of
     # PhysioNet 2017's records by more than 0.001); more than that is an error
-    p = np.exp(DerivedModel.from_bytes(onx.SerializeToString()).log_proba(x[:1000]))
+    p = np.exp(DerivedModel(model=onx.SerializeToString()).log_proba(x[:1000]))
     q = gbm.predict_proba(x[:1000])
     if (np.abs(p - q).max(axis=1) > 1e-3).mean() > 0.02 or (p.argmax(1) != q.argmax(1)).mean() > 0.01:
         raise EvaluationError("the ONNX copy of the derived-feature model disagrees with it")

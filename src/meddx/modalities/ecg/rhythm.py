@@ -4,9 +4,9 @@ Most top entries of the PhysioNet/CinC 2017 challenge fused such hand-made rhyth
 a learnt model: atrial fibrillation is an irregularly irregular RR series without P waves, and
 "other rhythm" is often ectopic beats or a pause — information a network sees only indirectly
 through its 30-s windows. QRS complexes are found by ``wfdb.processing.xqrs_detect`` (the
-PhysioNet toolkit's detector); a second detector (``gqrs``) gives a signal-quality index (the
-fraction of beats both find, bSQI of Li et al. 2008) — here a Pan-Tompkins-style
-energy detector, fast enough for a whole archive.
+PhysioNet toolkit's detector); a second, independent detector gives a signal-quality index (the
+fraction of beats both find, bSQI of Li et al. 2008). Li et al. used ``gqrs`` as the second
+one; here it is a Pan-Tompkins-style energy detector, fast enough for a whole archive.
 
 Every feature is a number or NaN (too few beats to define it); :data:`FEATURES` names them in
 order. The features describe the rhythm and the signal, never the patient.
@@ -14,8 +14,13 @@ order. The features describe the rhythm and the signal, never the patient.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,12 +205,6 @@ def cached_features(folder: Any, ids: list[str], progress: bool = True) -> np.nd
     :data:`FEATURES` and :data:`VERSION`), so any later subset or split of the same folder
     computes only the records not seen before.
     """
-    import hashlib
-    import json
-    import os
-    import tempfile
-    from pathlib import Path
-
     from meddx.catalog import cache_dir
 
     folder = Path(folder)
