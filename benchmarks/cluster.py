@@ -179,6 +179,27 @@ def single(model: Path, folder: Path, tmp: Path, pin: bool = False) -> float:
                   str(tmp / "single.csv"), "--batch-size", "256"], on_cores=1 if pin else None)
 
 
+def ceiling(model: Path, folder: Path, tmp: Path) -> dict[str, float]:
+    """What the hardware allows two workers: one bare ``meddx predict`` on core 0 alone, then
+    two at once on cores 0 and 1 (no Ray); their ratio of images per second."""
+    def run(core: int) -> subprocess.Popen:
+        return subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "meddx.cli",
+                                 "predict", str(model), str(folder), "--format", "csv", "--out",
+                                 str(tmp / f"ceiling{core}.csv"), "--batch-size", "256"],
+                                env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    t0 = time.perf_counter()
+    if run(0).wait() != 0:
+        raise RuntimeError("meddx predict failed (ceiling, alone)")
+    alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pair = [run(0), run(1)]
+    if any(p.wait() != 0 for p in pair):
+        raise RuntimeError("meddx predict failed (ceiling, two at once)")
+    both = time.perf_counter() - t0
+    return {"alone_s": alone, "two_s": both, "ratio": 2 * alone / both}
+
+
 def on_ray(model: Path, folder: Path, tmp: Path, workers: int, block: int, pin: bool = False,
            store_mb: int = 300) -> tuple[float, float]:
     node = Node(workers, pin, store_mb)
@@ -242,6 +263,9 @@ def main() -> None:
                          "package takes it (128 or 224: an archive's per-image work)")
     ap.add_argument("--store-mb", type=int, default=300,
                     help="object store of each Ray node, MB")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time two bare single processes on two cores against one "
+                         "alone (no Ray): the scaling the hardware itself allows")
     ap.add_argument("--name", default="cluster", help="results/NAME.{md,json}")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="run each command (and its Ray node) on as many cores as it has "
@@ -271,6 +295,7 @@ def main() -> None:
         small_single = single(model, small, tmp, pin)
         small_ray, _ = on_ray(model, small, tmp, 1, args.block, pin, args.store_mb)
         small_ray2, _ = on_ray(model, small, tmp, 2, args.block, pin, args.store_mb)
+        bare = ceiling(model, big, tmp) if args.ceiling else None
     n = args.images
     data = {"environment": environment(), "load_avg_before": load_before,
             "widen_factor": None if args.model else args.widen, "pinned": pin,
@@ -278,6 +303,7 @@ def main() -> None:
             "images": n, "size": args.size, "png_kb": png_kb, "block": args.block, "wall_s": {"single": s_wall, "ray_1": r1_wall,
                                                          "ray_2": r2_wall},
             "peak_worker_rss_mb": {"ray_1": r1_mem, "ray_2": r2_mem},
+            "ceiling": bare,
             "small_job": {"images": args.small, "single_s": small_single, "ray_s": small_ray,
                           "ray2_s": small_ray2}}
     write(args.name, data, render(data))
@@ -298,6 +324,14 @@ def _pinned(pinned: bool) -> str:
                 "the driver) on two, so each run gets the cores its worker count names.")
     return ("Cores not pinned (`--no-pin`): every run may use both cores, so the 1-worker node's "
             "reads and Ray's own processes also run on the second core.")
+
+
+def _ceiling(bare: dict | None) -> str:
+    if not bare:
+        return ""
+    return (f"\n- The hardware's own ceiling (`--ceiling`, no Ray): two bare single processes on "
+            f"two cores did **{bare['ratio']:.2f}×** the images per second of one alone "
+            f"({bare['two_s']:.1f} s for both against {bare['alone_s']:.1f} s).")
 
 
 def _px(data: dict) -> str:
@@ -373,7 +407,7 @@ large one, i.e. the machine's load swamped the difference).
   and an actor (`--worker-cpus 0.5 --read-cpus 0.5`).
 - Fixed overhead of a small job ({args.small} images): {small_ray:.1f} s on Ray (connect,
   start an actor, load and verify the package, write one part) vs {small_single:.1f} s
-  single-process: **{small_ray - small_single:+.1f} s**.
+  single-process: **{small_ray - small_single:+.1f} s**.{_ceiling(data.get("ceiling"))}
 
 ## Scaling to 64 nodes (a plan worked out from the figures above)
 
